@@ -1,0 +1,5 @@
+import sys
+
+from defang.cli import main
+
+sys.exit(main())

@@ -1,0 +1,518 @@
+"""The milter front end: libmilter callbacks in, multiplexor requests out.
+
+Thin by rule: every Python callback holds the GIL, so across all SMTP connections
+only one callback runs at a time.  Callbacks here only record envelope data, append
+header and body bytes to the spool file, and at decision points make one blocking
+request to the multiplexor (a blocking recv releases the GIL).  No MIME parsing, no
+regexes, no admin code.
+
+State lives on the ``Session`` attached to libmilter's context (one per SMTP
+connection), never in thread-locals: libmilter runs one connection's callbacks on
+several OS threads.
+
+What the MTA is asked for follows the hooks filter.py defines (DESIGN rule 4): stages
+with no hook are negotiated "no reply" (the MTA does not wait), and without message
+hooks the MTA does not send headers or body at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import milter
+
+from defang import protocol
+from defang.config import Config, ReplySpec
+from defang.mxclient import MultiplexorClient, MultiplexorError
+
+log = logging.getLogger("defang.milter")
+
+MESSAGE_HOOKS = frozenset({"filter_begin", "filter_part", "filter_multipart", "filter_end"})
+STAGE_HOOK = {"connect": "filter_relay", "helo": "filter_helo", "mail": "filter_sender",
+              "rcpt": "filter_recipient"}  # fmt: skip
+
+# Actions defang may apply at end of message; asked for only if the MTA offers them.
+WANTED_ACTIONS = (
+    milter.ADDHDRS | milter.CHGHDRS | milter.ADDRCPT | milter.DELRCPT | milter.CHGFROM
+    | milter.CHGBODY | milter.QUARANTINE
+)  # fmt: skip
+HOOKS_MAX_AGE = 5.0  # seconds before the hook list is asked for again
+SPOOL_BUFFER = 256 * 1024
+
+
+class HookCache:
+    """Which hooks the running filter defines, refreshed from the multiplexor.
+
+    Asked again when a reply comes from a newer filter generation (a reload) or when
+    the answer is older than HOOKS_MAX_AGE.  Unknown (multiplexor down): every hook is
+    assumed, so every stage asks for a decision and gets a tempfail, never an accept.
+    """
+
+    ALL = frozenset(STAGE_HOOK.values()) | MESSAGE_HOOKS
+
+    def __init__(self, client: MultiplexorClient) -> None:
+        self.client = client
+        self.gen = -1
+        self.hooks: frozenset[str] = self.ALL
+        self.fetched = 0.0
+        self.lock = threading.Lock()
+        self.logged: tuple[int, int, int] | None = None
+
+    def current(self) -> frozenset[str]:
+        if time.monotonic() - self.fetched > HOOKS_MAX_AGE:
+            self.refresh()
+        return self.hooks
+
+    def seen_gen(self, gen: Any) -> None:
+        if isinstance(gen, int) and gen > self.gen:
+            self.refresh()
+
+    def refresh(self) -> None:
+        with self.lock:
+            try:
+                reply = self.client.request({"v": protocol.VERSION, "op": "hello"})
+            except MultiplexorError as exc:
+                if self.gen != -1 or self.fetched == 0.0:
+                    log.error("multiplexor unreachable (%s): every message gets a tempfail", exc)
+                self.gen, self.hooks = -1, self.ALL
+                self.fetched = time.monotonic()
+                return
+            gen, hooks = reply.get("gen", 0), frozenset(reply.get("hooks") or ())
+            if gen != self.gen:
+                log.info("filter generation %s: hooks %s", gen, ", ".join(sorted(hooks)) or "none")
+            self.gen, self.hooks, self.fetched = gen, hooks, time.monotonic()
+
+
+class FrontEnd:
+    """Shared by all sessions: config, the multiplexor client, counters."""
+
+    def __init__(self, cfg: Config, client: MultiplexorClient) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.hooks = HookCache(client)
+        self.spool = Path(cfg.spool_dir)
+        self._seq = 0
+        self._seq_lock = threading.Lock()
+        self.pid = os.getpid()
+
+    def next_id(self) -> str:
+        with self._seq_lock:
+            self._seq += 1
+            return f"{self.pid:x}.{self._seq}"
+
+    def clean_spool(self) -> None:
+        """Remove what a previous run left behind (a crash, a kill -9)."""
+        self.spool.mkdir(parents=True, exist_ok=True)
+        stale = 0
+        for entry in self.spool.iterdir():
+            shutil.rmtree(entry, ignore_errors=True)
+            stale += 1
+        if stale:
+            log.info("removed %d stale spool entries from %s", stale, self.spool)
+
+    def decide(self, request: dict[str, Any], what: str) -> dict[str, Any]:
+        """One decision from the multiplexor, or the internal-error reply and a log line."""
+        try:
+            reply = self.client.request(request)
+        except MultiplexorError as exc:
+            log.error("%s: no decision from the multiplexor (%s): answering %s %s", what, exc,
+                      self.cfg.on_internal_error.code, self.cfg.on_internal_error.dsn)  # fmt: skip
+            spec = self.cfg.on_internal_error
+            return protocol.error_reply(spec.code, spec.dsn, spec.text, "multiplexor")
+        self.hooks.seen_gen(reply.get("gen"))
+        return reply
+
+
+class Session:
+    """One SMTP connection as the MTA reports it to us."""
+
+    __slots__ = (
+        "fe", "ctx", "id", "hooks", "protocol", "leadspc", "ip", "port", "hostname", "helo",
+        "macros", "notes", "sender", "sender_args", "recipients", "msgno", "spool_dir",
+        "spool", "size", "header_bytes", "header_count", "in_body", "overflow",
+    )  # fmt: skip
+
+    def __init__(self, fe: FrontEnd, ctx: Any) -> None:
+        self.fe = fe
+        self.ctx = ctx
+        self.id = fe.next_id()
+        self.hooks: frozenset[str] = fe.hooks.current()
+        self.protocol = 0
+        self.leadspc = False
+        self.ip = self.hostname = self.helo = ""
+        self.port = 0
+        self.macros: dict[str, str] = {}
+        self.notes: dict[str, Any] = {}
+        self.msgno = 0
+        self.spool = None
+        self.spool_dir: Path | None = None
+        self._reset_message()
+
+    # ------------------------------------------------------------ negotiation
+    def negotiate(self, opts: list[int]) -> int:
+        offered_actions, offered_proto = opts[0], opts[1]
+        hooks = self.hooks
+        want = milter.P_NODATA | milter.P_NOUNKNOWN | milter.P_NOEOH | milter.P_HDR_LEADSPC
+        for stage, bit in (("connect", milter.P_NR_CONN), ("helo", milter.P_NR_HELO),
+                           ("mail", milter.P_NR_MAIL)):  # fmt: skip
+            if STAGE_HOOK[stage] not in hooks:
+                want |= bit
+        # RCPT always needs a reply: max_recipients is enforced there.
+        if hooks & MESSAGE_HOOKS:
+            want |= milter.P_NR_HDR | milter.P_NR_BODY
+        else:
+            want |= milter.P_NOHDRS | milter.P_NOBODY
+        self.protocol = offered_proto & want
+        self.leadspc = bool(self.protocol & milter.P_HDR_LEADSPC)
+        opts[0] = offered_actions & WANTED_ACTIONS
+        opts[1] = self.protocol
+        opts[2] = opts[3] = 0
+        key = (self.fe.hooks.gen, opts[0], opts[1])
+        if self.fe.hooks.logged != key:
+            self.fe.hooks.logged = key
+            log.info("negotiated with the MTA: actions 0x%x, protocol 0x%x (%s)", opts[0],
+                     opts[1], describe_protocol(self.protocol))  # fmt: skip
+        return milter.CONTINUE
+
+    def _reply_or_none(self, nr_bit: int, rc: int) -> int:
+        if self.protocol & nr_bit:
+            return milter.NOREPLY
+        return rc
+
+    # ------------------------------------------------------------ envelope
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        self.hostname = hostname or ""
+        if isinstance(hostaddr, tuple):
+            self.ip, self.port = str(hostaddr[0]), int(hostaddr[1])
+        elif hostaddr:
+            self.ip = str(hostaddr)
+        if "filter_relay" in self.hooks:
+            return self._decide_envelope("connect", {})
+        return self._reply_or_none(milter.P_NR_CONN, milter.CONTINUE)
+
+    def hello(self, helo: Any) -> int:
+        self.helo = _text(helo)
+        if "filter_helo" in self.hooks:
+            return self._decide_envelope("helo", {})
+        return self._reply_or_none(milter.P_NR_HELO, milter.CONTINUE)
+
+    def envfrom(self, sender: bytes, *args: bytes) -> int:
+        self._discard_spool()
+        self._reset_message()
+        self.msgno += 1
+        self.sender = _strip_brackets(_text(sender))
+        self.sender_args = [_text(a) for a in args]
+        if "filter_sender" in self.hooks:
+            return self._decide_envelope("mail", {"sender": self.sender, "args": self.sender_args})
+        return self._reply_or_none(milter.P_NR_MAIL, milter.CONTINUE)
+
+    def envrcpt(self, rcpt: bytes, *args: bytes) -> int:
+        recipient = _strip_brackets(_text(rcpt))
+        if len(self.recipients) >= self.fe.cfg.max_recipients:
+            log.warning("conn %s: recipient %s over max_recipients %d", self.id, recipient,
+                        self.fe.cfg.max_recipients)  # fmt: skip
+            return self._answer_spec(self.fe.cfg.on_too_many_recipients)
+        rc = milter.CONTINUE
+        if "filter_recipient" in self.hooks:
+            rc = self._decide_envelope(
+                "rcpt",
+                {"sender": self.sender, "recipient": recipient, "args": [_text(a) for a in args]},
+            )
+        if rc in (milter.CONTINUE, milter.ACCEPT):
+            self.recipients.append(recipient)
+        return rc
+
+    def _decide_envelope(self, op: str, fields: dict[str, Any]) -> int:
+        request = {"v": protocol.VERSION, "op": op, "conn": self._conn(), **fields}
+        reply = self.fe.decide(request, f"conn {self.id} {op}")
+        self._take_notes(reply)
+        return self._answer(reply.get("verdict") or {})
+
+    # ------------------------------------------------------------ content
+    def header(self, name: str, value: bytes) -> int:
+        if self.spool is None and self.overflow is None:
+            self._open_spool()
+        if self.overflow is None:
+            value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            line = name.encode("ascii", "surrogateescape") + (
+                b":" if self.leadspc else b": ") + value + b"\r\n"  # fmt: skip
+            self.header_count += 1
+            self.header_bytes += len(line)
+            self.size += len(line)
+            if self.header_count > self.fe.cfg.max_headers or (
+                self.header_bytes > self.fe.cfg.max_header_bytes
+            ):
+                self._overflow(self.fe.cfg.on_header_too_large, "header limit")
+            else:
+                self._write(line)
+        return self._reply_or_none(milter.P_NR_HDR, milter.CONTINUE)
+
+    def body(self, chunk: bytes) -> int:
+        if self.spool is None and self.overflow is None:
+            self._open_spool()
+        if self.overflow is None:
+            if not self.in_body:
+                self.in_body = True
+                self._write(b"\r\n")
+                self.size += 2
+            self.size += len(chunk)
+            if self.size > self.fe.cfg.max_message_size:
+                self._overflow(self.fe.cfg.on_message_too_large, "max_message_size")
+            elif self.overflow is None:
+                self._write(chunk)
+        return self._reply_or_none(milter.P_NR_BODY, milter.CONTINUE)
+
+    def eom(self) -> int:
+        try:
+            return self._eom()
+        finally:
+            self._discard_spool()
+
+    def _eom(self) -> int:
+        self._collect_macros()
+        queue_id = self.macros.get("i", "")
+        if self.overflow is not None:
+            spec = self.overflow
+            log.warning("%s: conn %s: message over its %s: %s %s", queue_id or "-", self.id,
+                        "limit", spec.code, spec.dsn)  # fmt: skip
+            return self._answer_spec(spec)
+        if not (self.hooks & MESSAGE_HOOKS):
+            return milter.CONTINUE
+        if self.spool is None:
+            self._open_spool()
+        if not self.in_body and self.overflow is None:
+            self._write(b"\r\n")
+            self.size += 2
+        if self.overflow is not None:  # the spool could not be written
+            return self._answer_spec(self.overflow)
+        path = self.spool.name
+        try:
+            self.spool.close()
+        except OSError as exc:
+            self.spool = None
+            self._overflow(self.fe.cfg.on_internal_error, f"spool close ({exc})")
+            return self._answer_spec(self.overflow)
+        self.spool = None
+        request = {
+            "v": protocol.VERSION, "op": "eom", "conn": self._conn(collect=False),
+            "sender": self.sender, "sender_args": self.sender_args,
+            "recipients": self.recipients, "queue_id": queue_id, "spool": path, "size": self.size,
+        }  # fmt: skip
+        reply = self.fe.decide(request, f"{queue_id or '-'}: conn {self.id} eom")
+        self._take_notes(reply)
+        verdict = reply.get("verdict") or {}
+        action = verdict.get("action", "continue")
+        applied = 0
+        if action in ("continue", "accept"):
+            try:
+                applied = self._apply(reply.get("actions") or [])
+            except Exception as exc:  # an MTA that refused an action, a bad action
+                spec = self.fe.cfg.on_internal_error
+                log.error("%s: conn %s: could not apply the filter's actions (%s): answering %s "
+                          "%s", queue_id or "-", self.id, exc, spec.code, spec.dsn)  # fmt: skip
+                return self._answer_spec(spec)
+        log.info("%s: conn %s from=<%s> rcpts=%d size=%d verdict=%s%s actions=%d", queue_id or "-",
+                 self.id, self.sender, len(self.recipients), self.size, action,
+                 _reply_suffix(verdict), applied)  # fmt: skip
+        return self._answer(verdict)
+
+    def _apply(self, actions: list[list[Any]]) -> int:
+        ctx = self.ctx
+        for action in actions:
+            name, args = action[0], action[1:]
+            if protocol.ACTIONS.get(name) != len(args):
+                raise ValueError(f"malformed action {action!r}")
+            if name == "add_header":
+                ctx.addheader(args[0], args[1], -1)
+            elif name == "insert_header":
+                ctx.addheader(args[1], args[2], int(args[0]))
+            elif name == "change_header":
+                ctx.chgheader(args[0], int(args[2]), args[1])
+            elif name == "delete_header":
+                ctx.chgheader(args[0], int(args[1]), None)
+            elif name == "add_recipient":
+                ctx.addrcpt(f"<{args[0]}>", args[1])
+            elif name == "delete_recipient":
+                ctx.delrcpt(f"<{args[0]}>")
+            elif name == "change_sender":
+                ctx.chgfrom(f"<{args[0]}>", args[1])
+            elif name == "hold":
+                ctx.quarantine(args[0] or "held by defang")
+            elif name == "replace_body":
+                with open(args[0], "rb") as f:
+                    while chunk := f.read(65536):
+                        ctx.replacebody(chunk)
+        return len(actions)
+
+    # ------------------------------------------------------------ end
+    def abort(self) -> int:
+        self._discard_spool()
+        self._reset_message()
+        return milter.CONTINUE
+
+    def close(self) -> int:
+        self._discard_spool()
+        self.ctx = None
+        return milter.CONTINUE
+
+    # ------------------------------------------------------------ helpers
+    def _reset_message(self) -> None:
+        self.sender = ""
+        self.sender_args: list[str] = []
+        self.recipients: list[str] = []
+        self.size = self.header_bytes = self.header_count = 0
+        self.in_body = False
+        self.overflow: ReplySpec | None = None
+
+    def _open_spool(self) -> None:
+        self.spool_dir = self.fe.spool / f"{self.id}.{self.msgno}"
+        try:
+            self.spool_dir.mkdir(mode=0o700)
+            self.spool = open(self.spool_dir / "message", "wb", buffering=SPOOL_BUFFER)
+        except OSError as exc:
+            self._overflow(self.fe.cfg.on_internal_error, f"spool ({exc})")
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.spool.write(data)
+        except OSError as exc:  # disk full, spool removed under us: never accept blind
+            self._overflow(self.fe.cfg.on_internal_error, f"spool write ({exc})")
+
+    def _discard_spool(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+        if self.spool_dir is not None:
+            shutil.rmtree(self.spool_dir, ignore_errors=True)
+            self.spool_dir = None
+
+    def _overflow(self, spec: ReplySpec, what: str) -> None:
+        """Stop spooling at once; the reply comes at end of message."""
+        self.overflow = spec
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+        if self.spool_dir is not None:
+            shutil.rmtree(self.spool_dir, ignore_errors=True)
+            self.spool_dir = None
+        log.info("conn %s: message passed its %s; it will get %s %s", self.id, what, spec.code,
+                 spec.dsn)  # fmt: skip
+
+    def _collect_macros(self) -> None:
+        getsymval = self.ctx.getsymval
+        for name in self.fe.cfg.macros:
+            value = getsymval(name)
+            if value is not None:
+                self.macros[name.strip("{}")] = value
+
+    def _conn(self, collect: bool = True) -> dict[str, Any]:
+        if collect:
+            self._collect_macros()
+        return {"id": self.id, "ip": self.ip, "hostname": self.hostname, "port": self.port,
+                "helo": self.helo, "macros": self.macros, "notes": self.notes}  # fmt: skip
+
+    def _take_notes(self, reply: dict[str, Any]) -> None:
+        notes = reply.get("notes")
+        if isinstance(notes, dict):
+            self.notes = notes
+
+    def _answer(self, verdict: dict[str, Any]) -> int:
+        action = verdict.get("action", "continue")
+        if action == "continue":
+            return milter.CONTINUE
+        if action == "accept":
+            return milter.ACCEPT
+        if action == "discard":
+            return milter.DISCARD
+        code = verdict.get("code") or ("550" if action == "reject" else "451")
+        dsn = verdict.get("dsn") or ("5.7.1" if action == "reject" else "4.7.1")
+        self._setreply(code, dsn, verdict.get("text") or "")
+        if code.startswith("4"):
+            return milter.TEMPFAIL
+        return milter.REJECT
+
+    def _answer_spec(self, spec: ReplySpec) -> int:
+        return self._answer({"action": "reject", "code": spec.code, "dsn": spec.dsn,
+                             "text": spec.text})  # fmt: skip
+
+    def _setreply(self, code: str, dsn: str, text: str) -> None:
+        # libmilter treats '%' as a format character: it must be doubled.
+        lines = [line.replace("%", "%%") for line in text.split("\n")][:32] or [""]
+        try:
+            self.ctx.setreply(code, dsn, *lines)
+        except Exception as exc:  # the reply code still goes out, with the MTA's text
+            log.error("conn %s: MTA refused reply text %r: %s", self.id, text[:200], exc)
+
+
+def describe_protocol(p: int) -> str:
+    names = []
+    for label, bit in (("no-connect-reply", milter.P_NR_CONN), ("no-helo-reply", milter.P_NR_HELO),
+                       ("no-mail-reply", milter.P_NR_MAIL), ("no-header-reply", milter.P_NR_HDR),
+                       ("no-body-reply", milter.P_NR_BODY), ("no-headers", milter.P_NOHDRS),
+                       ("no-body", milter.P_NOBODY), ("no-eoh", milter.P_NOEOH),
+                       ("no-data", milter.P_NODATA), ("leading-space", milter.P_HDR_LEADSPC)):
+        if p & bit:
+            names.append(label)
+    return ", ".join(names) or "every stage with a reply"  # fmt: skip
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return value or ""
+
+
+def _strip_brackets(addr: str) -> str:
+    addr = addr.strip()
+    if addr.startswith("<") and addr.endswith(">"):
+        return addr[1:-1]
+    return addr
+
+
+def _reply_suffix(verdict: dict[str, Any]) -> str:
+    if verdict.get("code"):
+        return f" ({verdict['code']} {verdict.get('dsn') or ''} {verdict.get('text') or ''})"
+    return ""
+
+
+# ---------------------------------------------------------------- libmilter glue
+def install_callbacks(fe: FrontEnd) -> None:
+    """Route libmilter's callbacks to the Session attached to each context."""
+
+    def negotiate(ctx, opts):
+        session = Session(fe, ctx)
+        ctx.setpriv(session)
+        return session.negotiate(opts)
+
+    def connect(ctx, hostname, family, hostaddr):
+        session = ctx.getpriv()
+        if session is None:  # an MTA without negotiation
+            session = Session(fe, ctx)
+            ctx.setpriv(session)
+        return session.connect(hostname, family, hostaddr)
+
+    def close(ctx):
+        session = ctx.getpriv()
+        if session is None:
+            return milter.CONTINUE
+        try:
+            return session.close()
+        finally:
+            ctx.setpriv(None)
+
+    milter.set_connect_callback(connect)
+    milter.set_helo_callback(lambda ctx, helo: ctx.getpriv().hello(helo))
+    milter.set_envfrom_callback(lambda ctx, *a: ctx.getpriv().envfrom(*a))
+    milter.set_envrcpt_callback(lambda ctx, *a: ctx.getpriv().envrcpt(*a))
+    milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header(f, v))
+    milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    milter.set_close_callback(close)
+    milter.register("defang", negotiate=negotiate)

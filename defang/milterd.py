@@ -1,0 +1,63 @@
+"""``defang milter``: the front-end daemon (libmilter's threads, our callbacks)."""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+
+import milter
+
+from defang import frontend
+from defang.config import Config, unix_socket_path
+from defang.mxclient import MultiplexorClient
+from defang.proctitle import set_title
+
+log = logging.getLogger("defang.milter")
+
+
+def serve(cfg: Config, ready_fd: int | None = None) -> int:
+    set_title("defang-milter")
+    client = MultiplexorClient(
+        str(cfg.multiplexor_socket), cfg.effective_request_timeout(), cfg.max_frame_size
+    )
+    fe = frontend.FrontEnd(cfg, client)
+    fe.clean_spool()
+    fe.hooks.refresh()
+    frontend.install_callbacks(fe)
+    milter.set_exception_policy(milter.TEMPFAIL)
+    milter.setconn(cfg.milter_socket)
+    milter.settimeout(cfg.milter_io_timeout)
+    path = unix_socket_path(cfg.milter_socket)
+    old = os.umask(0o777 & ~cfg.socket_mode)
+    try:
+        milter.opensocket(True)
+    finally:
+        os.umask(old)
+    if path is not None:
+        _set_socket_group(path, cfg)
+    log.info("milter listening on %s (spool %s, request timeout %.0fs)", cfg.milter_socket,
+             cfg.spool_dir, cfg.effective_request_timeout())  # fmt: skip
+    if ready_fd is not None:
+        os.write(ready_fd, b"ready\n")
+        os.close(ready_fd)
+    milter.main()  # returns on SIGTERM/SIGINT/SIGHUP (libmilter's signal thread)
+    client.close()
+    log.info("milter stopped")
+    return 0
+
+
+def _set_socket_group(path, cfg: Config) -> None:
+    os.chmod(path, cfg.socket_mode)
+    if not cfg.socket_group:
+        return
+    try:
+        gid = grp.getgrnam(cfg.socket_group).gr_gid
+    except KeyError:
+        log.info("no group %r on this system: milter socket %s keeps its group", cfg.socket_group,
+                 path)  # fmt: skip
+        return
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError as exc:
+        log.warning("cannot give milter socket %s to group %s: %s", path, cfg.socket_group, exc)

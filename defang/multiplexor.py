@@ -1,0 +1,740 @@
+"""The multiplexor: owns the worker pool and moves small requests and replies.
+
+It never touches message content and never runs admin code.  One process, one
+selector loop, read top to bottom in ``run()``:
+
+    wait for I/O (or the next deadline)  ->  handle readable/writable sockets
+    ->  handle queued signals  ->  expire queue entries and hung workers
+    ->  top up the pool
+
+Signal handlers do nothing; ``signal.set_wakeup_fd`` writes the signal numbers into a
+pipe the loop reads, so signals are a queue handled in the loop (gunicorn's shape).
+
+Who talks to it:
+- the milter front end, on ``multiplexor.sock``: one request at a time per
+  connection (the front end keeps a pool of connections);
+- defangctl, on ``control.sock``: status, workers, reload;
+- a zygote per filter generation (SOCK_SEQPACKET, see workers/zygote.py), which forks
+  the workers; each worker has its own stream socketpair to this loop.
+
+Rules it keeps: dispatch only to idle workers; a bounded queue with a timeout; a
+request whose worker died or hung is answered with a tempfail and never run twice; a
+reload loads the new filter in a new zygote first and swaps only when it loaded.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from defang import protocol
+from defang.channel import Channel, Closed
+from defang.config import Config
+from defang.proctitle import set_title
+from defang.stats import Stats
+from workers.process import EXIT_MEANING
+
+log = logging.getLogger("defang.multiplexor")
+
+BOOT_TIMEOUT = 30.0
+STOP_GRACE = 5.0
+
+
+@dataclass(eq=False)
+class Job:
+    client: Client | None
+    body: bytes
+    op: str
+    queue_id: str
+    conn_id: str
+    enqueued: float
+    started: float = 0.0
+
+
+@dataclass(eq=False)
+class Client:
+    chan: Channel
+    job: Job | None = None
+    control: bool = False
+
+
+@dataclass(eq=False)
+class Worker:
+    wid: int
+    gen: int
+    chan: Channel
+    pid: int = 0
+    state: str = "booting"  # booting, idle, busy, retiring, stopping
+    job: Job | None = None
+    served: int = 0
+    spawned: float = field(default_factory=time.monotonic)
+    rss: int = 0
+
+
+@dataclass(eq=False)
+class Zygote:
+    gen: int
+    proc: subprocess.Popen
+    sock: socket.socket
+    hooks: list[str] | None = None
+    waiters: list[Client] = field(default_factory=list)  # control clients awaiting reload
+
+
+class Multiplexor:
+    def __init__(self, cfg: Config, *, ready_fd: int | None = None) -> None:
+        self.cfg = cfg
+        self.ready_fd = ready_fd
+        self.sel = selectors.DefaultSelector()
+        self.workers: dict[int, Worker] = {}
+        self.idle: list[Worker] = []
+        self.queue: deque[Job] = deque()
+        self.dying: dict[int, tuple[float, int]] = {}  # pid -> (kill deadline, wid)
+        self.pid_to_wid: dict[int, int] = {}
+        self.zygotes: dict[int, Zygote] = {}
+        self.gen = 0  # the generation new workers come from
+        self.next_wid = 1
+        self.stopping = 0.0  # graceful-stop deadline, 0 = running
+        self.spawn_failures = 0
+        self.next_spawn = 0.0
+        self.last_load_error = ""
+        self.stats = Stats()
+        self.started = time.time()
+        self.listeners: list[socket.socket] = []
+
+    # ---------------------------------------------------------------- main loop
+    def run(self) -> int:
+        set_title("defang-multiplexor")
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, lambda *_: None)
+        self.sel.register(wake_r, selectors.EVENT_READ, self._on_signal_pipe)
+        self._wake_r = wake_r
+
+        if not self._start_zygote(first=True):
+            return 2
+        self._listen(self.cfg.multiplexor_socket, self._on_accept_client, 0o660)
+        self._listen(self.cfg.control_socket, self._on_accept_control, 0o660)
+        self._announce_ready("ready")
+        log.info(
+            "multiplexor ready: %d workers, queue %d, socket %s",
+            self.cfg.workers, self.cfg.queue_size, self.cfg.multiplexor_socket,
+        )  # fmt: skip
+
+        while True:
+            timeout = self._next_timeout()
+            for key, mask in self.sel.select(timeout):
+                key.data(key, mask)
+            now = time.monotonic()
+            if self.stopping:
+                if not self._in_flight() or now >= self.stopping:
+                    break
+            self._expire_queue(now)
+            self._enforce_deadlines(now)
+            if not self.stopping:
+                self._maintain_pool(now)
+        self._shutdown()
+        return 0
+
+    def _next_timeout(self) -> float:
+        timeout = 1.0
+        if self.queue:
+            head = self.queue[0].enqueued + self.cfg.queue_timeout - time.monotonic()
+            timeout = min(timeout, max(head, 0.0))
+        return timeout
+
+    # ---------------------------------------------------------------- signals
+    def _on_signal_pipe(self, key, mask) -> None:
+        try:
+            data = os.read(self._wake_r, 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGINT, signal.SIGQUIT):
+                log.info("multiplexor: fast stop (%s)", signal.Signals(signum).name)
+                self.stopping = time.monotonic()
+            elif signum == signal.SIGTERM and not self.stopping:
+                self._begin_graceful_stop()
+            elif signum == signal.SIGHUP:
+                log.info("multiplexor: SIGHUP: reloading the filter")
+                self.reload(None)
+            elif signum == signal.SIGCHLD:
+                self._check_zygotes()
+
+    def _begin_graceful_stop(self) -> None:
+        deadline = self.cfg.busy_timeout + self.cfg.busy_grace
+        log.info("multiplexor: stopping: finishing %d requests (at most %.0fs)",
+                 self._in_flight(), deadline)  # fmt: skip
+        self.stopping = time.monotonic() + deadline
+        for lsock in self.listeners:
+            self._unregister(lsock)
+            lsock.close()
+        self.listeners.clear()
+
+    def _in_flight(self) -> int:
+        return len(self.queue) + sum(1 for w in self.workers.values() if w.state == "busy")
+
+    # ---------------------------------------------------------------- listening
+    def _listen(self, path: Path, handler, mode: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o777 & ~mode)
+        try:
+            lsock.bind(str(path))
+        finally:
+            os.umask(old)
+        lsock.listen(512)
+        lsock.setblocking(False)
+        self.sel.register(lsock, selectors.EVENT_READ, handler)
+        self.listeners.append(lsock)
+
+    def _on_accept_client(self, key, mask) -> None:
+        self._accept(key.fileobj, control=False)
+
+    def _on_accept_control(self, key, mask) -> None:
+        self._accept(key.fileobj, control=True)
+
+    def _accept(self, lsock: socket.socket, control: bool) -> None:
+        while True:
+            try:
+                sock, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    log.error("multiplexor: cannot accept: %s", exc)
+                return
+            client = Client(Channel(sock, self.cfg.max_frame_size), control=control)
+            self.sel.register(sock, selectors.EVENT_READ, self._client_handler(client))
+
+    # ---------------------------------------------------------------- clients
+    def _client_handler(self, client: Client):
+        def handle(key, mask) -> None:
+            try:
+                if mask & selectors.EVENT_WRITE:
+                    client.chan.flush()
+                    self._update_interest(client.chan, handle)
+                if mask & selectors.EVENT_READ:
+                    for body in client.chan.read():
+                        self._on_request(client, body, handle)
+            except Closed:
+                self._drop_client(client)
+            except protocol.ProtocolError as exc:
+                log.error("multiplexor: protocol error from %s client: %s; closing it",
+                          "control" if client.control else "milter", exc)  # fmt: skip
+                self._drop_client(client)
+
+        return handle
+
+    def _drop_client(self, client: Client) -> None:
+        if client.job is not None:
+            client.job.client = None  # its answer, if any, goes nowhere
+            client.job = None
+        self._unregister(client.chan.sock)
+        client.chan.close()
+
+    def _on_request(self, client: Client, body: bytes, handler) -> None:
+        req = protocol.decode_body(body)
+        op = req.get("op") if client.control else protocol.check_request(req)
+        if client.job is not None:
+            raise protocol.ProtocolError("a second request before the reply to the first")
+        if client.control:
+            self._on_control(client, req, handler)
+            return
+        if op == "hello":
+            self._reply(client, self._hello(), handler)
+            return
+        job = Job(client, body, op, req.get("queue_id") or "", (req.get("conn") or {}).get("id", ""),
+                  time.monotonic())  # fmt: skip
+        client.job = job
+        self._submit(job)
+
+    def _hello(self) -> dict[str, Any]:
+        z = self.zygotes.get(self.gen)
+        return {"gen": self.gen, "hooks": z.hooks if z and z.hooks is not None else []}
+
+    def _reply(self, client: Client, obj: dict[str, Any], handler=None) -> None:
+        self._send_client(client, protocol.encode(obj))
+
+    def _send_client(self, client: Client, frame: bytes) -> None:
+        try:
+            client.chan.send(frame)
+        except Closed:
+            self._drop_client(client)
+            return
+        if client.chan.wants_write:
+            key = self.sel.get_key(client.chan.sock)
+            self.sel.modify(client.chan.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                            key.data)  # fmt: skip
+
+    def _update_interest(self, chan: Channel, handler) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if chan.wants_write else 0)
+        self.sel.modify(chan.sock, events, handler)
+
+    def _answer(self, job: Job, frame: bytes) -> None:
+        client = job.client
+        if client is None:
+            return
+        client.job = None
+        self._send_client(client, frame)
+
+    def _answer_error(self, job: Job, spec, error: str) -> None:
+        self.stats.count(error)
+        self._answer(job, protocol.encode(protocol.error_reply(spec.code, spec.dsn, spec.text, error)))
+
+    # ---------------------------------------------------------------- dispatch
+    def _submit(self, job: Job) -> None:
+        if self.idle:
+            self._assign(self.idle.pop(), job)
+        elif len(self.queue) < self.cfg.queue_size:
+            self.queue.append(job)
+        else:
+            log.warning("multiplexor: queue full (%d): busy tempfail for %s %s",
+                        len(self.queue), job.op, job.queue_id or job.conn_id)  # fmt: skip
+            self._answer_error(job, self.cfg.on_busy, "busy")
+
+    def _assign(self, worker: Worker, job: Job) -> None:
+        job.started = time.monotonic()
+        worker.state = "busy"
+        worker.job = job
+        try:
+            worker.chan.send(protocol.encode_raw(job.body))
+        except Closed:
+            self._worker_lost(worker, "its socket broke when a request was sent")
+            return
+        if worker.chan.wants_write:
+            self._update_interest(worker.chan, self.sel.get_key(worker.chan.sock).data)
+
+    def _worker_free(self, worker: Worker) -> None:
+        """The worker can take work: give it the oldest queued job or make it idle."""
+        while self.queue:
+            job = self.queue.popleft()
+            if job.client is not None:
+                self._assign(worker, job)
+                return
+        if worker.gen != self.gen or self.stopping:
+            self._stop_worker(worker)
+            return
+        worker.state = "idle"
+        self.idle.append(worker)
+
+    def _expire_queue(self, now: float) -> None:
+        limit = self.cfg.queue_timeout
+        while self.queue and now - self.queue[0].enqueued >= limit:
+            job = self.queue.popleft()
+            if job.client is None:
+                continue
+            log.warning("multiplexor: no free worker within queue_timeout %.0fs: busy tempfail "
+                        "for %s %s", limit, job.op, job.queue_id or job.conn_id)  # fmt: skip
+            self._answer_error(job, self.cfg.on_busy, "busy")
+
+    # ---------------------------------------------------------------- workers
+    def _worker_handler(self, worker: Worker):
+        def handle(key, mask) -> None:
+            try:
+                if mask & selectors.EVENT_WRITE:
+                    worker.chan.flush()
+                    self._update_interest(worker.chan, handle)
+                if mask & selectors.EVENT_READ:
+                    for body in worker.chan.read():
+                        self._on_worker_message(worker, body)
+            except Closed:
+                self._worker_lost(worker, "it closed its socket")
+            except protocol.ProtocolError as exc:
+                self._worker_lost(worker, f"it sent garbage: {exc}")
+                self._kill(worker.pid, signal.SIGKILL)
+
+        return handle
+
+    def _on_worker_message(self, worker: Worker, body: bytes) -> None:
+        msg = protocol.decode_body(body)
+        if worker.state == "busy" and worker.job is not None:
+            job = worker.job
+            worker.job = None
+            worker.served += 1
+            latency = time.monotonic() - job.started
+            verdict = (msg.get("verdict") or {}).get("action", "?")
+            self.stats.record(job.op, verdict, latency, msg.get("error"))
+            self._answer(job, protocol.encode_raw(body))
+            if msg.get("retiring"):
+                worker.state = "retiring"
+                self._forget(worker)
+            else:
+                self._worker_free(worker)
+            return
+        op = msg.get("op")
+        if worker.state == "booting" and op == "ready":
+            worker.pid = int(msg.get("pid", 0))
+            worker.rss = int(msg.get("rss", 0))
+            self.pid_to_wid[worker.pid] = worker.wid
+            self.spawn_failures = 0
+            log.debug("worker %d (pid %d, gen %d) ready, RSS %d KiB", worker.wid, worker.pid,
+                      worker.gen, worker.rss // 1024)  # fmt: skip
+            self._worker_free(worker)
+            self._reload_progress()
+        elif op == "boot_failed":
+            worker.pid = int(msg.get("pid", worker.pid))
+            self.pid_to_wid[worker.pid] = worker.wid
+            self._spawn_failed(f"worker {worker.wid} failed to boot: {msg.get('error')}")
+            self._forget(worker)
+        else:
+            self._worker_lost(worker, f"it sent an unexpected message {op!r} while {worker.state}")
+
+    def _worker_lost(self, worker: Worker, why: str) -> None:
+        """The worker's socket is gone: whatever it held gets a tempfail, never a rerun."""
+        if worker.wid not in self.workers:
+            return
+        job = worker.job
+        if job is not None:
+            held = time.monotonic() - job.started
+            log.error("worker %d (pid %d) lost while handling %s %s (conn %s) after %.1fs: %s; "
+                      "answering tempfail", worker.wid, worker.pid, job.op, job.queue_id or "-",
+                      job.conn_id, held, why)  # fmt: skip
+            worker.job = None
+            self._answer_error(job, self.cfg.on_internal_error, "worker_lost")
+        elif worker.state == "booting":
+            self._spawn_failed(f"worker {worker.wid} died while booting ({why})")
+        elif worker.state not in ("retiring", "stopping"):
+            log.warning("worker %d (pid %d) lost while %s: %s", worker.wid, worker.pid,
+                        worker.state, why)  # fmt: skip
+        self._forget(worker)
+
+    def _forget(self, worker: Worker) -> None:
+        self.workers.pop(worker.wid, None)
+        if worker in self.idle:
+            self.idle.remove(worker)
+        try:
+            self._unregister(worker.chan.sock)
+        finally:
+            worker.chan.close()
+        self._retire_zygotes()
+
+    def _stop_worker(self, worker: Worker) -> None:
+        """Ask an idle worker to leave: closing its socket is the request (it exits on EOF)."""
+        worker.state = "stopping"
+        if worker.pid:
+            self.dying[worker.pid] = (time.monotonic() + STOP_GRACE, worker.wid)
+        self._forget(worker)
+
+    def _enforce_deadlines(self, now: float) -> None:
+        busy_timeout = self.cfg.busy_timeout
+        for worker in list(self.workers.values()):
+            job = worker.job
+            if worker.state == "busy" and job is not None and now - job.started > busy_timeout:
+                log.error("worker %d (pid %d) busy %.1fs on %s %s (conn %s), past busy_timeout "
+                          "%.0fs: answering tempfail, sending TERM", worker.wid, worker.pid,
+                          now - job.started, job.op, job.queue_id or "-", job.conn_id,
+                          busy_timeout)  # fmt: skip
+                worker.job = None
+                self._answer_error(job, self.cfg.on_internal_error, "busy_timeout")
+                self._kill(worker.pid, signal.SIGTERM)
+                self.dying[worker.pid] = (now + self.cfg.busy_grace, worker.wid)
+                worker.state = "stopping"
+                self._forget(worker)
+            elif worker.state == "booting" and now - worker.spawned > BOOT_TIMEOUT:
+                self._spawn_failed(f"worker {worker.wid} not ready after {BOOT_TIMEOUT:.0f}s")
+                if worker.pid:
+                    self._kill(worker.pid, signal.SIGKILL)
+                self._forget(worker)
+        for pid, (deadline, wid) in list(self.dying.items()):
+            if now >= deadline:
+                log.error("worker %d (pid %d) still alive after its grace period: KILL", wid, pid)
+                self._kill(pid, signal.SIGKILL)
+                del self.dying[pid]
+
+    def _kill(self, pid: int, sig: int) -> None:
+        if not pid:
+            return
+        try:
+            os.killpg(pid, sig)  # workers lead their own process group
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _maintain_pool(self, now: float) -> None:
+        z = self.zygotes.get(self.gen)
+        if z is None or z.hooks is None or now < self.next_spawn:
+            return
+        current = sum(1 for w in self.workers.values()
+                      if w.gen == self.gen and w.state in ("booting", "idle", "busy"))  # fmt: skip
+        for _ in range(self.cfg.workers - current):
+            self._spawn(z)
+
+    def _spawn(self, z: Zygote) -> None:
+        wid = self.next_wid
+        self.next_wid += 1
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            _zsend(z.sock, {"op": "spawn", "wid": wid}, [theirs.fileno()])
+        except OSError as exc:
+            mine.close()
+            theirs.close()
+            self._spawn_failed(f"zygote (gen {z.gen}) did not take a spawn request: {exc}")
+            return
+        finally:
+            theirs.close()
+        worker = Worker(wid, z.gen, Channel(mine, self.cfg.max_frame_size))
+        self.workers[wid] = worker
+        self.sel.register(mine, selectors.EVENT_READ, self._worker_handler(worker))
+
+    def _spawn_failed(self, why: str) -> None:
+        """Back off exponentially so a filter that crashes at start cannot make us spin."""
+        self.spawn_failures += 1
+        delay = min(0.1 * 2 ** min(self.spawn_failures, 10), 30.0)
+        self.next_spawn = time.monotonic() + delay
+        log.error("%s; %d failures in a row, next spawn in %.1fs", why, self.spawn_failures, delay)
+
+    # ---------------------------------------------------------------- zygotes
+    def _start_zygote(self, first: bool = False) -> bool:
+        gen = self.gen + 1 if not first else 1
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cmd = [sys.executable, "-m", "workers.zygote", "--fd", str(theirs.fileno()),
+               "--generation", str(gen), "--filter", str(self.cfg.filter)]  # fmt: skip
+        if self.cfg.source:
+            cmd += ["--config", str(self.cfg.source)]
+        cmd += ["--runtime-dir", str(self.cfg.runtime_dir)]
+        proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], close_fds=True)
+        theirs.close()
+        z = Zygote(gen, proc, mine)
+        if first:
+            # Block until the filter loaded: nothing can be served before that.
+            msg = _zrecv_blocking(mine, BOOT_TIMEOUT)
+            if not msg or msg.get("op") != "ready":
+                error = (msg or {}).get("error") or "zygote exited before loading the filter"
+                log.error("cannot load the filter: %s", error)
+                self._announce_ready(f"error: {error}")
+                proc.kill()
+                proc.wait()
+                return False
+            z.hooks = msg["hooks"]
+            self.gen = gen
+            log.info("filter %s loaded (gen %d), hooks: %s", self.cfg.filter, gen,
+                     ", ".join(z.hooks) or "none")  # fmt: skip
+        mine.setblocking(False)
+        self.zygotes[gen] = z
+        self.sel.register(mine, selectors.EVENT_READ, self._zygote_handler(z))
+        return True
+
+    def _zygote_handler(self, z: Zygote):
+        def handle(key, mask) -> None:
+            while True:
+                try:
+                    data = z.sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    data = b""
+                if not data:
+                    self._zygote_gone(z)
+                    return
+                self._on_zygote_message(z, json.loads(data))
+
+        return handle
+
+    def _on_zygote_message(self, z: Zygote, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "ready":
+            z.hooks = msg["hooks"]
+            old = self.gen
+            self.gen = z.gen
+            log.info("reload: filter %s loaded (gen %d), hooks: %s; replacing gen %d workers",
+                     self.cfg.filter, z.gen, ", ".join(z.hooks) or "none", old)  # fmt: skip
+            self.spawn_failures = 0
+            self.next_spawn = 0.0
+            self._maintain_pool(time.monotonic())
+            self._reload_progress()
+        elif op == "load_failed":
+            self.last_load_error = msg.get("error", "")
+            log.error("reload failed, the running filter stays in place: %s", self.last_load_error)
+            for c in z.waiters:
+                self._reply(c, {"ok": False, "error": self.last_load_error})
+            z.waiters.clear()
+            self._close_zygote(z)
+        elif op == "spawned":
+            wid, pid = int(msg["wid"]), int(msg["pid"])
+            self.pid_to_wid[pid] = wid
+            w = self.workers.get(wid)
+            if w is not None:
+                w.pid = pid
+        elif op == "exited":
+            self._on_exit(int(msg["pid"]), int(msg["status"]))
+
+    def _on_exit(self, pid: int, status: int) -> None:
+        wid = self.pid_to_wid.pop(pid, 0)
+        self.dying.pop(pid, None)
+        if os.WIFSIGNALED(status):
+            how = f"killed by signal {signal.Signals(os.WTERMSIG(status)).name}"
+            self.stats.count("worker_killed")
+        else:
+            code = os.WEXITSTATUS(status)
+            how = f"exited {code} ({EXIT_MEANING.get(code, 'unexpected exit code')})"
+            self.stats.count("worker_retired" if code == 0 else "worker_crashed")
+        level = logging.INFO if how.startswith("exited 0") else logging.WARNING
+        log.log(level, "worker %d (pid %d) %s", wid, pid, how)
+
+    def _zygote_gone(self, z: Zygote) -> None:
+        self._unregister(z.sock)
+        z.sock.close()
+        self.zygotes.pop(z.gen, None)
+        if z.gen == self.gen and not self.stopping:
+            log.error("zygote of gen %d exited unexpectedly (%s); starting a new one",
+                      z.gen, z.proc.poll())  # fmt: skip
+            self._spawn_failed("zygote lost")
+            self._start_zygote()
+
+    def _close_zygote(self, z: Zygote) -> None:
+        self.zygotes.pop(z.gen, None)
+        self._unregister(z.sock)
+        z.sock.close()  # EOF: it exits
+
+    def _retire_zygotes(self) -> None:
+        """An old generation's zygote leaves once its last worker has."""
+        for gen, z in list(self.zygotes.items()):
+            if gen < self.gen and z.hooks is not None and not any(
+                w.gen == gen for w in self.workers.values()
+            ):
+                self._close_zygote(z)
+
+    def _check_zygotes(self) -> None:
+        for z in list(self.zygotes.values()):
+            if z.proc.poll() is not None:
+                z.proc.wait()
+
+    # ---------------------------------------------------------------- reload
+    def reload(self, waiter: Client | None) -> None:
+        pending = [z for z in self.zygotes.values() if z.hooks is None]
+        if pending:
+            z = pending[0]
+        else:
+            self._start_zygote()
+            z = self.zygotes[max(self.zygotes)]
+        if waiter is not None:
+            z.waiters.append(waiter)
+        if z.hooks is not None:
+            self._reload_progress()
+
+    def _reload_progress(self) -> None:
+        """Retire old workers once the new generation is in; answer reload waiters."""
+        z = self.zygotes.get(self.gen)
+        if z is None:
+            return
+        ready = sum(1 for w in self.workers.values() if w.gen == self.gen and w.state != "booting")
+        if ready == 0:
+            return
+        for w in list(self.workers.values()):
+            if w.gen < self.gen and w.state == "idle":
+                self.idle.remove(w)
+                self._stop_worker(w)
+        if z.waiters and ready >= min(self.cfg.workers, 1):
+            for c in z.waiters:
+                self._reply(c, {"ok": True, "gen": self.gen, "hooks": z.hooks})
+            z.waiters.clear()
+
+    # ---------------------------------------------------------------- control
+    def _on_control(self, client: Client, req: dict[str, Any], handler) -> None:
+        op = req.get("op")
+        if op == "status":
+            self._reply(client, self.status())
+        elif op == "reload":
+            self.reload(client)
+        else:
+            self._reply(client, {"ok": False, "error": f"unknown control op {op!r}"})
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        workers = []
+        for w in sorted(self.workers.values(), key=lambda w: w.wid):
+            job = w.job
+            workers.append({
+                "id": w.wid, "pid": w.pid, "gen": w.gen, "state": w.state, "served": w.served,
+                "queue_id": job.queue_id if job else None, "op": job.op if job else None,
+                "busy_for": round(now - job.started, 3) if job else None,
+            })  # fmt: skip
+        return {
+            "ok": True,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 1),
+            "generation": self.gen,
+            "filter": str(self.cfg.filter),
+            "hooks": self._hello()["hooks"],
+            "workers": workers,
+            "queue": {"depth": len(self.queue), "size": self.cfg.queue_size},
+            "spawn_failures": self.spawn_failures,
+            "last_load_error": self.last_load_error or None,
+            **self.stats.snapshot(),
+        }
+
+    # ---------------------------------------------------------------- helpers
+    def _unregister(self, fileobj) -> None:
+        try:
+            self.sel.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    def _announce_ready(self, text: str) -> None:
+        if self.ready_fd is None:
+            return
+        try:
+            os.write(self.ready_fd, text.encode() + b"\n")
+            os.close(self.ready_fd)
+        except OSError:
+            pass
+        self.ready_fd = None
+
+    def _shutdown(self) -> None:
+        for job in list(self.queue):
+            self._answer_error(job, self.cfg.on_internal_error, "shutdown")
+        self.queue.clear()
+        for w in list(self.workers.values()):
+            if w.job is not None:
+                self._answer_error(w.job, self.cfg.on_internal_error, "shutdown")
+                w.job = None
+            self._kill(w.pid, signal.SIGTERM)
+            self._forget(w)
+        for z in list(self.zygotes.values()):
+            self._close_zygote(z)
+            try:
+                z.proc.wait(timeout=STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                z.proc.kill()
+        for path in (self.cfg.multiplexor_socket, self.cfg.control_socket):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        log.info("multiplexor stopped")
+
+
+def _zsend(sock: socket.socket, obj: dict[str, Any], fds: list[int]) -> None:
+    socket.send_fds(sock, [json.dumps(obj).encode()], fds)
+
+
+def _zrecv_blocking(sock: socket.socket, timeout: float) -> dict[str, Any] | None:
+    sock.settimeout(timeout)
+    try:
+        data = sock.recv(65536)
+    except (TimeoutError, OSError):
+        return None
+    return json.loads(data) if data else None

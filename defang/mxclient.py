@@ -1,0 +1,113 @@
+"""The front end's client for the multiplexor socket.
+
+Blocking on purpose: the front end's callbacks run on libmilter's threads, and a
+blocking recv releases the GIL while the worker thinks.  Connections are pooled (one
+request in flight per connection), so a message costs no connect() per decision.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any
+
+from defang import protocol
+
+
+class MultiplexorError(Exception):
+    """No decision could be had from the multiplexor (down, timed out, broken frame)."""
+
+
+class MultiplexorClient:
+    def __init__(self, path: str, timeout: float, max_frame_size: int, pool_max: int = 64) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.max_frame_size = max_frame_size
+        self.pool_max = pool_max
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def request(self, obj: dict[str, Any]) -> dict[str, Any]:
+        frame = protocol.encode(obj)
+        if len(frame) - 4 > self.max_frame_size:
+            raise MultiplexorError(f"request of {len(frame)} bytes exceeds max_frame_size")
+        sock, reused = self._take()
+        try:
+            sock.sendall(frame)
+            reply = self._read_reply(sock)
+        except (OSError, protocol.ProtocolError, MultiplexorError) as exc:
+            sock.close()
+            # A pooled connection may have died with a previous multiplexor: one fresh try,
+            # only when nothing came back at all (the request never reached a worker).
+            if reused and isinstance(exc, BrokenPipeError | ConnectionResetError | _Eof):
+                return self._retry_fresh(frame)
+            raise MultiplexorError(_describe(exc)) from None
+        self._give(sock)
+        return reply
+
+    def _retry_fresh(self, frame: bytes) -> dict[str, Any]:
+        sock = self._connect()
+        try:
+            sock.sendall(frame)
+            reply = self._read_reply(sock)
+        except (OSError, protocol.ProtocolError, MultiplexorError) as exc:
+            sock.close()
+            raise MultiplexorError(_describe(exc)) from None
+        self._give(sock)
+        return reply
+
+    def _take(self) -> tuple[socket.socket, bool]:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        return self._connect(), False
+
+    def _give(self, sock: socket.socket) -> None:
+        with self._lock:
+            if len(self._idle) < self.pool_max:
+                self._idle.append(sock)
+                return
+        sock.close()
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise MultiplexorError(f"cannot connect to {self.path}: {exc.strerror or exc}") from None
+        return sock
+
+    def _read_reply(self, sock: socket.socket) -> dict[str, Any]:
+        head = _recv_exactly(sock, 4)
+        (length,) = protocol.HEADER.unpack(head)
+        if length > self.max_frame_size:
+            raise protocol.ProtocolError(f"reply of {length} bytes exceeds max_frame_size")
+        return protocol.decode_body(_recv_exactly(sock, length))
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._idle:
+                s.close()
+            self._idle.clear()
+
+
+class _Eof(OSError):
+    pass
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise _Eof("multiplexor closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return str(exc) or exc.__class__.__name__

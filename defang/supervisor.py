@@ -1,0 +1,153 @@
+"""``defang run``: the multiplexor and the milter front end under one parent.
+
+The parent has no threads and runs no admin code, so it can start both daemons
+safely (never fork a process that runs threads: the front end does).  It starts the
+multiplexor first and waits for its "ready" line (which comes only once filter.py
+loaded, so a broken filter stops ``defang run`` with the file:line error), then the
+front end.  It restarts a daemon that dies, with a back-off, and on TERM stops the
+front end first (no new mail), then the multiplexor (finishing what is in flight).
+SIGHUP is passed to the multiplexor: a reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+from defang.config import Config
+from defang.proctitle import set_title
+
+log = logging.getLogger("defang.run")
+
+START_TIMEOUT = 60.0
+
+
+class StartError(Exception):
+    pass
+
+
+class Daemon:
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name = name
+        self.argv = argv
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self.next_start = 0.0
+
+    def start(self) -> None:
+        r, w = os.pipe()
+        self.proc = subprocess.Popen(
+            [*self.argv, "--ready-fd", str(w)], pass_fds=[w], start_new_session=False
+        )
+        os.close(w)
+        try:
+            line = _read_line(r, START_TIMEOUT)
+        finally:
+            os.close(r)
+        if line != "ready":
+            self.stop(signal.SIGKILL, 2)
+            raise StartError(line.removeprefix("error: ") or f"{self.name} exited during start-up")
+
+    def stop(self, sig: int, timeout: float) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s (pid %d) did not stop within %.0fs: KILL", self.name, proc.pid, timeout)
+            proc.kill()
+            proc.wait()
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return f"error: no ready signal within {timeout:.0f}s"
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def run(cfg: Config, base_args: list[str]) -> int:
+    set_title("defang-run")
+    cfg.runtime_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(cfg.runtime_dir, 0o755)  # the MTA's user must reach the milter socket
+    py = [sys.executable, "-m", "defang"]
+    mx = Daemon("multiplexor", [*py, "multiplexor", *base_args])
+    fe = Daemon("milter", [*py, "milter", *base_args])
+    try:
+        mx.start()
+    except StartError as exc:
+        print(f"defang: cannot start: {exc}", file=sys.stderr)
+        return 1
+    try:
+        fe.start()
+    except StartError as exc:
+        print(f"defang: cannot start the milter: {exc}", file=sys.stderr)
+        mx.stop(signal.SIGTERM, 10)
+        return 1
+    log.info("defang running: milter on %s, filter %s, %d workers (pids: multiplexor %d, "
+             "milter %d)", cfg.milter_socket, cfg.filter, cfg.workers, mx.proc.pid,
+             fe.proc.pid)  # fmt: skip
+
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT):
+        signal.signal(sig, lambda *_: None)
+    stop_signal = 0
+    while not stop_signal:
+        ready, _, _ = select.select([wake_r], [], [], 1.0)
+        signals = os.read(wake_r, 512) if ready else b""
+        for signum in signals:
+            if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                stop_signal = signum
+            elif signum == signal.SIGHUP and mx.proc is not None:
+                log.info("SIGHUP: asking the multiplexor to reload the filter")
+                mx.proc.send_signal(signal.SIGHUP)
+        if not stop_signal:
+            for d in (mx, fe):
+                _keep_alive(d)
+    name = signal.Signals(stop_signal).name
+    log.info("%s: stopping the milter, then the multiplexor", name)
+    fe.stop(signal.SIGTERM, 30)
+    mx.stop(signal.SIGTERM if stop_signal == signal.SIGTERM else signal.SIGINT,
+            cfg.busy_timeout + cfg.busy_grace + 10)  # fmt: skip
+    log.info("defang stopped")
+    return 0
+
+
+def _keep_alive(d: Daemon) -> None:
+    if d.proc is None or d.proc.poll() is None:
+        return
+    now = time.monotonic()
+    if d.next_start == 0.0:
+        d.restarts += 1
+        delay = min(2 ** min(d.restarts, 5), 30)
+        d.next_start = now + delay
+        log.error("%s (pid %d) exited with %s; restarting in %ds", d.name, d.proc.pid,
+                  d.proc.returncode, delay)  # fmt: skip
+        return
+    if now < d.next_start:
+        return
+    d.next_start = 0.0
+    try:
+        d.start()
+        log.info("%s restarted (pid %d)", d.name, d.proc.pid)
+    except StartError as exc:
+        log.error("%s failed to restart: %s", d.name, exc)

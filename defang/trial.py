@@ -1,0 +1,63 @@
+"""``defang test MESSAGE``: run the filter on one message in this process, no MTA.
+
+For an admin editing filter.py: what would defang decide, and which actions would it
+take?  The message is spooled exactly as the front end would spool it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from defang import protocol
+from defang.config import Config
+from defang.verdicts import tempfail
+from workers.loader import load_filter
+from workers.runner import FilterRunner
+
+
+def spool_message(raw: bytes, dest: Path) -> int:
+    """Write ``raw`` in spool form (CRLF line ends, header / blank line / body)."""
+    data = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        head, body = data, b""
+    out = head.rstrip(b"\r\n") + b"\r\n\r\n" + body
+    dest.write_bytes(out)
+    return len(out)
+
+
+def run_trial(cfg: Config, message: str, *, sender: str, recipients: list[str], ip: str,
+              helo: str) -> dict[str, Any]:  # fmt: skip
+    spec = cfg.on_filter_error
+    runner = FilterRunner(load_filter(str(cfg.filter)),
+                          on_filter_error=tempfail(spec.text, spec.code, spec.dsn)
+                          if spec.code.startswith("4") else tempfail(),
+                          max_notes_bytes=cfg.max_notes_bytes)  # fmt: skip
+    runner.initialize()
+    conn = {"id": "test", "ip": ip, "hostname": f"[{ip}]", "port": 0, "helo": helo,
+            "macros": {}, "notes": {}}  # fmt: skip
+    out: dict[str, Any] = {"filter": str(cfg.filter), "hooks": sorted(runner.hooks)}
+    base = {"v": protocol.VERSION}
+    for op, fields in (("connect", {}), ("helo", {}), ("mail", {"sender": sender, "args": []})):
+        reply = runner.handle({**base, "op": op, "conn": conn, **fields})
+        conn["notes"] = reply.get("notes") or conn["notes"]
+        out[op] = reply["verdict"]
+    accepted = []
+    for rcpt in recipients:
+        reply = runner.handle({**base, "op": "rcpt", "conn": conn, "sender": sender,
+                               "recipient": rcpt, "args": []})  # fmt: skip
+        conn["notes"] = reply.get("notes") or conn["notes"]
+        out.setdefault("rcpt", {})[rcpt] = reply["verdict"]
+        if reply["verdict"]["action"] in ("continue", "accept"):
+            accepted.append(rcpt)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "message"
+        size = spool_message(Path(message).read_bytes(), path)
+        reply = runner.handle({**base, "op": "eom", "conn": conn, "sender": sender,
+                               "sender_args": [], "recipients": accepted, "queue_id": "TEST",
+                               "spool": str(path), "size": size})  # fmt: skip
+    out["eom"] = {"verdict": reply["verdict"], "actions": reply["actions"]}
+    runner.cleanup()
+    return out
