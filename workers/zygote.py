@@ -124,7 +124,10 @@ def _loop(chan: socket.socket, runner: FilterRunner, cfg, generation: int) -> in
         if pid == 0:
             os._exit(_child(fds[0], chan, (wake_r, wake_w), runner, cfg, wid, generation))
         os.close(fds[0])
-        send(chan, {"op": "spawned", "wid": wid, "pid": pid})
+        try:
+            send(chan, {"op": "spawned", "wid": wid, "pid": pid})
+        except OSError:
+            return 0
 
 
 def _reap(chan: socket.socket) -> None:
@@ -135,7 +138,10 @@ def _reap(chan: socket.socket) -> None:
             return
         if pid == 0:
             return
-        send(chan, {"op": "exited", "pid": pid, "status": status})
+        try:
+            send(chan, {"op": "exited", "pid": pid, "status": status})
+        except OSError:
+            return  # the multiplexor is gone; nobody to tell
 
 
 def _child(fd: int, chan: socket.socket, pipe: tuple[int, int], runner, cfg, wid, gen) -> int:
