@@ -222,7 +222,8 @@ class Session:
         if "filter_recipient" in self.hooks:
             rc = self._decide_envelope(
                 "rcpt",
-                {"sender": self.sender, "recipient": recipient, "args": [_text(a) for a in args]},
+                {"sender": self.sender, "sender_args": self.sender_args, "recipient": recipient,
+                 "args": [_text(a) for a in args]},
             )
         if rc in (milter.CONTINUE, milter.ACCEPT):
             self.recipients.append(recipient)
@@ -329,11 +330,11 @@ class Session:
             if protocol.ACTIONS.get(name) != len(args):
                 raise ValueError(f"malformed action {action!r}")
             if name == "add_header":
-                ctx.addheader(args[0], args[1], -1)
+                ctx.addheader(args[0], _lf(args[1]), -1)
             elif name == "insert_header":
-                ctx.addheader(args[1], args[2], int(args[0]))
+                ctx.addheader(args[1], _lf(args[2]), int(args[0]))
             elif name == "change_header":
-                ctx.chgheader(args[0], int(args[2]), args[1])
+                ctx.chgheader(args[0], int(args[2]), _lf(args[1]))
             elif name == "delete_header":
                 ctx.chgheader(args[0], int(args[1]), None)
             elif name == "add_recipient":
@@ -466,6 +467,11 @@ def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "surrogateescape")
     return value or ""
+
+
+def _lf(value: str) -> str:
+    """libmilter wants folded header values with bare LF line breaks (the MTA adds CR)."""
+    return value.replace("\r\n", "\n")
 
 
 def _strip_brackets(addr: str) -> str:

@@ -1,0 +1,3 @@
+"""Helper module imported by uses_helper.py."""
+
+TAG = "helped"

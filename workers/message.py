@@ -1,0 +1,302 @@
+"""The ``msg`` object of the message hooks, and the actions a filter records on it.
+
+Cost follows use.  Building a ``Message`` does no I/O.  ``msg.headers`` reads only
+the header section of the spool file (a few KB whatever the message size);
+``msg.email`` parses the whole file with the stdlib and only on first access; the
+part walk (in the runner) happens only when the filter defines a part hook.
+
+Spool file: the header section as the MTA passed it (``Name: value`` lines ending
+in CRLF, folded lines continued with CRLF + SP/HT), one empty line, then the body.
+LF-only line ends are accepted as well, so ``defang test some.eml`` works on files
+saved by hand.
+
+Header text: ``msg.headers`` values are unfolded (the line breaks of folding
+removed, the whitespace kept) and stripped of surrounding blanks.  Header bytes are
+decoded as UTF-8 where valid (RFC 6532) and byte by byte as Windows-1252 where not,
+so a value is always printable, JSON-safe text and a legacy Latin-1 subject stays
+readable.  ``msg.raw_headers`` keeps the undecoded value bytes (folds as CRLF).
+
+Actions are validated when the filter calls them, so a bad argument raises in the
+admin's traceback at the line that made the call, not later in the front end.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import os
+import re
+from email.message import Message as EmailMessage
+from email.parser import BytesParser
+from typing import Any
+
+from defang import verdicts
+from defang.verdicts import CONTINUE, Verdict
+from workers.conn import Connection
+from workers.parts import decode_words, lenient_text
+
+_FIELD = re.compile(rb"\n(?![ \t])")  # a line end that does not fold
+_FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but ":"
+_BAD_IN_VALUE = re.compile(r"\r\n(?![ \t])|\n(?![ \t])|\r(?!\n)|\0")
+_HEADER_READ = 16 * 1024
+_PARSER = BytesParser(policy=email.policy.default)
+
+
+def read_header_section(path: str) -> bytes:
+    """The bytes before the first empty line of ``path`` (all of it if none)."""
+    with open(path, "rb") as f:
+        data = f.read(_HEADER_READ)
+        if data[:1] == b"\n" or data[:2] == b"\r\n":
+            return b""  # no headers at all
+        start = 0
+        while True:
+            cut = _end_of_headers(data, start)
+            if cut >= 0:
+                return data[:cut]
+            more = f.read(max(_HEADER_READ, len(data)))
+            if not more:
+                return data
+            start = max(0, len(data) - 2)
+            data += more
+
+
+def _end_of_headers(data: bytes, start: int) -> int:
+    """Offset of the line end before the first empty line, or -1 (bytes.find: C speed)."""
+    crlf = data.find(b"\n\r\n", start)
+    lf = data.find(b"\n\n", start, crlf + 1 if crlf >= 0 else len(data))
+    end = lf if lf >= 0 else crlf
+    if end < 0:
+        return -1
+    return end - 1 if end and data[end - 1 : end] == b"\r" else end
+
+
+def parse_header_section(block: bytes) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """``(name, raw value)`` pairs (folds as CRLF, leading blank removed), and defects."""
+    headers: list[tuple[str, bytes]] = []
+    defects: list[str] = []
+    if not block:
+        return headers, defects
+    for field in _FIELD.split(block.replace(b"\r\n", b"\n")):
+        name, colon, rest = field.partition(b":")
+        if not colon or b"\n" in name or not name.strip() or name[:1] in (b" ", b"\t"):
+            defects.append(f"not a header field: {lenient_text(field)[:80]!r}")
+            continue
+        headers.append((name.rstrip(b" \t").decode("latin-1"), rest.lstrip(b" \t").replace(b"\n", b"\r\n")))
+    return headers, defects
+
+
+def _unfold(raw: bytes) -> str:
+    return lenient_text(raw.replace(b"\r\n", b"")).strip(" \t\r")
+
+
+# --- argument checks (raise in the filter's own call) -----------------------------
+
+
+def check_header_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"header name must be a str, not {type(name).__name__}")
+    if not _FIELD_NAME.fullmatch(name):
+        raise ValueError(f"invalid header name {name!r}: use printable ASCII without ':' or spaces")
+    return name
+
+
+def check_header_value(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"header value must be a str, not {type(value).__name__}")
+    if ("\r" in value or "\n" in value or "\0" in value) and _BAD_IN_VALUE.search(value):
+        raise ValueError(
+            f"invalid header value {value[:60]!r}: CR, LF and NUL are allowed only as "
+            "folding (a line break followed by a space or tab)"
+        )
+    return value
+
+
+def check_address(addr: Any, *, what: str, allow_empty: bool = False) -> str:
+    if not isinstance(addr, str):
+        raise TypeError(f"{what} must be a str, not {type(addr).__name__}")
+    if not addr and not allow_empty:
+        raise ValueError(f"{what} may not be empty")
+    if addr.startswith("<") or addr.endswith(">"):
+        raise ValueError(f"{what} {addr!r}: pass the address without angle brackets")
+    if "\r" in addr or "\n" in addr or "\0" in addr:
+        raise ValueError(f"{what} {addr!r} contains CR, LF or NUL")
+    return addr
+
+
+def _check_text(text: Any, what: str) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, not {type(text).__name__}")
+    if "\r" in text or "\n" in text or "\0" in text:
+        raise ValueError(f"{what} {text[:60]!r} contains CR, LF or NUL")
+    return text
+
+
+def _check_args(args: Any) -> str | None:
+    return None if args is None else _check_text(args, "ESMTP args")
+
+
+def _check_index(index: Any, minimum: int) -> int:
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise TypeError(f"header index must be an int, not {type(index).__name__}")
+    if index < minimum:
+        raise ValueError(f"header index must be >= {minimum}, got {index}")
+    return index
+
+
+# --- the message ---------------------------------------------------------------------
+
+
+class Message:
+    """What the message hooks see: envelope, headers, the lazily parsed message.
+
+    ``headers`` and ``raw_headers`` are the headers as received; the header
+    actions do not change them.  ``verdict`` is the verdict so far (continue until
+    a verdict method is called or a hook returns one; the last one wins).
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        sender: str,
+        recipients: list[str],
+        queue_id: str | None,
+        path: str,
+        size: int | None = None,
+    ) -> None:
+        self.conn = conn
+        self.sender = sender
+        self.recipients = recipients
+        self.queue_id = queue_id
+        self.path = path
+        self._size = size
+        self._raw_headers: list[tuple[str, bytes]] | None = None
+        self._headers: list[tuple[str, str]] | None = None
+        self._email: EmailMessage | None = None
+        self.header_defects: list[str] = []
+        self.actions: list[list[Any]] = []
+        self.verdict: Verdict = CONTINUE
+
+    @classmethod
+    def from_request(cls, request: dict[str, Any], conn: Connection) -> Message:
+        """Build from an ``eom`` request; recipients may be strings or [addr, args]."""
+        recipients = [r if isinstance(r, str) else str(r[0]) for r in request.get("recipients") or ()]
+        size = request.get("size")
+        return cls(
+            conn,
+            sender=request.get("sender") or "",
+            recipients=recipients,
+            queue_id=request.get("queue_id"),
+            path=request["spool"],
+            size=size if isinstance(size, int) else None,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Message queue_id={self.queue_id!r} sender={self.sender!r}>"
+
+    # --- reading ---
+
+    @property
+    def size(self) -> int:
+        """Size of the spooled message in bytes (as the front end reported it)."""
+        if self._size is None:
+            self._size = os.path.getsize(self.path)
+        return self._size
+
+    @property
+    def raw_headers(self) -> list[tuple[str, bytes]]:
+        """``(name, value bytes)`` exactly as spooled, folding included."""
+        if self._raw_headers is None:
+            self._raw_headers, self.header_defects = parse_header_section(read_header_section(self.path))
+        return self._raw_headers
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        if self._headers is None:
+            self._headers = [(name, _unfold(raw)) for name, raw in self.raw_headers]
+        return self._headers
+
+    def get_header(self, name: str, default: str | None = None) -> str | None:
+        """The first ``name`` header (case-insensitive), or ``default``."""
+        wanted = name.lower()
+        for key, value in self.headers:
+            if key.lower() == wanted:
+                return value
+        return default
+
+    def get_all_headers(self, name: str) -> list[str]:
+        wanted = name.lower()
+        return [value for key, value in self.headers if key.lower() == wanted]
+
+    @property
+    def subject(self) -> str:
+        """The first Subject, RFC 2047-decoded; "" when there is none."""
+        return decode_words(self.get_header("Subject", "") or "")
+
+    @property
+    def email(self) -> EmailMessage:
+        """The whole message parsed by the stdlib (``policy.default``), on first use."""
+        if self._email is None:
+            with open(self.path, "rb") as f:
+                self._email = _PARSER.parse(f)
+        return self._email
+
+    # --- header actions ---
+
+    def add_header(self, name: str, value: str) -> None:
+        """Append a header at the end of the header section."""
+        self.actions.append(["add_header", check_header_name(name), check_header_value(value)])
+
+    def insert_header(self, index: int, name: str, value: str) -> None:
+        """Insert a header at ``index`` (0 = before the first header)."""
+        self.actions.append(
+            ["insert_header", _check_index(index, 0), check_header_name(name), check_header_value(value)]
+        )
+
+    def change_header(self, name: str, value: str, index: int = 1) -> None:
+        """Replace the value of the ``index``-th ``name`` header (1-based)."""
+        self.actions.append(
+            ["change_header", check_header_name(name), check_header_value(value), _check_index(index, 1)]
+        )
+
+    def delete_header(self, name: str) -> None:
+        """Delete every ``name`` header of the message as received.
+
+        Deleted from the last occurrence down to the first, so that each index
+        still names the same header when the MTA applies it.
+        """
+        check_header_name(name)
+        count = len(self.get_all_headers(name))
+        self.actions.extend(["delete_header", name, i] for i in range(count, 0, -1))
+
+    # --- envelope actions ---
+
+    def add_recipient(self, addr: str, args: str | None = None) -> None:
+        """Add an envelope recipient; ``args`` are optional RCPT TO ESMTP args."""
+        self.actions.append(["add_recipient", check_address(addr, what="recipient"), _check_args(args)])
+
+    def delete_recipient(self, addr: str) -> None:
+        self.actions.append(["delete_recipient", check_address(addr, what="recipient")])
+
+    def change_sender(self, addr: str, args: str | None = None) -> None:
+        """Replace the envelope sender ("" for the null sender)."""
+        self.actions.append(
+            ["change_sender", check_address(addr, what="sender", allow_empty=True), _check_args(args)]
+        )
+
+    def hold(self, reason: str) -> None:
+        """Ask the MTA to put the message on hold (Postfix hold queue)."""
+        self.actions.append(["hold", _check_text(reason, "hold reason")])
+
+    # --- verdicts ---
+
+    def accept(self) -> None:
+        self.verdict = verdicts.accept()
+
+    def reject(self, text: str = "Message rejected", code: str = "550", dsn: str = "5.7.1") -> None:
+        self.verdict = verdicts.reject(text, code, dsn)
+
+    def tempfail(self, text: str = "Try again later", code: str = "451", dsn: str = "4.7.1") -> None:
+        self.verdict = verdicts.tempfail(text, code, dsn)
+
+    def discard(self) -> None:
+        self.verdict = verdicts.discard()

@@ -1,0 +1,247 @@
+"""Run one decision request through the admin's hooks and build the reply.
+
+All of the worker's error handling for admin code is here, in one mapping: an
+exception in a hook, a hook returning something that is not a verdict, notes that
+cannot be sent back, a reply that is not JSON -- each becomes the configured
+``on_filter_error`` verdict with the actions dropped, the notes as they arrived,
+an ``error`` text in the reply, and one ERROR log line with the hook, the queue ID
+and the connection, followed by the traceback.  ``handle`` itself never raises
+(``KeyboardInterrupt`` excepted), so the worker loop stays a loop.
+
+A request the worker cannot make sense of (no spool path, unknown op) is not the
+admin's fault: it gets a fixed tempfail and a ``bad request`` error instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from defang.protocol import VERDICT_ACTIONS
+from defang.verdicts import CONTINUE, Verdict, tempfail
+from workers.conn import DEFAULT_MAX_NOTES_BYTES, Connection, NotesError, encode_notes
+from workers.loader import LoadedFilter
+from workers.message import Message
+from workers.parts import walk
+
+log = logging.getLogger("defang.worker")
+
+BAD_REQUEST = tempfail("Temporary local problem, please try again later", "451", "4.3.0")
+
+_ENVELOPE = {
+    # op -> (hook, extra argument taken from the request)
+    "connect": ("filter_relay", None),
+    "helo": ("filter_helo", None),
+    "mail": ("filter_sender", "sender"),
+    "rcpt": ("filter_recipient", "recipient"),
+}
+_EXPECTED = "expected a verdict (accept(), reject(...), tempfail(...), discard()) or None"
+
+
+class FilterError(Exception):
+    """Admin code did something the contract does not allow (no traceback to show)."""
+
+
+class FilterRunner:
+    """The hooks of one loaded filter, applied to one request at a time."""
+
+    def __init__(
+        self,
+        loaded: LoadedFilter,
+        *,
+        on_filter_error: Verdict,
+        max_notes_bytes: int = DEFAULT_MAX_NOTES_BYTES,
+    ) -> None:
+        if not isinstance(on_filter_error, Verdict):
+            raise TypeError("on_filter_error must be a Verdict")
+        self.loaded = loaded
+        self.on_filter_error = on_filter_error
+        self.max_notes_bytes = max_notes_bytes
+        self._hooks: dict[str, Callable[..., Any]] = dict(loaded.hooks)
+        self.hooks: frozenset[str] = frozenset(self._hooks)
+        self._walks = "filter_part" in self._hooks or "filter_multipart" in self._hooks
+
+    def initialize(self) -> None:
+        """Run ``filter_initialize``; an exception means the worker must not boot."""
+        fn = self._hooks.get("filter_initialize")
+        if fn is not None:
+            fn()
+
+    def cleanup(self) -> None:
+        """Run ``filter_cleanup``; the worker is exiting anyway, so only log failures."""
+        fn = self._hooks.get("filter_cleanup")
+        if fn is None:
+            return
+        try:
+            fn()
+        except Exception:
+            log.error("filter error in filter_cleanup: %s", traceback.format_exc())
+
+    # --- requests ---
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The reply to one decision request; never raises."""
+        try:
+            op = request["op"]
+            conn = Connection.from_request(request)
+        except Exception as exc:
+            return self._bad_request(request, exc)
+        received_notes = conn.notes
+        if op == "eom":
+            return self._message(request, conn, received_notes)
+        entry = _ENVELOPE.get(op)
+        if entry is None:
+            return self._bad_request(request, ValueError(f"unknown op {op!r}"))
+        hook, arg_field = entry
+        fn = self._hooks.get(hook)
+        if fn is None:
+            return self._reply(CONTINUE, [], conn, received_notes, hook, None)
+        _own_notes(conn)
+        try:
+            if arg_field is None:
+                result = fn(conn)
+            else:
+                result = fn(conn, request.get(arg_field) or "")
+            verdict = _as_verdict(hook, result)
+        except (Exception, SystemExit) as exc:
+            return self._failed(hook, exc, conn, received_notes, None)
+        return self._reply(verdict, [], conn, received_notes, hook, None)
+
+    def _message(
+        self, request: dict[str, Any], conn: Connection, received_notes: dict[str, Any]
+    ) -> dict[str, Any]:
+        try:
+            msg = Message.from_request(request, conn)
+        except Exception as exc:
+            return self._bad_request(request, exc)
+        _own_notes(conn)
+        hooks = self._hooks
+        hook = ran = "message hooks"  # hook: what is running; ran: the last hook that returned
+        try:
+            fn = hooks.get("filter_begin")
+            if fn is not None:
+                hook = "filter_begin"
+                _set_verdict(msg, hook, fn(msg))
+                ran = hook
+            if self._walks:
+                on_part = hooks.get("filter_part")
+                on_multipart = hooks.get("filter_multipart")
+                hook = "part walk"
+                for part in walk(msg.email):
+                    if part.is_multipart:
+                        if on_multipart is not None:
+                            hook = "filter_multipart"
+                            _set_verdict(msg, hook, on_multipart(msg, part))
+                            ran = hook
+                    elif on_part is not None:
+                        hook = "filter_part"
+                        _set_verdict(msg, hook, on_part(msg, part))
+                        ran = hook
+                    hook = "part walk"
+            fn = hooks.get("filter_end")
+            if fn is not None:
+                hook = "filter_end"
+                _set_verdict(msg, hook, fn(msg))
+                ran = hook
+            hook = ran
+            verdict = _as_verdict("msg.verdict", msg.verdict)
+        except (Exception, SystemExit) as exc:
+            return self._failed(hook, exc, conn, received_notes, msg.queue_id)
+        return self._reply(verdict, msg.actions, conn, received_notes, ran, msg.queue_id)
+
+    # --- replies ---
+
+    def _reply(
+        self,
+        verdict: Verdict,
+        actions: list[Any],
+        conn: Connection,
+        received_notes: dict[str, Any],
+        hook: str,
+        queue_id: str | None,
+    ) -> dict[str, Any]:
+        """The reply, proven JSON-encodable here rather than failing in the frame encoder."""
+        notes = conn.notes
+        try:
+            if notes is not received_notes:  # what arrived was JSON already
+                encode_notes(notes, self.max_notes_bytes)
+            reply = {"verdict": verdict.to_wire(), "actions": actions, "notes": notes, "retiring": False}
+            json.dumps([reply["verdict"], actions], ensure_ascii=False, allow_nan=False)
+        except NotesError as exc:
+            return self._failed(hook, exc, conn, received_notes, queue_id, show_tb=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            error = FilterError(f"the reply is not JSON-encodable: {exc}")
+            return self._failed(hook, error, conn, received_notes, queue_id, show_tb=False)
+        return reply
+
+    def _failed(
+        self,
+        hook: str,
+        exc: BaseException,
+        conn: Connection,
+        received_notes: dict[str, Any],
+        queue_id: str | None,
+        show_tb: bool | None = None,
+    ) -> dict[str, Any]:
+        if queue_id is None:
+            queue_id = conn.macros.get("i")
+        where = f"queue {queue_id}, conn {conn.id}" if queue_id else f"conn {conn.id}"
+        contract = isinstance(exc, FilterError | NotesError)  # no traceback worth showing
+        summary = str(exc) if contract else f"{type(exc).__name__}: {exc}"
+        if show_tb is None:
+            show_tb = not contract
+        if show_tb:
+            tb = exc.__traceback__
+            # the first frame is this module calling the hook: not the admin's business
+            if tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            detail = "".join(traceback.format_exception(type(exc), exc, tb)).rstrip()
+        else:
+            detail = summary
+        log.error("filter error in %s (%s): %s", hook, where, detail)
+        return {
+            "verdict": self.on_filter_error.to_wire(),
+            "actions": [],
+            "notes": received_notes,
+            "retiring": False,
+            "error": f"filter error in {hook}: {summary}"[:1000],
+        }
+
+    def _bad_request(self, request: Any, exc: Exception) -> dict[str, Any]:
+        op = request.get("op") if isinstance(request, dict) else None
+        log.error("bad request (op %r): %s: %s", op, type(exc).__name__, exc)
+        notes = None
+        if isinstance(request, dict) and isinstance(request.get("conn"), dict):
+            notes = request["conn"].get("notes")
+        return {
+            "verdict": BAD_REQUEST.to_wire(),
+            "actions": [],
+            "notes": notes if isinstance(notes, dict) else {},
+            "retiring": False,
+            "error": f"bad request: {type(exc).__name__}: {exc}"[:1000],
+        }
+
+
+def _own_notes(conn: Connection) -> None:
+    """Give the hooks a copy of the notes, so a failing hook cannot leave half an edit."""
+    conn.notes = copy.deepcopy(conn.notes) if conn.notes else {}
+
+
+def _as_verdict(hook: str, result: Any) -> Verdict:
+    if result is None:
+        return CONTINUE
+    if isinstance(result, Verdict) and result.action in VERDICT_ACTIONS:
+        return result
+    shown = repr(result)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    raise FilterError(f"{hook} returned {shown}; {_EXPECTED}")
+
+
+def _set_verdict(msg: Message, hook: str, result: Any) -> None:
+    if result is not None:
+        msg.verdict = _as_verdict(hook, result)
