@@ -57,7 +57,10 @@ class Config:
     # [multiplexor]
     multiplexor_socket: Path = Path()
     control_socket: Path = Path()
-    workers: int = 4
+    min_workers: int = 2
+    max_workers: int = 10
+    min_spare: int = 1
+    idle_timeout: float = 300.0
     max_frame_size: int = 1024 * 1024
     busy_timeout: float = 60.0
     busy_grace: float = 5.0
@@ -166,7 +169,10 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("milter", "macros"): ("macros", _macros),
     ("multiplexor", "socket"): ("multiplexor_socket", _path),
     ("multiplexor", "control_socket"): ("control_socket", _path),
-    ("multiplexor", "workers"): ("workers", _pos_int),
+    ("multiplexor", "min_workers"): ("min_workers", _int),
+    ("multiplexor", "max_workers"): ("max_workers", _pos_int),
+    ("multiplexor", "min_spare"): ("min_spare", _int),
+    ("multiplexor", "idle_timeout"): ("idle_timeout", _num),
     ("multiplexor", "max_frame_size"): ("max_frame_size", _pos_int),
     ("multiplexor", "busy_timeout"): ("busy_timeout", _num),
     ("multiplexor", "busy_grace"): ("busy_grace", _num),
@@ -253,6 +259,10 @@ def finish(cfg: Config) -> Config:
         derived["milter_socket"] = f"unix:{run / 'milter.sock'}"
     cfg = replace(cfg, **derived)
     check_socket_spec(cfg.milter_socket)
+    if cfg.min_workers > cfg.max_workers:
+        raise ConfigError(f"[multiplexor] min_workers {cfg.min_workers} > max_workers {cfg.max_workers}")
+    if cfg.min_spare > cfg.max_workers:
+        raise ConfigError(f"[multiplexor] min_spare {cfg.min_spare} > max_workers {cfg.max_workers}")
     return cfg
 
 

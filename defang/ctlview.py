@@ -41,11 +41,12 @@ def _status(r: dict[str, Any]) -> str:
 
 
 def _workers(r: dict[str, Any]) -> str:
-    rows = [("ID", "PID", "GEN", "STATE", "SERVED", "QUEUE ID", "BUSY FOR")]
+    rows = [("ID", "PID", "GEN", "STATE", "SERVED", "RSS", "QUEUE ID", "BUSY FOR")]
     for w in r.get("workers", []):
         busy = f"{w['busy_for']:.1f}s" if w.get("busy_for") is not None else ""
+        rss = f"{w['rss'] // 1048576} MB" if w.get("rss") else ""
         rows.append((str(w["id"]), str(w["pid"]), str(w["gen"]), w["state"], str(w["served"]),
-                     w.get("queue_id") or "", busy))  # fmt: skip
+                     rss, w.get("queue_id") or w.get("op") or "", busy))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip()
                      for row in rows)  # fmt: skip

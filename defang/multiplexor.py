@@ -80,6 +80,7 @@ class Worker:
     job: Job | None = None
     served: int = 0
     spawned: float = field(default_factory=time.monotonic)
+    idle_since: float = 0.0
     rss: int = 0
 
 
@@ -131,8 +132,9 @@ class Multiplexor:
         self._listen(self.cfg.control_socket, self._on_accept_control, 0o660)
         self._announce_ready("ready")
         log.info(
-            "multiplexor ready: %d workers, queue %d, socket %s",
-            self.cfg.workers, self.cfg.queue_size, self.cfg.multiplexor_socket,
+            "multiplexor ready: %d to %d workers (%d spare), queue %d, socket %s",
+            self.cfg.min_workers, self.cfg.max_workers, self.cfg.min_spare, self.cfg.queue_size,
+            self.cfg.multiplexor_socket,
         )  # fmt: skip
 
         while True:
@@ -334,6 +336,7 @@ class Multiplexor:
             self._stop_worker(worker)
             return
         worker.state = "idle"
+        worker.idle_since = time.monotonic()
         self.idle.append(worker)
 
     def _expire_queue(self, now: float) -> None:
@@ -474,13 +477,36 @@ class Multiplexor:
                 pass
 
     def _maintain_pool(self, now: float) -> None:
+        """Spawn what the load and the minimums call for; retire what idles too long.
+
+        Counted over the current generation: booting workers count as spare (they will
+        be idle in a moment), queued requests call for one worker each.
+        """
         z = self.zygotes.get(self.gen)
-        if z is None or z.hooks is None or now < self.next_spawn:
+        if z is None or z.hooks is None:
             return
-        current = sum(1 for w in self.workers.values()
-                      if w.gen == self.gen and w.state in ("booting", "idle", "busy"))  # fmt: skip
-        for _ in range(self.cfg.workers - current):
-            self._spawn(z)
+        cfg = self.cfg
+        live = booting = idle = 0
+        for w in self.workers.values():
+            if w.gen == self.gen and w.state in ("booting", "idle", "busy"):
+                live += 1
+                booting += w.state == "booting"
+                idle += w.state == "idle"
+        wanted = max(cfg.min_workers - live, cfg.min_spare - idle - booting,
+                     len(self.queue) - booting)  # fmt: skip
+        wanted = min(wanted, cfg.max_workers - live)
+        if wanted > 0 and now >= self.next_spawn:
+            for _ in range(wanted):
+                self._spawn(z)
+            return
+        if cfg.idle_timeout and live > cfg.min_workers and idle > cfg.min_spare:
+            # the longest-idle worker sits at the bottom of the idle stack
+            w = self.idle[0] if self.idle else None
+            if w is not None and w.gen == self.gen and now - w.idle_since > cfg.idle_timeout:
+                log.info("worker %d (pid %d) idle for %.0fs: retiring it (%d live, min %d)",
+                         w.wid, w.pid, now - w.idle_since, live, cfg.min_workers)  # fmt: skip
+                self.idle.pop(0)
+                self._stop_worker(w)
 
     def _spawn(self, z: Zygote) -> None:
         wid = self.next_wid
@@ -647,7 +673,7 @@ class Multiplexor:
             if w.gen < self.gen and w.state == "idle":
                 self.idle.remove(w)
                 self._stop_worker(w)
-        if z.waiters and ready >= min(self.cfg.workers, 1):
+        if z.waiters:
             for c in z.waiters:
                 self._reply(c, {"ok": True, "gen": self.gen, "hooks": z.hooks})
             z.waiters.clear()
@@ -669,6 +695,7 @@ class Multiplexor:
             job = w.job
             workers.append({
                 "id": w.wid, "pid": w.pid, "gen": w.gen, "state": w.state, "served": w.served,
+                "rss": _rss(w.pid),
                 "queue_id": job.queue_id if job else None, "op": job.op if job else None,
                 "busy_for": round(now - job.started, 3) if job else None,
             })  # fmt: skip
@@ -681,6 +708,8 @@ class Multiplexor:
             "hooks": self._hello()["hooks"],
             "workers": workers,
             "queue": {"depth": len(self.queue), "size": self.cfg.queue_size},
+            "pool": {"min_workers": self.cfg.min_workers, "max_workers": self.cfg.max_workers,
+                     "min_spare": self.cfg.min_spare},
             "spawn_failures": self.spawn_failures,
             "last_load_error": self.last_load_error or None,
             **self.stats.snapshot(),
@@ -725,6 +754,20 @@ class Multiplexor:
             except FileNotFoundError:
                 pass
         log.info("multiplexor stopped")
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss(pid: int) -> int | None:
+    """A worker's current RSS in bytes (the multiplexor may read it: same user)."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _zsend(sock: socket.socket, obj: dict[str, Any], fds: list[int]) -> None:

@@ -101,8 +101,8 @@ def run(cfg: Config, base_args: list[str]) -> int:
         print(f"defang: cannot start the milter: {exc}", file=sys.stderr)
         mx.stop(signal.SIGTERM, 10)
         return 1
-    log.info("defang running: milter on %s, filter %s, %d workers (pids: multiplexor %d, "
-             "milter %d)", cfg.milter_socket, cfg.filter, cfg.workers, mx.proc.pid,
+    log.info("defang running: milter on %s, filter %s, up to %d workers (pids: multiplexor %d, "
+             "milter %d)", cfg.milter_socket, cfg.filter, cfg.max_workers, mx.proc.pid,
              fe.proc.pid)  # fmt: skip
 
     wake_r, wake_w = os.pipe()

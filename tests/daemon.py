@@ -51,7 +51,7 @@ class Defang:
                  socket: str | None = None) -> None:  # fmt: skip
         self.dir = traversable_dir("defang-test-")
         self.runtime = self.dir / "run"
-        base = {"daemon": {"log_level": "debug"}, "multiplexor": {"workers": 2}}
+        base = {"daemon": {"log_level": "debug"}, "multiplexor": {"min_workers": 2, "max_workers": 2}}
         for section, table in (settings or {}).items():
             base.setdefault(section, {}).update(table)
         self.config = write_config(self.dir / "defang.toml", base)

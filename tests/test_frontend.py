@@ -31,7 +31,7 @@ MSG = b"From: a@example.org\r\nTo: b@example.org\r\nSubject: %s\r\nX-Remove-Me: 
 def defang():
     d = Defang(FILTERS / "fe_actions.py", settings={
         "milter": {"max_recipients": 3, "max_message_size": 4096, "max_headers": 20},
-        "multiplexor": {"workers": 2, "busy_timeout": 2, "busy_grace": 1},
+        "multiplexor": {"min_workers": 2, "max_workers": 2, "busy_timeout": 2, "busy_grace": 1},
     }).start()  # fmt: skip
     yield d
     d.stop()

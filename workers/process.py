@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import socket
+import time
 
 from defang import protocol
 from defang.proctitle import set_title
@@ -94,8 +95,10 @@ def serve(
             if request.get("op") == "stop":
                 runner.cleanup()
                 return EXIT_RETIRED
+            # The start time, not a running age: updating a title while the filter runs
+            # would need a timer signal (SIGALRM) that admin code may want for itself.
             qid = request.get("queue_id") or request.get("op")
-            set_title(f"defang-worker: {qid}")
+            set_title(f"defang-worker: {qid} since {time.strftime('%H:%M:%S')}")
             reply = runner.handle(request)
             served += 1
             retiring = bool(limit and served >= limit) or bool(max_rss and current_rss() > max_rss)
