@@ -389,6 +389,8 @@ class Multiplexor:
             worker.rss = int(msg.get("rss", 0))
             self.pid_to_wid[worker.pid] = worker.wid
             self.spawn_failures = 0
+            if worker.gen > self.gen:
+                self._promote(worker.gen)
             log.debug("worker %d (pid %d, gen %d) ready, RSS %d KiB", worker.wid, worker.pid,
                       worker.gen, worker.rss // 1024)  # fmt: skip
             self._worker_free(worker)
@@ -396,6 +398,11 @@ class Multiplexor:
         elif op == "boot_failed":
             worker.pid = int(msg.get("pid", worker.pid))
             self.pid_to_wid[worker.pid] = worker.wid
+            if worker.gen > self.gen:
+                self._forget(worker)
+                self._abandon_reload(worker.gen, f"a worker of the new filter failed to boot: "
+                                     f"{msg.get('error')} (see the traceback above)")  # fmt: skip
+                return
             self._spawn_failed(f"worker {worker.wid} failed to boot: {msg.get('error')}")
             self._forget(worker)
         else:
@@ -413,6 +420,10 @@ class Multiplexor:
                       job.conn_id, held, why)  # fmt: skip
             worker.job = None
             self._answer_error(job, self.cfg.on_internal_error, "worker_lost")
+        elif worker.state == "booting" and worker.gen > self.gen:
+            self._forget(worker)
+            self._abandon_reload(worker.gen, f"a worker of the new filter died while booting ({why})")
+            return
         elif worker.state == "booting":
             self._spawn_failed(f"worker {worker.wid} died while booting ({why})")
         elif worker.state not in ("retiring", "stopping"):
@@ -534,7 +545,7 @@ class Multiplexor:
 
     # ---------------------------------------------------------------- zygotes
     def _start_zygote(self, first: bool = False) -> bool:
-        gen = self.gen + 1 if not first else 1
+        gen = max(self.zygotes, default=self.gen) + 1
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         cmd = [sys.executable, "-m", "workers.zygote", "--fd", str(theirs.fileno()),
                "--generation", str(gen), "--filter", str(self.cfg.filter)]  # fmt: skip
@@ -582,15 +593,13 @@ class Multiplexor:
     def _on_zygote_message(self, z: Zygote, msg: dict[str, Any]) -> None:
         op = msg.get("op")
         if op == "ready":
+            # The new filter imported.  It takes over only once one of its workers has
+            # booted (filter_initialize ran): until then the old pool serves as before.
             z.hooks = msg["hooks"]
-            old = self.gen
-            self.gen = z.gen
-            log.info("reload: filter %s loaded (gen %d), hooks: %s; replacing gen %d workers",
-                     self.cfg.filter, z.gen, ", ".join(z.hooks) or "none", old)  # fmt: skip
-            self.spawn_failures = 0
-            self.next_spawn = 0.0
-            self._maintain_pool(time.monotonic())
-            self._reload_progress()
+            log.info("reload: filter %s loaded (gen %d), hooks: %s; starting its workers",
+                     self.cfg.filter, z.gen, ", ".join(z.hooks) or "none")  # fmt: skip
+            for _ in range(max(1, min(self.cfg.min_workers, self.cfg.max_workers))):
+                self._spawn(z)
         elif op == "load_failed":
             self.last_load_error = msg.get("error", "")
             log.error("reload failed, the running filter stays in place: %s", self.last_load_error)
@@ -650,16 +659,36 @@ class Multiplexor:
 
     # ---------------------------------------------------------------- reload
     def reload(self, waiter: Client | None) -> None:
-        pending = [z for z in self.zygotes.values() if z.hooks is None]
-        if pending:
-            z = pending[0]
-        else:
-            self._start_zygote()
-            z = self.zygotes[max(self.zygotes)]
+        """Load filter.py afresh in a new zygote; the answer comes when it serves or fails."""
+        if not self._start_zygote():
+            return
         if waiter is not None:
-            z.waiters.append(waiter)
-        if z.hooks is not None:
-            self._reload_progress()
+            self.zygotes[max(self.zygotes)].waiters.append(waiter)
+
+    def _promote(self, gen: int) -> None:
+        """A worker of the new generation booted: new workers come from it from now on."""
+        old, self.gen = self.gen, gen
+        log.info("reload: generation %d serving; generation %d workers retire as they finish",
+                 gen, old)  # fmt: skip
+        self.next_spawn = 0.0
+        for older in [g for g in self.zygotes if old <= g < gen]:
+            z = self.zygotes[older]
+            for c in z.waiters:  # a reload superseded by a newer one
+                self.zygotes[gen].waiters.append(c)
+            z.waiters.clear()
+
+    def _abandon_reload(self, gen: int, why: str) -> None:
+        z = self.zygotes.get(gen)
+        self.last_load_error = why
+        log.error("reload abandoned, the running filter stays in place: %s", why)
+        for w in [w for w in self.workers.values() if w.gen == gen]:
+            self._kill(w.pid, signal.SIGTERM)
+            self._forget(w)
+        if z is not None:
+            for c in z.waiters:
+                self._reply(c, {"ok": False, "error": why})
+            z.waiters.clear()
+            self._close_zygote(z)
 
     def _reload_progress(self) -> None:
         """Retire old workers once the new generation is in; answer reload waiters."""

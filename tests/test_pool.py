@@ -1,0 +1,101 @@
+"""Pool lifecycle and reload, driven through the front end by the fake MTA."""
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+from daemon import FILTERS, Defang
+from fakemta import MilterSession
+
+MSG = b"From: a@example.org\r\nSubject: %s\r\n\r\nHello\r\n"
+
+
+def send(d, subject=b"hi", qid="Q1"):
+    with MilterSession(d.milter_path) as s:
+        s.connect()
+        s.helo()
+        s.mail("a@example.org")
+        s.rcpt("b@example.org")
+        return s.message(MSG % subject, queue_id=qid)
+
+
+def tagged(tag: str, extra: str = "") -> str:
+    return f'''
+{extra}
+def filter_end(msg):
+    msg.add_header("X-Gen", "{tag}")
+'''
+
+
+@pytest.fixture
+def live_filter(tmp_path):
+    path = tmp_path / "filter.py"
+    path.write_text(tagged("one"))
+    d = Defang(path, settings={"multiplexor": {"min_workers": 2, "max_workers": 2}}).start()
+    yield d, path
+    d.stop()
+    d.cleanup()
+
+
+def header(result, name):
+    return [a[1][1] for a in result.actions if a[0] == "addheader" and a[1][0] == name]
+
+
+def test_reload_swaps_filter_and_workers(live_filter):
+    d, path = live_filter
+    assert header(send(d), "X-Gen") == ["one"]
+    old = set(d.pids("defang-worker"))
+    path.write_text(tagged("two"))
+    r = d.ctl("reload")
+    assert r.returncode == 0, r.stderr
+    assert "generation 2" in r.stdout
+    assert header(send(d), "X-Gen") == ["two"]
+    deadline = time.monotonic() + 10
+    while old & set(d.pids("defang-worker")):
+        assert time.monotonic() < deadline, "old workers did not retire"
+        time.sleep(0.1)
+    status = d.status()
+    assert status["generation"] == 2 and all(w["gen"] == 2 for w in status["workers"])
+
+
+def test_broken_reload_keeps_the_old_filter(live_filter):
+    d, path = live_filter
+    path.write_text("def filter_end(msg):\n    msg.add_header('X', 'y'\n")  # syntax error
+    r = d.ctl("reload")
+    assert r.returncode == 1
+    assert f"{path}:2" in r.stdout and "SyntaxError" in r.stdout
+    assert header(send(d), "X-Gen") == ["one"]
+    assert d.status()["generation"] == 1
+
+
+def test_reload_whose_initialize_fails_keeps_the_old_pool(live_filter):
+    d, path = live_filter
+    path.write_text(tagged("two", "def filter_initialize():\n    raise OSError('db down')\n"))
+    r = d.ctl("reload")
+    assert r.returncode == 1 and "failed to boot" in r.stdout
+    assert header(send(d), "X-Gen") == ["one"]
+    assert "db down" in d.log()
+
+
+def test_sighup_reloads(live_filter):
+    d, path = live_filter
+    path.write_text(tagged("three"))
+    os.kill(d.proc.pid, signal.SIGHUP)
+    d.wait_log("generation 2 serving")
+    assert header(send(d), "X-Gen") == ["three"]
+
+
+def test_max_requests_recycles_workers(tmp_path):
+    path = tmp_path / "filter.py"
+    shutil.copy(FILTERS / "fe_actions.py", path)
+    with Defang(path, settings={"multiplexor": {"min_workers": 1, "max_workers": 1,
+                                                "max_requests": 3, "max_requests_jitter": 0}}) as d:
+        seen = set()
+        for i in range(7):
+            assert send(d, qid=f"Q{i}").reply == "continue"
+            seen |= set(d.pids("defang-worker"))
+        d.wait_log("exited 0 (retired)")
+        assert len(seen) >= 3  # 7 messages at 3 per worker: three workers served
+        assert d.status()["events"].get("worker_lost") is None
