@@ -330,11 +330,11 @@ class Session:
             if protocol.ACTIONS.get(name) != len(args):
                 raise ValueError(f"malformed action {action!r}")
             if name == "add_header":
-                ctx.addheader(args[0], _lf(args[1]), -1)
+                ctx.addheader(args[0], self._value(args[1]), -1)
             elif name == "insert_header":
-                ctx.addheader(args[1], _lf(args[2]), int(args[0]))
+                ctx.addheader(args[1], self._value(args[2]), int(args[0]))
             elif name == "change_header":
-                ctx.chgheader(args[0], int(args[2]), _lf(args[1]))
+                ctx.chgheader(args[0], int(args[2]), self._value(args[1]))
             elif name == "delete_header":
                 ctx.chgheader(args[0], int(args[1]), None)
             elif name == "add_recipient":
@@ -350,6 +350,14 @@ class Session:
                     while chunk := f.read(65536):
                         ctx.replacebody(chunk)
         return len(actions)
+
+    def _value(self, value: str) -> str:
+        """A header value as libmilter wants it: LF line breaks, and with leading-space
+        preservation negotiated, the space after the colon is ours to send."""
+        value = value.replace("\r\n", "\n")
+        if self.leadspc and not value.startswith((" ", "\t")):
+            value = " " + value
+        return value
 
     # ------------------------------------------------------------ end
     def abort(self) -> int:
@@ -467,11 +475,6 @@ def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "surrogateescape")
     return value or ""
-
-
-def _lf(value: str) -> str:
-    """libmilter wants folded header values with bare LF line breaks (the MTA adds CR)."""
-    return value.replace("\r\n", "\n")
 
 
 def _strip_brackets(addr: str) -> str:

@@ -148,7 +148,13 @@ class MilterSession:
                 return Result(FINAL[c], text, actions)
             if c == b"p":
                 continue
-            actions.append(parse_action(c, d))
+            name, args = parse_action(c, d)
+            if name in ("addheader", "insheader", "chgheader") and self.protocol & P_HDR_LEADSPC:
+                # the MTA writes "Name:" + value: the milter sends the space itself
+                value = args[-1]
+                assert value == "" or value[0] in " \t", f"{name} value {value!r} lacks its space"
+                args = (*args[:-1], value[1:] if value[:1] == " " else value)
+            actions.append((name, args))
 
     # Conveniences that mirror an SMTP transaction
     def connect(self, hostname="client.example", ip="192.0.2.7", port=40000) -> Result:
