@@ -11,18 +11,26 @@ Layout under ``workdir`` (all created by `PrivatePostfix`)::
 
     config/    main.cf, master.cf           root, 0755
     queue/     queue_directory               root, 0755 (subdirs: post-install)
-    data/      data_directory                postfix, 0700
     maillog    written by postlogd (there is no syslog daemon on the test machines)
+    data       symlink to the data_directory, /tmp/defang-postfix-data-XXXX (see below)
 
-Permissions: Postfix daemons drop to the ``postfix`` user.  Most of them ``chdir`` into
-the queue directory while still root, but anything a daemon opens by absolute path
-afterwards (a ``unix:`` milter socket under ``workdir``, for instance) needs every
-directory above it to be searchable by ``postfix``.  pytest's ``tmp_path`` lives under
-``/tmp/pytest-of-root`` (mode 0700), so `PrivatePostfix` calls `make_traversable` on
-``workdir``: it adds the search bit (``o+x``, never read or write) to ``workdir`` and each
-of its ancestors that lacks it.  Directory listings stay private; only traversal by
-known names becomes possible.  pytest itself resets ``pytest-of-<user>`` to 0700 at the
-start of the next session, which is harmless (we add the bit again on the next start).
+Permissions: ``workdir`` may be a pytest ``tmp_path`` (below ``/tmp/pytest-of-root``, mode
+0700, which the ``postfix`` user cannot traverse).  Postfix mostly copes: the master
+and every daemon ``chdir`` into the queue directory and open their other files (the
+maillog, table caches) while still root -- Postfix is built to run its daemons
+chrooted.  Two things are opened as ``postfix`` by absolute path, though:
+
+* ``data_directory``: the master creates ``master.lock`` there with euid ``postfix``
+  ("open lock file ...: Permission denied" under a 0700 parent).  So the data directory
+  is created with ``mkdtemp`` directly under /tmp (world-searchable) and removed by
+  `PrivatePostfix.stop`; ``workdir/data`` is a symlink to it for humans.
+* a ``unix:`` milter socket: smtpd connects *after* dropping to ``postfix``, so the socket
+  must live in a directory ``postfix`` can reach.  Use `socket_dir` for that (or an
+  ``inet:`` milter on 127.0.0.1).
+
+We deliberately do not chmod pytest's directories (o+x on the parents would also work,
+until the next pytest session starts: pytest resets ``pytest-of-<user>`` to 0700, which
+broke a running test bed when two sessions overlapped).
 
 Everything here needs root: ``postfix start`` refuses to run otherwise.
 """
@@ -31,12 +39,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -44,6 +53,7 @@ from pathlib import Path
 from types import TracebackType
 
 from defang.testbed.ports import LOOPBACK
+from defang.testbed.smtpclient import normalize_for_smtp
 
 POSTFIX_USER = "postfix"
 
@@ -91,19 +101,18 @@ def postfix_available() -> bool:
     return True
 
 
-def make_traversable(path: Path) -> None:
-    """Let unprivileged users (``postfix``) traverse into ``path``.
+def socket_dir(prefix: str = "defang-sock-") -> Path:
+    """Create a fresh directory for ``unix:`` milter sockets that Postfix can reach.
 
-    Adds only the search bit for "other" (``o+x``) on ``path`` and on every ancestor
-    that lacks it; read/write bits are never touched, so nobody gains a listing.
-    Postfix daemons and ``smtp-sink -u postfix`` run as ``postfix`` and open paths under
-    a test's ``tmp_path``, which pytest creates below a 0700 directory.
+    ``mkdtemp`` under /tmp (every ancestor world-searchable), then group ``postfix`` and
+    mode 0750: smtpd (uid ``postfix``, no supplementary groups) may traverse it, other
+    users may not.  The socket inside must itself be group ``postfix``, mode 0660.
+    The caller removes the directory when done.
     """
-    path = path.resolve()
-    for d in (path, *path.parents):
-        st = d.stat()
-        if not st.st_mode & stat.S_IXOTH:
-            os.chmod(d, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    shutil.chown(d, "root", POSTFIX_USER)
+    os.chmod(d, 0o750)
+    return d
 
 
 def chown_postfix(path: Path, mode: int) -> None:
@@ -150,6 +159,57 @@ def _pid_alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
+
+
+_HEADER_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+
+
+def expected_after_relay(data: bytes) -> bytes:
+    """What the sink receives (minus Postfix's Received header) when ``data`` is sent.
+
+    A model of the three changes Postfix 3.7 makes to message content that no
+    main.cf setting turns off; it reproduces exactly what this test bed delivers for
+    all 193 files of the developer corpus (41 of them are changed):
+
+    1. smtpd: leading mbox "From " lines (also ">From ") become
+       ``X-Mailbox-Line: From ...`` headers; if the first line then starts with a space
+       or tab, smtpd inserts an empty line before it (otherwise it would read as a
+       continuation of the Received header that Postfix prepends).
+    2. cleanup: whitespace between a header name and its colon is removed
+       ("Subject :" becomes "Subject:").
+    3. cleanup: a primary header section that ends with a line which is neither a
+       header, a continuation line nor empty gets an empty line inserted before that
+       line, so everything from there on is body.
+
+    Not modelled: header truncation at ``header_size_limit``.  Note that Postfix caps
+    that limit at 60000 bytes whenever a milter is configured (the milter protocol's
+    request size), so a single header longer than that is cut even with the 4 MB
+    setting here.
+    """
+    lines = normalize_for_smtp(data).split(b"\r\n")[:-1]
+    out: list[bytes] = []
+    i = 0
+    while i < len(lines) and lines[i].lstrip(b">").startswith(b"From "):
+        out.append(b"X-Mailbox-Line: " + lines[i])
+        i += 1
+    in_header = True
+    if i < len(lines) and lines[i][:1] in (b" ", b"\t"):
+        out.append(b"")
+        in_header = False
+    while in_header and i < len(lines):
+        line = lines[i]
+        if line == b"":
+            break
+        if m := _HEADER_NAME.match(line):
+            out.append(m.group(1) + b":" + line[m.end() :])
+        elif line[:1] in (b" ", b"\t"):
+            out.append(line)
+        else:
+            out.append(b"")
+            break
+        i += 1
+    out.extend(lines[i:])
+    return b"\r\n".join(out) + b"\r\n" if out else b""
 
 
 #: main.cf settings, in order, with the reason for each.  Keys in ``extra`` override
@@ -227,31 +287,39 @@ MAIN_CF_DEFAULTS: dict[str, str] = {
     "smtp_connect_timeout": "5s",
     "delay_warning_time": "0",
     # -- message fidelity: do not touch the message --------------------------------------
+    # (Counts below: corpus files, of 193, that arrive changed *beyond* the three
+    # unavoidable changes in `expected_after_relay` when that one setting is left at
+    # its default -- measured by relaying the whole corpus.)
     # Default "permit_inet_interfaces" makes a client on 127.0.0.1 "local", and for
     # local clients cleanup rewrites addresses in headers (canonicalisation, appending
-    # @$myorigin) and adds missing From/Date/Message-ID/To headers.  Empty: no client
-    # is local, and remote_header_rewrite_domain (empty) disables remote rewriting.
+    # @$myorigin) and adds missing From/Date/Message-ID/To headers: 80 files.  Empty:
+    # no client is local, and remote_header_rewrite_domain (empty) disables remote
+    # rewriting.
     "local_header_rewrite_clients": "",
     "remote_header_rewrite_domain": "",
-    # Do not add Date/From/Message-ID/To to remote mail either.
+    # Do not add Date/From/Message-ID/To to remote mail either ("yes": 77 files).
     "always_add_missing_headers": "no",
     # Default "bcc, content-length, resent-bcc, return-path": cleanup deletes those
-    # headers from every message.  defang must see (and the sink must get) them as sent.
+    # headers from every message (61 files, mostly Return-Path).  defang must see, and
+    # the sink must get, them as sent.
     "message_drop_headers": "",
-    # Default 100 KB: a longer (folded) header is truncated.  The corpus has a 6 KB
-    # header and a 100+ KB header section; tests build bigger ones.
+    # Default 100 KB: a longer (folded) header is truncated -- flanker-long-header.eml
+    # has a single 209 KB header.  NB: with any milter configured Postfix caps this at
+    # 60000 (milter request size), so that file is then cut regardless.
     "header_size_limit": "4194304",
-    # Default 50: more Received headers than this bounces the message as a mail loop.
+    # Default 50: more Received headers than this bounces the message as a mail loop
+    # (no corpus file has that many; tests that stack Received headers might).
     "hopcount_limit": "1000",
     # 200 MB messages; the mailbox limit must not be smaller than the message limit.
     "message_size_limit": "209715200",
     "mailbox_size_limit": "419430400",
     "virtual_mailbox_limit": "419430400",
-    # Default 998 (3.7: smtp_line_length_limit): the SMTP client folds longer lines on
-    # output by inserting "\r\n " -- that changes the body.  0 = never fold.
+    # Default 998: the SMTP client breaks every longer line, header or body, by
+    # inserting "\r\n " (6 files: 200 KB lines, long boundaries, a 6 KB header).
+    # 0 = send lines as they are.
     "smtp_line_length_limit": "0",
-    # No 8bit -> 7bit (quoted-printable) conversion, even if the next hop did not offer
-    # 8BITMIME (smtp-sink does offer it).
+    # No 8bit -> 7bit (quoted-printable) conversion, even if the next hop does not offer
+    # 8BITMIME (smtp-sink offers it, so the default changes nothing there today).
     "disable_mime_output_conversion": "yes",
     # No CTE checks that could reject "invalid" MIME (the corpus is full of it).
     "strict_7bit_headers": "no",
@@ -357,8 +425,8 @@ class PrivatePostfix:
     or None.  ``extra`` overrides any main.cf key (e.g. ``milter_command_timeout``).
 
     Use as a context manager (``with PrivatePostfix(...) as pf:``) to start it and make
-    sure it is stopped.  ``workdir`` is created if needed and made traversable for the
-    ``postfix`` user (see the module docstring); must run as root.
+    sure it is stopped.  ``workdir`` is created if needed; it may be a pytest
+    ``tmp_path`` (see the module docstring for why that works).  Must run as root.
     """
 
     def __init__(
@@ -378,7 +446,7 @@ class PrivatePostfix:
         self.extra: dict[str, str] = dict(extra or {})
         self.config_dir = self.workdir / "config"
         self.queue_dir = self.workdir / "queue"
-        self.data_dir = self.workdir / "data"
+        self.data_dir: Path | None = None  # created by write_config, see module doc
         self.maillog = self.workdir / "maillog"
         self.started = False
         self._reaper: subprocess.Popen[bytes] | None = None
@@ -390,7 +458,7 @@ class PrivatePostfix:
         subst = {
             "workdir": str(self.workdir),
             "queue_dir": str(self.queue_dir),
-            "data_dir": str(self.data_dir),
+            "data_dir": str(self.data_dir or "(not yet created)"),
             "maillog": str(self.maillog),
             "relay_port": str(self.relay_port),
         }
@@ -412,18 +480,37 @@ class PrivatePostfix:
         for name in ("postfix", "postconf", "postqueue", "postsuper"):
             find_program(name)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.workdir, 0o755)
-        make_traversable(self.workdir)
         for d in (self.config_dir, self.queue_dir):
             d.mkdir(exist_ok=True)
             shutil.chown(d, "root", "root")
             os.chmod(d, 0o755)
-        self.data_dir.mkdir(exist_ok=True)
+        if self.data_dir is None or not self.data_dir.is_dir():
+            self.data_dir = Path(tempfile.mkdtemp(prefix="defang-postfix-data-", dir="/tmp"))
         chown_postfix(self.data_dir, 0o700)
+        link = self.workdir / "data"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(self.data_dir)
         lines = ["# Written by defang.testbed.postfix.PrivatePostfix; do not edit."]
         lines += [f"{k} = {v}" for k, v in self.main_cf_settings().items()]
         (self.config_dir / "main.cf").write_text("\n".join(lines) + "\n")
         (self.config_dir / "master.cf").write_text(self.master_cf_text())
+        self._backdate_config()
+
+    def _backdate_config(self) -> None:
+        """Set main.cf/master.cf mtimes a few seconds into the past.
+
+        Postfix programs that read a main.cf modified within the last second or so
+        sleep until it is older (a guard against reading a half-written file): a fresh
+        main.cf costs 1.5-2 s in ``postfix start``, ``postconf`` and each reload.  We
+        write the files completely before any Postfix program runs, so that guard
+        protects nothing here.
+        """
+        past = time.time() - 5
+        for name in ("main.cf", "master.cf"):
+            p = self.config_dir / name
+            if p.exists():
+                os.utime(p, (past, past))
 
     # -- running postfix commands ----------------------------------------------------
 
@@ -538,7 +625,7 @@ class PrivatePostfix:
         except ValueError:
             status = {"rc": -1, "output": "reaper died without a status"}
         if status["rc"] != 0:
-            self._reaper.wait(timeout=timeout)
+            self.stop(timeout=timeout)  # reaps the reaper, removes the data directory
             raise TestbedError(
                 f"postfix -c {self.config_dir} start failed ({status['rc']}): "
                 f"{status['output'].strip() or '(no message)'}\n"
@@ -573,6 +660,9 @@ class PrivatePostfix:
                     f"(reaper pid {reaper.pid})"
                 ) from None
         self.started = False
+        if self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.data_dir = None
 
     def reload(self, timeout: float = 30) -> None:
         """Make the master re-read main.cf/master.cf; wait for the old daemons to exit.
@@ -602,6 +692,7 @@ class PrivatePostfix:
         if not (self.config_dir / "main.cf").exists():
             return
         self._run("postconf", "-e", *(f"{k}={v}" for k, v in settings.items()))
+        self._backdate_config()
 
     def set_milter(self, spec: str | None, reload: bool = True) -> None:
         """Set (or with None, clear) ``smtpd_milters`` and reload if running."""
@@ -609,6 +700,7 @@ class PrivatePostfix:
         self.extra.pop("smtpd_milters", None)
         if (self.config_dir / "main.cf").exists():
             self._run("postconf", "-e", f"smtpd_milters={spec or ''}")
+            self._backdate_config()
         if reload and self.master_pid() is not None:
             self.reload()
 
