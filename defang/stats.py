@@ -32,7 +32,8 @@ class Stats:
             self.events[error] += 1
         if op != "eom":
             return
-        self.verdicts[verdict] += 1
+        # at end of message "continue" means the message is accepted
+        self.verdicts["accept" if verdict == "continue" else verdict] += 1
         self.latencies.append(latency)
         for i, bound in enumerate(BUCKETS):
             if latency <= bound:
