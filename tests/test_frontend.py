@@ -182,3 +182,23 @@ def test_multiplexor_gone_gives_tempfail_then_the_supervisor_restarts_it():
         while transaction(d, b"hello").reply != "continue":
             assert time.monotonic() < deadline, d.log()
             time.sleep(0.2)
+
+
+def test_multiplexor_not_answering_in_time_gives_tempfail():
+    import os
+    import signal
+    import time
+
+    with Defang(FILTERS / "fe_actions.py", settings={"milter": {"request_timeout": 2}}) as d:
+        mx = d.pids("defang-multiplexor")[0]
+        os.kill(mx, signal.SIGSTOP)  # alive, connected, silent: as if wedged
+        try:
+            with MilterSession(d.milter_path) as s:
+                start = time.monotonic()
+                r = s.connect()
+                waited = time.monotonic() - start
+        finally:
+            os.kill(mx, signal.SIGCONT)
+        assert r.reply == "reply" and r.text.startswith("451 4.3.0"), r
+        assert waited < 10, waited  # request_timeout 2s, not libmilter's or the MTA's
+        assert "no answer in time" in d.log()
