@@ -395,7 +395,10 @@ class Session:
 
     def _discard_spool(self) -> None:
         if self.spool is not None:
-            self.spool.close()
+            try:
+                self.spool.close()
+            except OSError:  # flushing the buffer failed: it is being thrown away anyway
+                pass
             self.spool = None
         if self.spool_dir is not None:
             shutil.rmtree(self.spool_dir, ignore_errors=True)
@@ -404,12 +407,7 @@ class Session:
     def _overflow(self, spec: ReplySpec, what: str) -> None:
         """Stop spooling at once; the reply comes at end of message."""
         self.overflow = spec
-        if self.spool is not None:
-            self.spool.close()
-            self.spool = None
-        if self.spool_dir is not None:
-            shutil.rmtree(self.spool_dir, ignore_errors=True)
-            self.spool_dir = None
+        self._discard_spool()
         log.info("conn %s: message passed its %s; it will get %s %s", self.id, what, spec.code,
                  spec.dsn)  # fmt: skip
 
