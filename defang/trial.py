@@ -61,3 +61,25 @@ def run_trial(cfg: Config, message: str, *, sender: str, recipients: list[str], 
     out["eom"] = {"verdict": reply["verdict"], "actions": reply["actions"]}
     runner.cleanup()
     return out
+
+
+def _verdict_text(v: dict[str, Any]) -> str:
+    if v.get("code"):
+        return f"{v['action']} {v['code']} {v.get('dsn') or ''} {v.get('text') or ''}".rstrip()
+    return v["action"]
+
+
+def render(result: dict[str, Any]) -> str:
+    """The trial as an admin reads it: one line per SMTP stage, then the actions."""
+    lines = [f"filter: {result['filter']} (hooks: {', '.join(result['hooks']) or 'none'})"]
+    for stage in ("connect", "helo", "mail"):
+        lines.append(f"{stage:<15} {_verdict_text(result[stage])}")
+    for rcpt, v in result.get("rcpt", {}).items():
+        lines.append(f"{'rcpt ' + rcpt:<15} {_verdict_text(v)}")
+    eom = result["eom"]
+    lines.append(f"{'end of message':<15} {_verdict_text(eom['verdict'])}")
+    if eom["actions"] and eom["verdict"]["action"] not in ("continue", "accept"):
+        lines.append("  (the actions below are not applied: the message is refused)")
+    for action in eom["actions"]:
+        lines.append(f"  {action[0]}: {', '.join(str(a) for a in action[1:])}")
+    return "\n".join(lines)
