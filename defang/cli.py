@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rcpt", action="append", help="recipient (repeatable)")
     p.add_argument("--ip", default="192.0.2.1")
     p.add_argument("--helo", default="client.example.org")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    from defang.quarantine_cli import add_parser as add_quarantine_parser
+
+    add_quarantine_parser(sub, _common)
     return ap
 
 
@@ -86,7 +90,16 @@ def main(argv: list[str] | None = None) -> int:
 
         result = run_trial(cfg, args.message, sender=args.sender, recipients=args.rcpt or
                            ["postmaster@example.org"], ip=args.ip, helo=args.helo)  # fmt: skip
-        print(json.dumps(result, indent=2, ensure_ascii=False))
+        if args.json:
+            print(json.dumps(result, indent=2, ensure_ascii=False))
+        else:
+            from defang.trial import render
+
+            print(render(result))
         return 0
+    if args.command == "quarantine":
+        from defang.quarantine_cli import run as run_quarantine
+
+        return run_quarantine(cfg, args)
     logging.getLogger("defang").error("unknown command %s", args.command)
     return 2

@@ -79,6 +79,20 @@ class Config:
     on_message_too_large: ReplySpec = ReplySpec("552", "5.3.4", "Message size exceeds limit")
     on_header_too_large: ReplySpec = ReplySpec("552", "5.3.4", "Message header exceeds limit")
     on_too_many_recipients: ReplySpec = ReplySpec("452", "4.5.3", "Too many recipients")
+    # [mime]
+    mime_max_parts: int = 5000
+    mime_max_depth: int = 50
+    mime_max_decoded_size: int = 100 * 1024 * 1024
+    mime_max_archive_members: int = 5000
+    mime_max_archive_depth: int = 3
+    mime_max_archive_expansion: int = 100 * 1024 * 1024
+    mime_on_limit: ReplySpec = ReplySpec("554", "5.6.0", "Message structure exceeds local limits")
+    # [quarantine]
+    quarantine_dir: Path = Path()
+    quarantine_release_method: str = "sendmail"
+    quarantine_sendmail_path: Path = Path("/usr/sbin/sendmail")
+    quarantine_smtp_host: str = "127.0.0.1"
+    quarantine_smtp_port: int = 25
     source: Path | None = field(default=None, compare=False)
 
     def effective_request_timeout(self) -> float:
@@ -152,6 +166,18 @@ def _reply(v: Any) -> ReplySpec:
     return ReplySpec(code, dsn, text)
 
 
+def _release_method(v: Any) -> str:
+    if v not in ("sendmail", "smtp"):
+        raise TypeError('expected "sendmail" or "smtp"')
+    return v
+
+
+def _port(v: Any) -> int:
+    if _pos_int(v) > 65535:
+        raise TypeError("expected a TCP port (1-65535)")
+    return v
+
+
 KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("daemon", "runtime_dir"): ("runtime_dir", _path),
     ("daemon", "filter"): ("filter", _path),
@@ -188,6 +214,18 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("replies", "on_message_too_large"): ("on_message_too_large", _reply),
     ("replies", "on_header_too_large"): ("on_header_too_large", _reply),
     ("replies", "on_too_many_recipients"): ("on_too_many_recipients", _reply),
+    ("mime", "max_parts"): ("mime_max_parts", _int),
+    ("mime", "max_depth"): ("mime_max_depth", _int),
+    ("mime", "max_decoded_size"): ("mime_max_decoded_size", _int),
+    ("mime", "max_archive_members"): ("mime_max_archive_members", _int),
+    ("mime", "max_archive_depth"): ("mime_max_archive_depth", _int),
+    ("mime", "max_archive_expansion"): ("mime_max_archive_expansion", _int),
+    ("mime", "on_limit"): ("mime_on_limit", _reply),
+    ("quarantine", "dir"): ("quarantine_dir", _path),
+    ("quarantine", "release_method"): ("quarantine_release_method", _release_method),
+    ("quarantine", "sendmail_path"): ("quarantine_sendmail_path", _path),
+    ("quarantine", "smtp_host"): ("quarantine_smtp_host", _str),
+    ("quarantine", "smtp_port"): ("quarantine_smtp_port", _port),
 }
 
 _ATTRS = {f.name for f in fields(Config)}

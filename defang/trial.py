@@ -12,7 +12,6 @@ from typing import Any
 
 from defang import protocol
 from defang.config import Config
-from defang.verdicts import tempfail
 from workers.loader import load_filter
 from workers.runner import FilterRunner
 
@@ -30,11 +29,7 @@ def spool_message(raw: bytes, dest: Path) -> int:
 
 def run_trial(cfg: Config, message: str, *, sender: str, recipients: list[str], ip: str,
               helo: str) -> dict[str, Any]:  # fmt: skip
-    spec = cfg.on_filter_error
-    runner = FilterRunner(load_filter(str(cfg.filter)),
-                          on_filter_error=tempfail(spec.text, spec.code, spec.dsn)
-                          if spec.code.startswith("4") else tempfail(),
-                          max_notes_bytes=cfg.max_notes_bytes)  # fmt: skip
+    runner = FilterRunner.from_config(load_filter(str(cfg.filter)), cfg)
     runner.initialize()
     conn = {"id": "test", "ip": ip, "hostname": f"[{ip}]", "port": 0, "helo": helo,
             "macros": {}, "notes": {}}  # fmt: skip

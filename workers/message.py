@@ -18,21 +18,31 @@ readable.  ``msg.raw_headers`` keeps the undecoded value bytes (folds as CRLF).
 
 Actions are validated when the filter calls them, so a bad argument raises in the
 admin's traceback at the line that made the call, not later in the front end.
+
+Body actions (``part.drop()``, ``part.replace()``, ``msg.add_part()``,
+``msg.append_boilerplate()``...) are recorded here and carried out once, after the
+hooks, by ``workers.rewrite``: a message nobody changed is never rebuilt.  On a
+signed or encrypted message (or a part inside a signed entity) they raise
+``SignedMessageError`` unless called with ``force=True``.
 """
 
 from __future__ import annotations
 
 import email.policy
 import os
+import quopri
 import re
+from email.errors import MissingHeaderBodySeparatorDefect
 from email.message import Message as EmailMessage
 from email.parser import BytesParser
 from typing import Any
 
 from defang import verdicts
 from defang.verdicts import CONTINUE, Verdict
+from workers import quarantine as quarantine_mod
 from workers.conn import Connection
-from workers.parts import decode_words, lenient_text
+from workers.limits import MimeLimitError, MimeLimits, PartActionError, SignedMessageError
+from workers.parts import SIGNED_TYPES, Part, b64_lenient, decode_words, lenient_text, walk
 
 _FIELD = re.compile(rb"\n(?![ \t])")  # a line end that does not fold
 _FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but ":"
@@ -175,6 +185,13 @@ class Message:
         self.header_defects: list[str] = []
         self.actions: list[list[Any]] = []
         self.verdict: Verdict = CONTINUE
+        #: the [mime] limits the walk and the archive helpers enforce
+        self.limits: MimeLimits = MimeLimits()
+        self._parts: list[Part] | None = None
+        self._edited: list[Part] = []
+        self._added: list[Any] = []
+        self._warnings: list[str] = []
+        self._quarantine: quarantine_mod.Pending | None = None
 
     @classmethod
     def from_request(cls, request: dict[str, Any], conn: Connection) -> Message:
@@ -240,6 +257,190 @@ class Message:
                 self._email = _PARSER.parse(f)
         return self._email
 
+    @property
+    def parts(self) -> list[Part]:
+        """Every MIME entity in document order (the walk ``filter_part`` sees).
+
+        Walked once, on first use, with ``limits``: a message past ``max_parts``,
+        ``max_depth`` or ``max_decoded_size`` raises ``MimeLimitError``.
+        """
+        if self._parts is None:
+            try:
+                self._parts = list(walk(self.email, self.limits, owner=self))
+            except RecursionError:  # nesting too deep for the stdlib's recursive parser
+                raise MimeLimitError("max_depth", -1, self.limits.max_depth) from None
+        return self._parts
+
+    @property
+    def is_signed(self) -> bool:
+        """True for a signed or encrypted message (multipart/signed, pkcs7-mime, ...):
+        body actions on it need ``force=True``."""
+        return self.parts[0].content_type in SIGNED_TYPES
+
+    @property
+    def changed(self) -> bool:
+        """True when body actions were recorded: the body will be rebuilt."""
+        return bool(self._edited or self._added or self._warnings)
+
+    # --- body actions ---
+
+    def _check_signed(self, part: Part | None, force: bool) -> None:
+        if force:
+            return
+        root = self.parts[0]
+        if root.content_type in SIGNED_TYPES:
+            raise SignedMessageError(
+                f"the message is {root.content_type}: changing its body would break its signature "
+                "(or encryption); pass force=True to change it anyway"
+            )
+        container = part.signed_container if part is not None else None
+        if container is not None:
+            raise SignedMessageError(
+                f"part {part.index} ({part.content_type}) is inside a {container.content_type} entity: "
+                "changing it would break the signature; pass force=True to change it anyway"
+            )
+
+    def _edit_part(self, part: Part, edit: tuple[Any, ...], force: bool) -> None:
+        """Record a drop/replace/modify of ``part`` (called by the Part actions)."""
+        if part._owner is not self:
+            raise PartActionError("this part belongs to another message")
+        self._check_signed(part, force)
+        part._edit = edit
+        if part not in self._edited:
+            self._edited.append(part)
+
+    def _add_warning(self, text: str) -> None:
+        if not isinstance(text, str):
+            raise TypeError(f"warning text must be a str, not {type(text).__name__}")
+        self._warnings.append(text)
+
+    def add_part(
+        self,
+        content: str | bytes,
+        content_type: str = "text/plain",
+        filename: str | None = None,
+        charset: str = "utf-8",
+        *,
+        disposition: str | None = None,
+        force: bool = False,
+    ) -> None:
+        """Add a leaf part at the end of the message.
+
+        A multipart/mixed message gets it as its last part; any other message is
+        wrapped in a new multipart/mixed whose first part is the old body.
+        """
+        from workers.rewrite import make_part
+
+        self._check_signed(None, force)
+        self._added.append(make_part(content, content_type, filename=filename, charset=charset,
+                                     disposition=disposition))  # fmt: skip
+
+    def append_boilerplate(self, text: str, html: str | None = None, *, force: bool = False) -> list[Part]:
+        """Append ``text`` to the first text/plain body and ``html`` (default: ``text``
+        escaped) before ``</body>`` of the first text/html body; return those parts.
+
+        A body is a text part that is not an attachment, not inside an enclosed
+        (forwarded) message, not dropped or replaced, and not inside a signed entity
+        (unless ``force``).  In a multipart/alternative both alternatives get it.  A
+        message with no such body (an attachment only, or a signed part only) gets
+        a text/plain part holding ``text``.  Each body keeps its charset and
+        transfer encoding where the text fits.  On a signed message (``is_signed``)
+        it raises ``SignedMessageError`` unless ``force``.
+        """
+        from workers.rewrite import html_snippet, with_boilerplate
+
+        if not isinstance(text, str) or (html is not None and not isinstance(html, str)):
+            raise TypeError("boilerplate text and html must be str")
+        self._check_signed(None, force)
+        bodies: dict[str, Part] = {}
+        for part in self.parts:
+            if part.is_multipart or part.content_type not in ("text/plain", "text/html"):
+                continue
+            if part.content_type in bodies or part.is_attachment or _in_enclosed_or_gone(part):
+                continue
+            if not force and part.signed_container is not None:
+                continue  # its signature would break; the text goes into a part of its own
+            bodies[part.content_type] = part
+        if not bodies:
+            self.add_part(text, force=force)
+            return []
+        chosen = sorted(bodies.values(), key=lambda p: p.index)
+        for part in chosen:
+            self._check_signed(part, force)
+        for part in chosen:
+            edit = part._edit
+            entity = edit[1] if edit and edit[0] == "modify" else part.email
+            if edit:
+                data = entity.get_payload(decode=True)
+            elif part.parent is None:
+                data = self._body_as_the_mta_sees_it(part)
+            else:
+                data = part.payload
+            is_html = part.content_type == "text/html"
+            addition = html_snippet(text, html) if is_html else text
+            new, changed = with_boilerplate(entity, data or b"", addition, is_html)
+            if edit:
+                changed |= edit[2]
+            self._edit_part(part, ("modify", new, changed), True)
+        return chosen
+
+    def _body_as_the_mta_sees_it(self, root: Part) -> bytes:
+        """The decoded body of a single-part message, starting where the MTA's body starts.
+
+        Usually ``root.payload``.  But the stdlib ends the header section at the first
+        line that does not look like a header (``Subject : x``, with a space), where
+        the MTA does not; then the stdlib's payload starts with header lines that the
+        MTA keeps in the header section, and a new body built from it would repeat them.
+        """
+        from workers.rewrite import body_offset
+
+        if not any(isinstance(d, MissingHeaderBodySeparatorDefect) for d in root.email.defects):
+            return root.payload  # both read the same header section
+        with open(self.path, "rb") as f:
+            spool = f.read()
+        body = spool[body_offset(spool) :]
+        cte = (self.get_header("Content-Transfer-Encoding") or "").strip().lower()
+        if cte == "base64":
+            return b64_lenient(body)
+        if cte == "quoted-printable":
+            return quopri.decodestring(body)
+        return body
+
+    # --- quarantine ---
+
+    def _pending(self) -> quarantine_mod.Pending:
+        if self._quarantine is None:
+            self._quarantine = quarantine_mod.Pending(quarantine_mod.new_id())
+        return self._quarantine
+
+    def quarantine(self, reason: str) -> str:
+        """Keep the whole message in defang's quarantine; returns the entry's ID.
+
+        The entry (message, envelope, connection, headers, reasons) is written
+        atomically after the hooks finish; every quarantine call of one message
+        goes into the same entry.  This does not change the verdict: combine it
+        with ``discard()``, ``reject()``, or part actions.
+        """
+        pending = self._pending()
+        pending.reasons.append(_check_text(reason, "quarantine reason"))
+        pending.whole = True
+        return pending.id
+
+    def _quarantine_part(self, part: Part, reason: str) -> str:
+        if part._owner is not self:
+            raise PartActionError("this part belongs to another message")
+        pending = self._pending()
+        reason = _check_text(reason, "quarantine reason")
+        pending.reasons.append(f"part {part.index}: {reason}")
+        if all(p is not part for p, _ in pending.parts):
+            pending.parts.append((part, reason))
+        return pending.id
+
+    @property
+    def quarantine_id(self) -> str | None:
+        """The ID of this message's quarantine entry, once one was asked for."""
+        return self._quarantine.id if self._quarantine else None
+
     # --- header actions ---
 
     def add_header(self, name: str, value: str) -> None:
@@ -300,3 +501,17 @@ class Message:
 
     def discard(self) -> None:
         self.verdict = verdicts.discard()
+
+
+def _in_enclosed_or_gone(part: Part) -> bool:
+    """Inside a forwarded message, or itself (or a container around it) dropped/replaced."""
+    if part._edit is not None and part._edit[0] != "modify":
+        return True
+    node = part.parent
+    while node is not None:
+        if node.content_type in ("message/rfc822", "message/global"):
+            return True
+        if node._edit is not None and node._edit[0] != "modify":
+            return True
+        node = node.parent
+    return False

@@ -30,10 +30,17 @@ import io
 import quopri
 import re
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from email.generator import BytesGenerator
 from email.message import Message as EmailMessage
 from email.parser import BytesParser
+from typing import TYPE_CHECKING, Any
+
+from workers import filenames as _names
+from workers.limits import MimeLimitError, MimeLimits, PartActionError, exceeds
+
+if TYPE_CHECKING:
+    from workers.archives import ArchiveListing
 
 # --- lenient text ---------------------------------------------------------------
 
@@ -271,6 +278,11 @@ _DISPOSITIONS = frozenset({"inline", "attachment"})
 _UNSET = object()
 _TOKEN = r"[!#$%&'*+\-.^_`{|}~0-9a-z]+"
 _MIME_TYPE = re.compile(_TOKEN + "/" + _TOKEN)
+#: Entities whose bytes a signature or an encryption covers: changing anything inside
+#: them breaks the signature (or the decryption).
+SIGNED_TYPES = frozenset(
+    {"multipart/signed", "multipart/encrypted", "application/pkcs7-mime", "application/x-pkcs7-mime"}
+)
 
 
 def _defect_text(defect: object) -> str:
@@ -300,6 +312,11 @@ class Part:
     happens on first access and never raises: an undecodable body comes back as
     its raw bytes with a defect.  ``disposition`` is "attachment", "inline" or None;
     an unknown disposition type counts as "attachment" (RFC 2183 section 2.8).
+
+    ``parent`` is the enclosing container (None for the message itself) and
+    ``children`` the entities directly inside a container, in document order.
+    The actions (``drop``, ``drop_with_warning``, ``replace``, ``quarantine``) are
+    recorded on the message the part came from and carried out after the hooks.
     """
 
     __slots__ = (
@@ -309,9 +326,16 @@ class Part:
         "depth",
         "index",
         "parent",
+        "children",
+        "hidden",
         "_defects",
         "_payload",
         "_filename",
+        "_owner",
+        "_limits",
+        "_edit",
+        "_inner_raw",
+        "_inner_cte",
     )
 
     def __init__(
@@ -323,15 +347,26 @@ class Part:
         parent: Part | None,
         is_multipart: bool,
         defects: list[str] | None = None,
+        owner: Any = None,
+        limits: MimeLimits | None = None,
     ) -> None:
         self.email = entity
         self.depth = depth
         self.index = index
         self.parent = parent
+        self.children: list[Part] = []
+        self.hidden = False  # found by looking again where the stdlib hides parts
         self.is_multipart = is_multipart
         self._defects = defects or []
         self._payload: bytes | None = None
         self._filename: object = _UNSET
+        self._owner = owner
+        self._limits = limits
+        self._edit: tuple[Any, ...] | None = None
+        self._inner_raw: bytes | None = None  # a base64/QP message/rfc822, decoded
+        self._inner_cte: str | None = None
+        if parent is not None:
+            parent.children.append(self)
         try:
             content_type = unescape(entity.get_content_type())
         except Exception as exc:
@@ -345,7 +380,8 @@ class Part:
         self.content_type = content_type
 
     def __repr__(self) -> str:
-        return f"<Part {self.index} {self.content_type} depth={self.depth} filename={self.filename!r}>"
+        return (f"<Part {self.index} {self.content_type} depth={self.depth} "
+                f"filename={self.safe_filename}>")  # fmt: skip
 
     @property
     def defects(self) -> list[str]:
@@ -387,6 +423,144 @@ class Part:
     def size(self) -> int:
         return len(self.payload)
 
+    # --- names -----------------------------------------------------------------------
+
+    @property
+    def safe_filename(self) -> str:
+        """The filename escaped for a log line (``-`` when there is none)."""
+        return _names.safe_filename(self.filename)
+
+    @property
+    def filenames(self) -> list[str]:
+        """Every name the part gives itself: ``filename`` first, then the
+        Content-Disposition ``filename`` and Content-Type ``name`` if they differ.
+        An extension check should look at all of them: clients differ in which
+        one they show and which one they save."""
+        names: list[str] = []
+        first = self.filename
+        if first:
+            names.append(first)
+        for header, param in (("content-disposition", "filename"), ("content-type", "name")):
+            raw = _first_raw(self.email, header)
+            if raw is None:
+                continue
+            try:
+                value = raw_param(raw, param)
+            except Exception:
+                value = None
+            if value and value not in names:
+                names.append(value)
+        return names
+
+    @property
+    def filename_mismatch(self) -> bool:
+        """True when Content-Type ``name`` and Content-Disposition ``filename`` name
+        different files (a way to show one name and save another)."""
+        names = self.filenames
+        return any(_names.names_differ(names[0], other) for other in names[1:])
+
+    @property
+    def extensions(self) -> list[str]:
+        """Every extension of every name of the part (``a.pdf.exe`` -> pdf, exe)."""
+        out: list[str] = []
+        for name in self.filenames:
+            for ext in _names.extensions(name):
+                if ext not in out:
+                    out.append(ext)
+        return out
+
+    def has_extension(self, exts: Iterable[str], *, anywhere: bool = False) -> bool:
+        """True when any name of the part ends in one of ``exts`` (or has one
+        anywhere); see ``workers.filenames.has_extension``."""
+        exts = list(exts)
+        return any(_names.has_extension(n, exts, anywhere=anywhere) for n in self.filenames)
+
+    @property
+    def is_attachment(self) -> bool:
+        """Disposition "attachment", or a filename without a disposition."""
+        disposition = self.disposition
+        return disposition == "attachment" or (disposition is None and self.filename is not None)
+
+    # --- archives ------------------------------------------------------------------------
+
+    def archive(self) -> ArchiveListing | None:
+        """The members of the part if it is an archive (by content), else None.
+
+        Enforces the message's ``[mime]`` archive limits: passing one raises
+        ``MimeLimitError``, and uncaught that gives the message ``on_limit``.
+        """
+        if self.is_multipart:
+            return None
+        from workers.archives import list_archive
+
+        return list_archive(self.payload, self._limits, name=self.filename or f"part {self.index}")
+
+    # --- signatures ------------------------------------------------------------------------
+
+    @property
+    def signed_container(self) -> Part | None:
+        """The signed or encrypted entity this part lies strictly inside, if any."""
+        node = self.parent
+        while node is not None:
+            if node.content_type in SIGNED_TYPES:
+                return node
+            node = node.parent
+        return None
+
+    # --- actions ---------------------------------------------------------------------------
+
+    @property
+    def action(self) -> str | None:
+        """None, "drop" or "replace": what the filter asked for this part so far."""
+        if self._edit is None or self._edit[0] == "modify":
+            return None
+        return self._edit[0]
+
+    def _message(self) -> Any:
+        if self._owner is None:
+            raise PartActionError("this part was not walked from a message: it has no actions")
+        return self._owner
+
+    def drop(self, *, force: bool = False) -> None:
+        """Remove the part from the message (a container: with everything inside)."""
+        self._message()._edit_part(self, ("drop",), force)
+
+    def drop_with_warning(self, text: str, *, force: bool = False) -> None:
+        """Remove the part and add ``text`` to a warning part at the end of the message.
+
+        Warnings of one message are collected into one text/plain part.
+        """
+        msg = self._message()
+        msg._edit_part(self, ("drop",), force)
+        msg._add_warning(text)
+
+    def replace(
+        self,
+        content: str | bytes,
+        content_type: str = "text/plain",
+        filename: str | None = None,
+        charset: str = "utf-8",
+        *,
+        force: bool = False,
+    ) -> None:
+        """Put a new leaf in the place of this part (e.g. a notice for a blocked file).
+
+        ``content`` is text (encoded in ``charset``) or bytes (sent base64 unless
+        text/*).  With a ``filename`` the new part is an attachment, else inline.
+        """
+        from workers.rewrite import make_part
+
+        new = make_part(content, content_type, filename=filename, charset=charset)
+        self._message()._edit_part(self, ("replace", new), force)
+
+    def quarantine(self, reason: str) -> str:
+        """Keep this part (and the whole message) in the quarantine; returns its ID.
+
+        Written after the hooks finish, so a filter error never leaves an entry for
+        a message the sender will retry.
+        """
+        return self._message()._quarantine_part(self, reason)
+
     def _decode(self) -> bytes:
         entity = self.email
         try:
@@ -412,7 +586,8 @@ class Part:
             name = entity.get_filename()
         except Exception:
             name = None
-        if isinstance(name, str) and not ("=?" in name or "\ufffd" in name or _SURROGATE.search(name)):
+        clean = isinstance(name, str) and not ("=?" in name or "\ufffd" in name or _SURROGATE.search(name))
+        if clean and not self._disposition_name_unread():
             return name
         lenient = None
         for header, param in (("content-disposition", "filename"), ("content-type", "name")):
@@ -422,12 +597,25 @@ class Part:
                 if lenient:
                     break
         if lenient:
-            if name is None:
+            if name is None or (clean and lenient != name):
                 self._defects.append(
-                    f"filename {lenient!r} read by the lenient parser (the stdlib parser found none)"
+                    f"filename {lenient!r} read by the lenient parser (the stdlib parser found "
+                    f"{'none' if name is None else repr(name)})"
                 )
             return lenient
         return decode_words(unescape(name)) if isinstance(name, str) else None
+
+    def _disposition_name_unread(self) -> bool:
+        """True when Content-Disposition has a filename the stdlib could not read (e.g.
+        an unquoted encoded-word): ``get_filename()`` then falls back to the
+        Content-Type name, but mail clients show the disposition's name."""
+        raw = _first_raw(self.email, "content-disposition")
+        if raw is None or "filename" not in raw.lower():
+            return False
+        try:
+            return self.email.get_param("filename", None, "content-disposition") is None
+        except Exception:
+            return True
 
 
 def _container_kind(entity: EmailMessage) -> str | None:
@@ -441,14 +629,17 @@ def _container_kind(entity: EmailMessage) -> str | None:
     return None
 
 
-def _inner_message(entity: EmailMessage) -> tuple[EmailMessage | None, str | None]:
+def _inner_message(
+    entity: EmailMessage,
+) -> tuple[EmailMessage | None, str | None, bytes | None, str | None]:
+    """The enclosed message, a defect note, and for an encoded one its decoded bytes and CTE."""
     payload = entity.get_payload()
     if not isinstance(payload, list) or not payload:
-        return None, None
+        return None, None, None, None
     inner = payload[0]
     cte = str(entity.get("content-transfer-encoding", "")).strip().lower()
     if cte not in ("base64", "quoted-printable"):
-        return inner, None
+        return inner, None, None, None
     try:
         if cte == "base64":
             if not inner.keys() and isinstance(inner.get_payload(), str):
@@ -460,11 +651,12 @@ def _inner_message(entity: EmailMessage) -> tuple[EmailMessage | None, str | Non
             raw = quopri.decodestring(_flatten(inner))
         decoded = _PARSER.parsebytes(raw)
     except Exception as exc:
-        return inner, f"{entity.get_content_type()} with {cte} encoding not decodable: {exc}"
-    return decoded, (
+        return inner, f"{entity.get_content_type()} with {cte} encoding not decodable: {exc}", None, None
+    note = (
         f"{entity.get_content_type()} sent with Content-Transfer-Encoding "
         f"{cte} (not allowed); decoded and walked"
     )
+    return decoded, note, raw, cte
 
 
 def _boundary_bytes(entity: EmailMessage) -> bytes | None:
@@ -503,35 +695,62 @@ def _epilogue_entities(entity: EmailMessage, boundaries: tuple[bytes, ...]) -> l
     return found
 
 
-def walk(root: EmailMessage) -> Iterator[Part]:
+def _estimated_size(entity: EmailMessage) -> int:
+    """An upper bound of the decoded size of a leaf, without decoding it."""
+    try:
+        payload = entity.get_payload()
+    except Exception:
+        return 0
+    if not isinstance(payload, str | bytes):
+        return 0
+    cte = str(entity.get("content-transfer-encoding", "")).strip().lower()
+    return len(payload) * 3 // 4 if cte == "base64" else len(payload)
+
+
+def walk(root: EmailMessage, limits: MimeLimits | None = None, owner: Any = None) -> Iterator[Part]:
     """Every entity in document order; containers before their children.
 
     Iterative, not recursive: a message nested a thousand levels deep must not
-    blow the stack of a worker.
+    blow the stack of a worker.  With ``limits``, passing ``max_parts``,
+    ``max_depth`` or ``max_decoded_size`` (estimated from the encoded sizes) raises
+    ``MimeLimitError`` and ends the walk.  ``owner`` is the message whose actions
+    the parts record (None: parts without actions).
     """
     index = 0
-    # (entity, depth, parent, boundaries of enclosing multiparts, defects)
-    stack: list[tuple[EmailMessage, int, Part | None, tuple[bytes, ...], list[str]]] = [
-        (root, 0, None, (), [])
+    decoded_total = 0
+    # (entity, depth, parent, boundaries of enclosing multiparts, defects, hidden)
+    stack: list[tuple[EmailMessage, int, Part | None, tuple[bytes, ...], list[str], bool]] = [
+        (root, 0, None, (), [], False)
     ]
     while stack:
-        entity, depth, parent, boundaries, defects = stack.pop()
+        entity, depth, parent, boundaries, defects, hidden_child = stack.pop()
+        if limits is not None:
+            if exceeds(index + 1, limits.max_parts):
+                raise MimeLimitError("max_parts", index + 1, limits.max_parts)
+            if exceeds(depth, limits.max_depth):
+                raise MimeLimitError("max_depth", depth, limits.max_depth)
         try:
             kind = _container_kind(entity)
         except Exception as exc:
             kind = None
             defects.append(f"structure not readable: {exc}")
         part = Part(
-            entity, depth=depth, index=index, parent=parent, is_multipart=kind is not None, defects=defects
-        )
+            entity, depth=depth, index=index, parent=parent, is_multipart=kind is not None, defects=defects,
+            owner=owner, limits=limits,
+        )  # fmt: skip
+        part.hidden = hidden_child
         index += 1
-        children: list[tuple[EmailMessage, int, Part | None, tuple[bytes, ...], list[str]]] = []
+        if kind is None and limits is not None and limits.max_decoded_size:
+            decoded_total += _estimated_size(entity)
+            if exceeds(decoded_total, limits.max_decoded_size):
+                raise MimeLimitError("max_decoded_size", decoded_total, limits.max_decoded_size)
+        children: list[tuple[EmailMessage, int, Part | None, tuple[bytes, ...], list[str], bool]] = []
         if kind == "multipart":
             boundary = _boundary_bytes(entity)
             inner_bounds = boundaries + (boundary,) if boundary else boundaries
             for child in entity.get_payload():
                 if isinstance(child, EmailMessage):
-                    children.append((child, depth + 1, part, inner_bounds, []))
+                    children.append((child, depth + 1, part, inner_bounds, [], False))
             try:
                 hidden = _epilogue_entities(entity, inner_bounds)
             except Exception:
@@ -541,15 +760,16 @@ def walk(root: EmailMessage) -> Iterator[Part]:
                     f"found after the close delimiter of {part.content_type} (a nested "
                     "multipart reusing its boundary?); walked anyway"
                 )
-                children.append((child, depth + 1, part, inner_bounds, [note]))
+                children.append((child, depth + 1, part, inner_bounds, [note], True))
         elif kind == "message":
             try:
-                inner, note = _inner_message(entity)
+                inner, note, raw, cte = _inner_message(entity)
             except Exception as exc:
-                inner, note = None, f"enclosed message not readable: {exc}"
+                inner, note, raw, cte = None, f"enclosed message not readable: {exc}", None, None
             if note:
                 part._defects.append(note)
+            part._inner_raw, part._inner_cte = raw, cte
             if inner is not None:
-                children.append((inner, depth + 1, part, (), []))
+                children.append((inner, depth + 1, part, (), [], False))
         yield part  # after the look at its children, so part.defects is complete
         stack.extend(reversed(children))

@@ -10,6 +10,12 @@ and the connection, followed by the traceback.  ``handle`` itself never raises
 
 A request the worker cannot make sense of (no spool path, unknown op) is not the
 admin's fault: it gets a fixed tempfail and a ``bad request`` error instead.
+
+A message past a ``[mime]`` limit (``MimeLimitError``, from the walk or an archive
+helper) is not a filter error either: it gets ``[mime] on_limit`` and a WARNING line
+with its queue ID.  After the hooks, the message's quarantine entry is written and,
+if the filter changed parts, the body rebuilt (``workers.rewrite``); a failure there
+is a local problem and gets a fixed tempfail, so no mail is lost.
 """
 
 from __future__ import annotations
@@ -19,18 +25,23 @@ import json
 import logging
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from defang.protocol import VERDICT_ACTIONS
-from defang.verdicts import CONTINUE, Verdict, tempfail
+from defang.verdicts import CONTINUE, Verdict, reject, tempfail
 from workers.conn import DEFAULT_MAX_NOTES_BYTES, Connection, NotesError, encode_notes
+from workers.limits import MimeLimitError, MimeLimits
 from workers.loader import LoadedFilter
 from workers.message import Message
-from workers.parts import walk
+from workers.quarantine import QuarantineStore, quarantine_dir
 
 log = logging.getLogger("defang.worker")
 
 BAD_REQUEST = tempfail("Temporary local problem, please try again later", "451", "4.3.0")
+LOCAL_PROBLEM = tempfail("Temporary local problem, please try again later", "451", "4.3.0")
+DEFAULT_ON_LIMIT = reject("Message structure exceeds local limits", "554", "5.6.0")
+REWRITTEN_BODY = "body.new"  # next to the spool file; the front end removes the directory
 
 _ENVELOPE = {
     # op -> (hook, extra argument taken from the request)
@@ -55,15 +66,33 @@ class FilterRunner:
         *,
         on_filter_error: Verdict,
         max_notes_bytes: int = DEFAULT_MAX_NOTES_BYTES,
+        config: Any = None,
     ) -> None:
         if not isinstance(on_filter_error, Verdict):
             raise TypeError("on_filter_error must be a Verdict")
         self.loaded = loaded
         self.on_filter_error = on_filter_error
         self.max_notes_bytes = max_notes_bytes
+        cfg = config
+        if cfg is not None:
+            self.limits = MimeLimits.from_config(cfg)
+            self.on_limit = _spec_verdict(cfg.mime_on_limit)
+            self.quarantine_store = QuarantineStore(quarantine_dir(cfg))
+        else:
+            from defang.config import default_runtime_dir
+
+            self.limits = MimeLimits()
+            self.on_limit = DEFAULT_ON_LIMIT
+            self.quarantine_store = QuarantineStore(default_runtime_dir() / "quarantine")
         self._hooks: dict[str, Callable[..., Any]] = dict(loaded.hooks)
         self.hooks: frozenset[str] = frozenset(self._hooks)
         self._walks = "filter_part" in self._hooks or "filter_multipart" in self._hooks
+
+    @classmethod
+    def from_config(cls, loaded: LoadedFilter, cfg: Any) -> FilterRunner:
+        """The runner as the daemons configure it ([replies], [filter], [mime], [quarantine])."""
+        return cls(loaded, on_filter_error=_spec_verdict(cfg.on_filter_error),
+                   max_notes_bytes=cfg.max_notes_bytes, config=cfg)  # fmt: skip
 
     def initialize(self) -> None:
         """Run ``filter_initialize``; an exception means the worker must not boot."""
@@ -118,6 +147,7 @@ class FilterRunner:
             msg = Message.from_request(request, conn)
         except Exception as exc:
             return self._bad_request(request, exc)
+        msg.limits = self.limits
         _own_notes(conn)
         hooks = self._hooks
         hook = ran = "message hooks"  # hook: what is running; ran: the last hook that returned
@@ -131,7 +161,7 @@ class FilterRunner:
                 on_part = hooks.get("filter_part")
                 on_multipart = hooks.get("filter_multipart")
                 hook = "part walk"
-                for part in walk(msg.email):
+                for part in msg.parts:
                     if part.is_multipart:
                         if on_multipart is not None:
                             hook = "filter_multipart"
@@ -149,9 +179,59 @@ class FilterRunner:
                 ran = hook
             hook = ran
             verdict = _as_verdict("msg.verdict", msg.verdict)
+        except MimeLimitError as exc:
+            return self._over_limit(msg, exc, hook, conn, received_notes)
         except (Exception, SystemExit) as exc:
             return self._failed(hook, exc, conn, received_notes, msg.queue_id)
-        return self._reply(verdict, msg.actions, conn, received_notes, ran, msg.queue_id)
+        try:
+            actions = self._commit(msg, verdict)
+        except Exception as exc:
+            return self._local_problem(msg, exc, conn, received_notes)
+        return self._reply(verdict, actions, conn, received_notes, ran, msg.queue_id)
+
+    def _commit(self, msg: Message, verdict: Verdict) -> list[Any]:
+        """What the hooks asked for beyond actions: the new body, the quarantine entry.
+
+        The body first: if the quarantine write fails after it, the message gets a
+        4xx and nothing was stored, so its retry does not leave a second entry.
+        """
+        actions = msg.actions
+        if msg.changed and verdict.action in ("continue", "accept"):
+            from workers.rewrite import rebuild
+
+            new_body = str(Path(msg.path).parent / REWRITTEN_BODY)
+            actions = actions + rebuild(msg, new_body)
+        if msg._quarantine is not None:
+            path = self.quarantine_store.write(msg, msg._quarantine)
+            log.info("%s: quarantined as %s (%s)", msg.queue_id or "-", msg._quarantine.id, path)
+        return actions
+
+    def _over_limit(self, msg: Message, exc: MimeLimitError, hook: str, conn: Connection,
+                    received_notes: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+        """A message past a [mime] limit: on_limit, the filter's actions dropped."""
+        v = self.on_limit
+        log.warning("%s: conn %s: message passed a MIME limit in %s: %s; answering %s %s",
+                    msg.queue_id or "-", conn.id, hook, exc, v.code, v.dsn)  # fmt: skip
+        try:
+            if msg._quarantine is not None:  # asked for before the limit was hit
+                self.quarantine_store.write(msg, msg._quarantine)
+        except Exception as qexc:
+            return self._local_problem(msg, qexc, conn, received_notes)
+        return self._reply(v, [], conn, received_notes, hook, msg.queue_id)
+
+    def _local_problem(self, msg: Message, exc: Exception, conn: Connection,
+                       received_notes: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+        """Quarantine or rewrite failed (disk full, a bug): tempfail, the sender retries."""
+        detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+        log.error("%s: conn %s: could not store or rewrite the message: %s", msg.queue_id or "-", conn.id,
+                  detail)  # fmt: skip
+        return {
+            "verdict": LOCAL_PROBLEM.to_wire(),
+            "actions": [],
+            "notes": received_notes,
+            "retiring": False,
+            "error": f"local problem after the hooks: {type(exc).__name__}: {exc}"[:1000],
+        }
 
     # --- replies ---
 
@@ -245,3 +325,10 @@ def _as_verdict(hook: str, result: Any) -> Verdict:
 def _set_verdict(msg: Message, hook: str, result: Any) -> None:
     if result is not None:
         msg.verdict = _as_verdict(hook, result)
+
+
+def _spec_verdict(spec: Any) -> Verdict:
+    """A config ReplySpec as a verdict: tempfail for a 4xx code, reject for a 5xx."""
+    if spec.code.startswith("4"):
+        return tempfail(spec.text, spec.code, spec.dsn)
+    return reject(spec.text, spec.code, spec.dsn)

@@ -31,7 +31,6 @@ import sys
 from defang import config as configmod
 from defang import logsetup
 from defang.proctitle import set_title
-from defang.verdicts import tempfail
 from workers import process
 from workers.loader import FilterLoadError, load_filter
 from workers.runner import FilterRunner
@@ -78,22 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except FilterLoadError as exc:
         send(chan, {"op": "load_failed", "error": str(exc)})
         return 2
-    spec = cfg.on_filter_error
-    runner = FilterRunner(
-        loaded,
-        on_filter_error=tempfail(spec.text, spec.code, spec.dsn)
-        if spec.code.startswith("4")
-        else _reject(spec),
-        max_notes_bytes=cfg.max_notes_bytes,
-    )
+    runner = FilterRunner.from_config(loaded, cfg)
     send(chan, {"op": "ready", "pid": os.getpid(), "hooks": sorted(runner.hooks)})
     return _loop(chan, runner, cfg, args.generation)
-
-
-def _reject(spec):
-    from defang.verdicts import reject
-
-    return reject(spec.text, spec.code, spec.dsn)
 
 
 def _loop(chan: socket.socket, runner: FilterRunner, cfg, generation: int) -> int:
