@@ -43,6 +43,7 @@ class Config:
     socket_group: str = "postfix"
     spool_dir: Path = Path()
     milter_io_timeout: int = 600
+    tcp_nodelay: bool = True
     request_timeout: float = 0.0
     max_message_size: int = 50 * 1024 * 1024
     max_header_bytes: int = 1024 * 1024
@@ -131,6 +132,12 @@ def _num(v: Any) -> float:
     return float(v)
 
 
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError("expected true or false")
+    return v
+
+
 def _str(v: Any) -> str:
     if not isinstance(v, str):
         raise TypeError("expected a string")
@@ -187,6 +194,7 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("milter", "socket_group"): ("socket_group", _str),
     ("milter", "spool_dir"): ("spool_dir", _path),
     ("milter", "io_timeout"): ("milter_io_timeout", _pos_int),
+    ("milter", "tcp_nodelay"): ("tcp_nodelay", _bool),
     ("milter", "request_timeout"): ("request_timeout", _num),
     ("milter", "max_message_size"): ("max_message_size", _pos_int),
     ("milter", "max_header_bytes"): ("max_header_bytes", _pos_int),

@@ -100,6 +100,8 @@ class FrontEnd:
         self._seq = 0
         self._seq_lock = threading.Lock()
         self.pid = os.getpid()
+        # Over TCP the DATA stage is answered (see Session.data), never skipped.
+        self.inet = cfg.milter_socket.startswith(("inet:", "inet6:"))
 
     def next_id(self) -> str:
         with self._seq_lock:
@@ -158,7 +160,9 @@ class Session:
     def negotiate(self, opts: list[int]) -> int:
         offered_actions, offered_proto = opts[0], opts[1]
         hooks = self.hooks
-        want = milter.P_NODATA | milter.P_NOUNKNOWN | milter.P_NOEOH | milter.P_HDR_LEADSPC
+        want = milter.P_NOUNKNOWN | milter.P_NOEOH | milter.P_HDR_LEADSPC
+        if not (self.fe.inet and hooks & MESSAGE_HOOKS):
+            want |= milter.P_NODATA
         for stage, bit in (("connect", milter.P_NR_CONN), ("helo", milter.P_NR_HELO),
                            ("mail", milter.P_NR_MAIL)):  # fmt: skip
             if STAGE_HOOK[stage] not in hooks:
@@ -234,6 +238,16 @@ class Session:
         reply = self.fe.decide(request, f"conn {self.id} {op}")
         self._take_notes(reply)
         return self._answer(reply.get("verdict") or {})
+
+    def data(self) -> int:
+        """DATA, asked for only on TCP milter sockets, where it saves ~40 ms per message.
+
+        At DATA Postfix sends that stage's macros and flushes, then writes the whole
+        message once the client has sent it.  Without a reply to wait for, that second
+        write waits (Nagle, on Postfix's socket) for our kernel's delayed ACK of the
+        first: ~40 ms.  Answering DATA makes the ACK ride on our reply at once.
+        """
+        return milter.CONTINUE
 
     # ------------------------------------------------------------ content
     def header(self, name: str, value: bytes) -> int:
@@ -522,4 +536,4 @@ def install_callbacks(fe: FrontEnd) -> None:
     milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
     milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
     milter.set_close_callback(close)
-    milter.register("defang", negotiate=negotiate)
+    milter.register("defang", negotiate=negotiate, data=lambda ctx: ctx.getpriv().data())

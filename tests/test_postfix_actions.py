@@ -170,3 +170,22 @@ def test_defang_down_means_tempfail_at_the_client():
         r = s.send(msg("while down"))
         assert r.mail[0] == 451 or (r.data and r.data[0] == 451), r
         assert not [m for m in s.sink.messages() if b"while down" in m.raw]
+
+
+def test_inet_milter_socket_sets_nodelay_and_answers_data():
+    """Over TCP the front end turns Nagle off and answers DATA (bench/profiles/inet-milter-stall.md)."""
+    from defang.testbed.ports import free_port
+
+    port = free_port()
+    s = Stack(FILTERS / "fe_actions.py")
+    s.defang.socket_spec = f"inet:{port}@127.0.0.1"
+    s.postfix.milter = f"inet:127.0.0.1:{port}"
+    with s:
+        r = s.send(msg("over tcp"))
+        assert r.data[0] == 250, r
+        m = arrived(s, "over tcp")
+        assert ("X-Relay-Ip", "127.0.0.1") in headers_of(m.raw)
+        log = s.defang.log()
+        assert f"TCP_NODELAY set on the milter listener inet:{port}@127.0.0.1" in log
+        negotiated = next(x for x in log.splitlines() if "negotiated with the MTA" in x)
+        assert "no-data" not in negotiated
