@@ -113,7 +113,10 @@ class FrontEnd:
         self.spool.mkdir(parents=True, exist_ok=True)
         stale = 0
         for entry in self.spool.iterdir():
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)  # left by an older layout
+            else:
+                entry.unlink(missing_ok=True)
             stale += 1
         if stale:
             log.info("removed %d stale spool entries from %s", stale, self.spool)
@@ -136,7 +139,7 @@ class Session:
 
     __slots__ = (
         "fe", "ctx", "id", "hooks", "protocol", "leadspc", "ip", "port", "hostname", "helo",
-        "macros", "notes", "sender", "sender_args", "recipients", "msgno", "spool_dir",
+        "macros", "notes", "sender", "sender_args", "recipients", "msgno", "spool_path",
         "spool", "size", "header_bytes", "header_count", "in_body", "overflow",
     )  # fmt: skip
 
@@ -153,7 +156,7 @@ class Session:
         self.notes: dict[str, Any] = {}
         self.msgno = 0
         self.spool = None
-        self.spool_dir: Path | None = None
+        self.spool_path: str | None = None
         self._reset_message()
 
     # ------------------------------------------------------------ negotiation
@@ -306,7 +309,7 @@ class Session:
             self.size += 2
         if self.overflow is not None:  # the spool could not be written
             return self._answer_spec(self.overflow)
-        path = self.spool.name
+        path = self.spool_path
         try:
             self.spool.close()
         except OSError as exc:
@@ -394,10 +397,17 @@ class Session:
         self.overflow: ReplySpec | None = None
 
     def _open_spool(self) -> None:
-        self.spool_dir = self.fe.spool / f"{self.id}.{self.msgno}"
+        """One flat file per message, ``<spool>/<conn id>.<n>.eml``.
+
+        Flat, not a directory per message: on a disk-backed spool every mkdir, rmdir and
+        unlink costs kernel time, and a directory per message tripled them (measured:
+        the front end's largest cost per 2 KB message).  A worker that rebuilds the body
+        writes it beside the file, as ``<same name>.new``.
+        """
+        self.spool_path = f"{self.fe.spool}/{self.id}.{self.msgno}.eml"
         try:
-            self.spool_dir.mkdir(mode=0o700)
-            self.spool = open(self.spool_dir / "message", "wb", buffering=SPOOL_BUFFER)
+            fd = os.open(self.spool_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self.spool = open(fd, "wb", buffering=SPOOL_BUFFER)
         except OSError as exc:
             self._overflow(self.fe.cfg.on_internal_error, f"spool ({exc})")
 
@@ -414,9 +424,15 @@ class Session:
             except OSError:  # flushing the buffer failed: it is being thrown away anyway
                 pass
             self.spool = None
-        if self.spool_dir is not None:
-            shutil.rmtree(self.spool_dir, ignore_errors=True)
-            self.spool_dir = None
+        if self.spool_path is not None:
+            for path in (self.spool_path, self.spool_path + ".new"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.error("conn %s: cannot remove spool file %s: %s", self.id, path, exc)
+            self.spool_path = None
 
     def _overflow(self, spec: ReplySpec, what: str) -> None:
         """Stop spooling at once; the reply comes at end of message."""

@@ -60,7 +60,7 @@ def test_a_limit_ends_the_walk_with_on_limit(raw, setting, limit, text, tmp_path
     assert reply["actions"] == [] and "error" not in reply
     assert runner.loaded.module.SEEN == [], "the walk ends before any filter_part"
     assert f"QLIM: conn 7: message passed a MIME limit in part walk: {text}" in caplog.text
-    assert not (tmp_path / "spool" / "body.new").exists()
+    assert not (tmp_path / "spool" / "message.new").exists()
 
 
 def test_a_tempfail_on_limit_and_limits_switched_off(tmp_path: Path) -> None:

@@ -222,7 +222,7 @@ def test_a_message_the_filter_did_not_change_is_not_rebuilt(tmp_path: Path) -> N
         """)
     reply = run(runner_for(f), MIXED, tmp_path)
     assert reply["actions"] == [["add_header", "X-Seen", "6"]]
-    assert not (tmp_path / "spool" / "body.new").exists()
+    assert not (tmp_path / "spool" / "message.new").exists()
 
 
 def test_drop_copies_every_other_byte(tmp_path: Path) -> None:
@@ -233,7 +233,7 @@ def test_drop_copies_every_other_byte(tmp_path: Path) -> None:
         """)
     reply = run(runner_for(f), MIXED, tmp_path)
     new = rebuilt(reply, tmp_path)
-    assert reply["actions"] == [["replace_body", str(tmp_path / "spool" / "body.new")]]
+    assert reply["actions"] == [["replace_body", str(tmp_path / "spool" / "message.new")]]
     body = MIXED.split(b"\r\n\r\n", 1)[1]
     cut = body.index(b"--outer\r\nContent-Type: application/octet-stream")
     # everything up to the dropped part is the same bytes, the close delimiter and epilogue too

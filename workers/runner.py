@@ -25,7 +25,6 @@ import json
 import logging
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from defang.protocol import VERDICT_ACTIONS
@@ -41,7 +40,7 @@ log = logging.getLogger("defang.worker")
 BAD_REQUEST = tempfail("Temporary local problem, please try again later", "451", "4.3.0")
 LOCAL_PROBLEM = tempfail("Temporary local problem, please try again later", "451", "4.3.0")
 DEFAULT_ON_LIMIT = reject("Message structure exceeds local limits", "554", "5.6.0")
-REWRITTEN_BODY = "body.new"  # next to the spool file; the front end removes the directory
+REWRITTEN_SUFFIX = ".new"  # <spool file>.new: the front end streams it to the MTA, then removes it
 
 _ENVELOPE = {
     # op -> (hook, extra argument taken from the request)
@@ -199,7 +198,7 @@ class FilterRunner:
         if msg.changed and verdict.action in ("continue", "accept"):
             from workers.rewrite import rebuild
 
-            new_body = str(Path(msg.path).parent / REWRITTEN_BODY)
+            new_body = str(msg.path) + REWRITTEN_SUFFIX
             actions = actions + rebuild(msg, new_body)
         if msg._quarantine is not None:
             path = self.quarantine_store.write(msg, msg._quarantine)
