@@ -20,6 +20,7 @@ import argparse
 import email.generator  # noqa: F401  (imported so workers share the pages)
 import email.parser  # noqa: F401
 import email.policy  # noqa: F401
+import gc
 import json
 import logging
 import os
@@ -78,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         send(chan, {"op": "load_failed", "error": str(exc)})
         return 2
     runner = FilterRunner.from_config(loaded, cfg)
+    # Everything imported so far is shared with the workers copy-on-write.  A garbage
+    # collection in a worker would write to every one of those objects (GC headers) and
+    # unshare the pages; freezing moves them out of the collector's reach.
+    gc.collect()
+    gc.freeze()
     send(chan, {"op": "ready", "pid": os.getpid(), "hooks": sorted(runner.hooks)})
     return _loop(chan, runner, cfg, args.generation)
 
