@@ -102,11 +102,41 @@ class FrontEnd:
         self.pid = os.getpid()
         # Over TCP the DATA stage is answered (see Session.data), never skipped.
         self.inet = cfg.milter_socket.startswith(("inet:", "inet6:"))
+        self.in_progress = 0  # transactions between MAIL FROM and end of message/abort/close
+        self._txn_lock = threading.Lock()
 
     def next_id(self) -> str:
         with self._seq_lock:
             self._seq += 1
             return f"{self.pid:x}.{self._seq}"
+
+    def transaction(self, started: bool) -> None:
+        with self._txn_lock:
+            self.in_progress += 1 if started else -1
+
+    def drain(self, timeout: float) -> int:
+        """After libmilter stopped listening: wait for the messages still in progress.
+
+        libmilter's ``smfi_main`` returns at most 5 s after SIGTERM (its listener polls
+        for the stop flag every 5 s) without waiting for its connection threads, and the
+        process would then exit under them: a message whose decision took longer got
+        "451 4.7.1" from Postfix instead of its verdict.  The connection threads keep
+        working after ``main()`` returns (each has its own thread state; only new
+        connections would need pymilter's interpreter pointer, and there are none: the
+        listening socket is closed), so we just wait, at most ``timeout`` seconds.
+        Returns how many were still in progress when we gave up.
+        """
+        if self.in_progress:
+            log.info("milter: %d message(s) in progress: waiting for them (at most %.0fs)",
+                     self.in_progress, timeout)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while self.in_progress > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = max(self.in_progress, 0)
+        if left:
+            log.warning("milter: %d message(s) still in progress after %.0fs: stopping anyway "
+                        "(the MTA answers them with its milter_default_action)", left, timeout)  # fmt: skip
+        return left
 
     def clean_spool(self) -> None:
         """Remove what a previous run left behind (a crash, a kill -9)."""
@@ -140,7 +170,7 @@ class Session:
     __slots__ = (
         "fe", "ctx", "id", "hooks", "protocol", "leadspc", "ip", "port", "hostname", "helo",
         "macros", "notes", "sender", "sender_args", "recipients", "msgno", "spool_path",
-        "spool", "size", "header_bytes", "header_count", "in_body", "overflow",
+        "spool", "size", "header_bytes", "header_count", "in_body", "overflow", "in_txn",
     )  # fmt: skip
 
     def __init__(self, fe: FrontEnd, ctx: Any) -> None:
@@ -157,6 +187,7 @@ class Session:
         self.msgno = 0
         self.spool = None
         self.spool_path: str | None = None
+        self.in_txn = False
         self._reset_message()
 
     # ------------------------------------------------------------ negotiation
@@ -212,6 +243,7 @@ class Session:
     def envfrom(self, sender: bytes, *args: bytes) -> int:
         self._discard_spool()
         self._reset_message()
+        self._txn(True)
         self.msgno += 1
         self.sender = _strip_brackets(_text(sender))
         self.sender_args = [_text(a) for a in args]
@@ -291,6 +323,7 @@ class Session:
             return self._eom()
         finally:
             self._discard_spool()
+            self._txn(False)
 
     def _eom(self) -> int:
         self._collect_macros()
@@ -380,12 +413,20 @@ class Session:
     def abort(self) -> int:
         self._discard_spool()
         self._reset_message()
+        self._txn(False)
         return milter.CONTINUE
 
     def close(self) -> int:
         self._discard_spool()
+        self._txn(False)
         self.ctx = None
         return milter.CONTINUE
+
+    def _txn(self, started: bool) -> None:
+        """Count this connection's transaction in the front end's in_progress (for drain)."""
+        if started != self.in_txn:
+            self.in_txn = started
+            self.fe.transaction(started)
 
     # ------------------------------------------------------------ helpers
     def _reset_message(self) -> None:

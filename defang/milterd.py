@@ -45,7 +45,13 @@ def serve(cfg: Config, ready_fd: int | None = None) -> int:
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
     milter.main()  # returns on SIGTERM/SIGINT/SIGHUP (libmilter's signal thread)
+    fe.drain(cfg.effective_request_timeout())  # libmilter does not wait for its connections
     client.close()
+    if path is not None:  # libmilter closes the socket but leaves the file behind
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
     log.info("milter stopped")
     return 0
 

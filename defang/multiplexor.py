@@ -91,6 +91,7 @@ class Zygote:
     sock: socket.socket
     hooks: list[str] | None = None
     waiters: list[Client] = field(default_factory=list)  # control clients awaiting reload
+    abandoned: bool = False  # a reload that failed: closes once its workers have exited
 
 
 class Multiplexor:
@@ -103,6 +104,10 @@ class Multiplexor:
         self.queue: deque[Job] = deque()
         self.dying: dict[int, tuple[float, int]] = {}  # pid -> (kill deadline, wid)
         self.pid_to_wid: dict[int, int] = {}
+        # pid -> generation of every worker forked and not yet reported exited: a zygote
+        # stays until its last worker has *exited* (it reaps them and reports the exit)
+        self.pid_gen: dict[int, int] = {}
+        self.closed_zygotes: list[subprocess.Popen] = []  # told to leave, not yet reaped
         self.zygotes: dict[int, Zygote] = {}
         self.gen = 0  # the generation new workers come from
         self.next_wid = 1
@@ -153,11 +158,15 @@ class Multiplexor:
         return 0
 
     def _next_timeout(self) -> float:
-        timeout = 1.0
+        """Sleep until the next deadline: the oldest queued request or a busy worker's."""
+        now = time.monotonic()
+        deadline = now + 1.0
         if self.queue:
-            head = self.queue[0].enqueued + self.cfg.queue_timeout - time.monotonic()
-            timeout = min(timeout, max(head, 0.0))
-        return timeout
+            deadline = min(deadline, self.queue[0].enqueued + self.cfg.queue_timeout)
+        for w in self.workers.values():
+            if w.job is not None:
+                deadline = min(deadline, w.job.started + self.cfg.busy_timeout)
+        return max(deadline - now, 0.0)
 
     # ---------------------------------------------------------------- signals
     def _on_signal_pipe(self, key, mask) -> None:
@@ -379,6 +388,8 @@ class Multiplexor:
             self._answer(job, protocol.encode_raw(body))
             if msg.get("retiring"):
                 worker.state = "retiring"
+                if worker.pid:  # it exits by itself; a filter_cleanup that hangs gets KILLed
+                    self.dying[worker.pid] = (time.monotonic() + STOP_GRACE, worker.wid)
                 self._forget(worker)
             else:
                 self._worker_free(worker)
@@ -610,6 +621,7 @@ class Multiplexor:
         elif op == "spawned":
             wid, pid = int(msg["wid"]), int(msg["pid"])
             self.pid_to_wid[pid] = wid
+            self.pid_gen[pid] = z.gen
             w = self.workers.get(wid)
             if w is not None:
                 w.pid = pid
@@ -628,11 +640,16 @@ class Multiplexor:
             self.stats.count("worker_retired" if code == 0 else "worker_crashed")
         level = logging.INFO if how.startswith("exited 0") else logging.WARNING
         log.log(level, "worker %d (pid %d) %s", wid, pid, how)
+        if self.pid_gen.pop(pid, None) is not None:
+            self._retire_zygotes()
 
     def _zygote_gone(self, z: Zygote) -> None:
         self._unregister(z.sock)
         z.sock.close()
         self.zygotes.pop(z.gen, None)
+        self.closed_zygotes.append(z.proc)
+        for pid in [p for p, g in self.pid_gen.items() if g == z.gen]:
+            del self.pid_gen[pid]  # nobody left to report those exits
         if z.gen == self.gen and not self.stopping:
             log.error("zygote of gen %d exited unexpectedly (%s); starting a new one",
                       z.gen, z.proc.poll())  # fmt: skip
@@ -643,19 +660,27 @@ class Multiplexor:
         self.zygotes.pop(z.gen, None)
         self._unregister(z.sock)
         z.sock.close()  # EOF: it exits
+        self.closed_zygotes.append(z.proc)  # reaped in _check_zygotes (SIGCHLD)
 
     def _retire_zygotes(self) -> None:
-        """An old generation's zygote leaves once its last worker has."""
+        """An old (or abandoned) generation's zygote leaves once its last worker has exited.
+
+        Not merely once we stopped talking to the workers: the zygote is their parent; it
+        reaps them and reports each exit ("exited 0 (retired)", the counters).  Closed any
+        earlier, it would exit first, the exits would go unreported and the workers would
+        be orphans (zombies where PID 1 does not reap).
+        """
         for gen, z in list(self.zygotes.items()):
-            if gen < self.gen and z.hooks is not None and not any(
-                w.gen == gen for w in self.workers.values()
-            ):
+            done = z.abandoned or (gen < self.gen and z.hooks is not None)
+            if (done and not any(w.gen == gen for w in self.workers.values())
+                    and gen not in self.pid_gen.values()):  # fmt: skip
                 self._close_zygote(z)
 
     def _check_zygotes(self) -> None:
         for z in list(self.zygotes.values()):
             if z.proc.poll() is not None:
                 z.proc.wait()
+        self.closed_zygotes = [p for p in self.closed_zygotes if p.poll() is None]
 
     # ---------------------------------------------------------------- reload
     def reload(self, waiter: Client | None) -> None:
@@ -681,14 +706,15 @@ class Multiplexor:
         z = self.zygotes.get(gen)
         self.last_load_error = why
         log.error("reload abandoned, the running filter stays in place: %s", why)
-        for w in [w for w in self.workers.values() if w.gen == gen]:
-            self._kill(w.pid, signal.SIGTERM)
-            self._forget(w)
         if z is not None:
+            z.abandoned = True  # closed by _retire_zygotes once its workers have exited
             for c in z.waiters:
                 self._reply(c, {"ok": False, "error": why})
             z.waiters.clear()
-            self._close_zygote(z)
+        for w in [w for w in self.workers.values() if w.gen == gen]:
+            self._kill(w.pid, signal.SIGTERM)
+            self._forget(w)
+        self._retire_zygotes()
 
     def _reload_progress(self) -> None:
         """Retire old workers once the new generation is in; answer reload waiters."""
@@ -776,7 +802,10 @@ class Multiplexor:
             try:
                 z.proc.wait(timeout=STOP_GRACE)
             except subprocess.TimeoutExpired:
+                log.warning("zygote of gen %d (pid %d) still running %.0fs after the stop: KILL",
+                            z.gen, z.proc.pid, STOP_GRACE)  # fmt: skip
                 z.proc.kill()
+                z.proc.wait()
         for path in (self.cfg.multiplexor_socket, self.cfg.control_socket):
             try:
                 path.unlink()

@@ -4,9 +4,11 @@ The parent has no threads and runs no admin code, so it can start both daemons
 safely (never fork a process that runs threads: the front end does).  It starts the
 multiplexor first and waits for its "ready" line (which comes only once filter.py
 loaded, so a broken filter stops ``defang run`` with the file:line error), then the
-front end.  It restarts a daemon that dies, with a back-off, and on TERM stops the
-front end first (no new mail), then the multiplexor (finishing what is in flight).
-SIGHUP is passed to the multiplexor: a reload.
+front end.  It restarts a daemon that dies, with a back-off.  On TERM (graceful) it
+stops the front end first (no new mail; it finishes the messages in progress, whose
+decisions the multiplexor still makes), then the multiplexor.  On INT or QUIT (fast) it
+stops the multiplexor first, which answers everything in flight with a tempfail, then
+the front end.  SIGHUP is passed to the multiplexor: a reload.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from defang.proctitle import set_title
 log = logging.getLogger("defang.run")
 
 START_TIMEOUT = 60.0
+STOP_TIMEOUT_FAST = 10.0
+# libmilter's listener notices a stop only between 5 s polls (MI_CHK_TIME), plus margin.
+MILTER_STOP_SLACK = 10.0
 
 
 class StartError(Exception):
@@ -124,10 +129,22 @@ def run(cfg: Config, base_args: list[str]) -> int:
             for d in (mx, fe):
                 _keep_alive(d)
     name = signal.Signals(stop_signal).name
-    log.info("%s: stopping the milter, then the multiplexor", name)
-    fe.stop(signal.SIGTERM, 30)
-    mx.stop(signal.SIGTERM if stop_signal == signal.SIGTERM else signal.SIGINT,
-            cfg.busy_timeout + cfg.busy_grace + 10)  # fmt: skip
+    if stop_signal == signal.SIGTERM:
+        # Graceful: the milter stops listening and finishes the messages in progress
+        # (their decisions still come from the running multiplexor), then the multiplexor
+        # finishes whatever is left.  The milter may need a whole decision's time, plus
+        # the 5 s libmilter's listener takes to notice the stop.
+        log.info("%s: stopping the milter (finishing messages in progress), then the multiplexor",
+                 name)  # fmt: skip
+        fe.stop(signal.SIGTERM, cfg.effective_request_timeout() + MILTER_STOP_SLACK)
+        mx.stop(signal.SIGTERM, cfg.busy_timeout + cfg.busy_grace + 10)
+    else:
+        # Fast: the multiplexor first, which answers every request in flight with a
+        # tempfail at once; the milter then passes those on and has nothing to wait for.
+        log.info("%s: fast stop: the multiplexor (in-flight messages get a tempfail), then the "
+                 "milter", name)  # fmt: skip
+        mx.stop(signal.SIGINT, STOP_TIMEOUT_FAST)
+        fe.stop(signal.SIGTERM, STOP_TIMEOUT_FAST + MILTER_STOP_SLACK)
     log.info("defang stopped")
     return 0
 

@@ -101,11 +101,18 @@ def serve(
             set_title(f"defang-worker: {qid} since {time.strftime('%H:%M:%S')}")
             reply = runner.handle(request)
             served += 1
-            retiring = bool(limit and served >= limit) or bool(max_rss and current_rss() > max_rss)
-            reply["retiring"] = retiring
+            why = ""
+            if limit and served >= limit:
+                why = f"max_requests {limit}"
+            elif max_rss and (rss := current_rss()) > max_rss:
+                why = f"RSS {rss // 1024} KiB over max_rss {max_rss // 1024} KiB"
+            reply["retiring"] = bool(why)
             reply["gen"] = generation
             _send(sock, reply)
-            if retiring:
+            if why:
+                # The multiplexor logs the exit ("exited 0 (retired)"); only we know why.
+                log.info("worker %d (pid %d) retiring after %d requests: %s", worker_id, pid,
+                         served, why)  # fmt: skip
                 runner.cleanup()
                 return EXIT_RETIRED
             set_title(idle_title % served)

@@ -11,7 +11,9 @@ end of a fresh socketpair as SCM_RIGHTS ancillary data.
 
 zygote -> multiplexor: ``ready`` {hooks, pid} | ``load_failed`` {error} |
 ``spawned`` {wid, pid} | ``exited`` {pid, status}.
-multiplexor -> zygote: ``spawn`` {wid} + one fd.  EOF means: exit.
+multiplexor -> zygote: ``spawn`` {wid} + one fd.  EOF means: exit -- after the
+workers it forked have exited (``EXIT_GRACE``, then KILL): a worker must never outlive
+defang, nor be left to a PID 1 that may not reap it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import select
 import signal
 import socket
 import sys
+import time
 
 from defang import config as configmod
 from defang import logsetup
@@ -39,6 +42,9 @@ from workers.runner import FilterRunner
 log = logging.getLogger("defang.zygote")
 
 PACKET = 65536
+# On EOF: how long the workers get to finish before they are KILLed.  Below the
+# multiplexor's STOP_GRACE, which is how long it waits for a zygote at shutdown.
+EXIT_GRACE = 3.0
 
 
 def send(sock: socket.socket, obj: dict, fds: list[int] | None = None) -> None:
@@ -50,8 +56,15 @@ def send(sock: socket.socket, obj: dict, fds: list[int] | None = None) -> None:
 
 
 def receive(sock: socket.socket) -> tuple[dict | None, list[int]]:
-    """One packet and its fds; (None, []) at EOF."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, PACKET, 4)
+    """One packet and its fds; (None, []) at EOF.
+
+    A reset is an EOF too: when the multiplexor closes its end while one of our
+    reports is still unread, the kernel reports ECONNRESET instead of a clean EOF.
+    """
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(sock, PACKET, 4)
+    except ConnectionResetError:
+        return None, []
     if not data:
         for fd in fds:
             os.close(fd)
@@ -94,18 +107,23 @@ def _loop(chan: socket.socket, runner: FilterRunner, cfg, generation: int) -> in
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGTERM, lambda *_: None)
+    children: set[int] = set()
     while True:
         ready, _, _ = select.select([chan, wake_r], [], [], 5.0)
         if wake_r in ready:
             signals = os.read(wake_r, 512)
             if signal.SIGTERM in signals:
+                _end_children(children)
                 return 0
-        _reap(chan)
+        _reap(chan, children)
         if chan not in ready:
             continue
         msg, fds = receive(chan)
         if msg is None:
-            return 0  # multiplexor gone: workers notice EOF on their own sockets
+            # The multiplexor is done with us (or gone).  Idle workers see EOF on their
+            # own sockets and leave; at shutdown it has TERMed the busy ones.
+            _end_children(children)
+            return 0
         if msg.get("op") != "spawn" or len(fds) != 1:
             log.error("zygote: unexpected message %r", msg)
             for fd in fds:
@@ -115,14 +133,17 @@ def _loop(chan: socket.socket, runner: FilterRunner, cfg, generation: int) -> in
         pid = os.fork()
         if pid == 0:
             os._exit(_child(fds[0], chan, (wake_r, wake_w), runner, cfg, wid, generation))
+        children.add(pid)
         os.close(fds[0])
         try:
             send(chan, {"op": "spawned", "wid": wid, "pid": pid})
         except OSError:
+            _end_children(children)
             return 0
 
 
-def _reap(chan: socket.socket) -> None:
+def _reap(chan: socket.socket | None, children: set[int]) -> None:
+    """Reap every exited worker and tell the multiplexor (when there is one to tell)."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -130,10 +151,35 @@ def _reap(chan: socket.socket) -> None:
             return
         if pid == 0:
             return
+        children.discard(pid)
+        if chan is None:
+            continue
         try:
             send(chan, {"op": "exited", "pid": pid, "status": status})
         except OSError:
-            return  # the multiplexor is gone; nobody to tell
+            chan = None  # the multiplexor is gone; keep reaping all the same
+
+
+def _end_children(children: set[int]) -> None:
+    """Wait up to EXIT_GRACE for our workers to exit, KILL the rest, reap them all."""
+    deadline = time.monotonic() + EXIT_GRACE
+    while children and time.monotonic() < deadline:
+        _reap(None, children)
+        time.sleep(0.02)
+    for pid in list(children):
+        log.warning("zygote: worker pid %d still running %.0fs after the end: KILL", pid, EXIT_GRACE)
+        for kill in (os.killpg, os.kill):  # each worker leads its own process group
+            try:
+                kill(pid, signal.SIGKILL)
+                break
+            except (ProcessLookupError, PermissionError):
+                continue
+    for pid in list(children):
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        children.discard(pid)
 
 
 def _child(fd: int, chan: socket.socket, pipe: tuple[int, int], runner, cfg, wid, gen) -> int:
