@@ -76,6 +76,7 @@ if str(REPO) not in sys.path:
 
 from defang.testbed import PrivatePostfix, Sink, free_port  # noqa: E402
 from defang.testbed.postfix import POSTFIX_USER, find_program  # noqa: E402
+from defang.testbed.procs import stat_fields  # noqa: E402
 
 BENCH = REPO / "bench"
 FILTERS = BENCH / "filters"
@@ -265,18 +266,8 @@ def send_load(port: int, factory: MessageFactory, count: int, conns: int, tag: s
 # ====================================================================== process accounting
 def _proc_stats() -> dict[int, tuple[int, int]]:
     """pid -> (ppid, utime+stime+cutime+cstime in ticks) for every process."""
-    out: dict[int, tuple[int, int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        # fields[0] is state (stat field 3): ppid is field 4, utime..cstime 14..17
-        out[int(entry)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
-    return out
+    # fields[1] is the ppid, fields[11:15] utime..cstime
+    return {pid: (int(f[1]), sum(int(x) for x in f[11:15])) for pid, f in stat_fields()}
 
 
 def tree(roots: Sequence[int], stats: dict[int, tuple[int, int]] | None = None) -> list[int]:
@@ -322,17 +313,7 @@ def role_cpu(roles: dict[str, tuple[int, str]]) -> dict[str, float]:
 
 def _own_cpu() -> dict[int, float]:
     """pid -> utime+stime seconds (without reaped children)."""
-    out: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        out[int(entry)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return out
+    return {pid: (int(f[11]) + int(f[12])) / CLK_TCK for pid, f in stat_fields()}
 
 
 def _rollup(pid: int) -> tuple[int, int]:

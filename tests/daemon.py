@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from defang.testbed.procs import stat_fields
+
 REPO = Path(__file__).resolve().parents[1]
 FILTERS = Path(__file__).resolve().parent / "filters"
 
@@ -152,15 +154,8 @@ class Defang:
 
 def _descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
+    for pid, fields in stat_fields():
+        children.setdefault(int(fields[1]), []).append(pid)
     out, todo = [], [root]
     while todo:
         pid = todo.pop()

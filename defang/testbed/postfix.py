@@ -53,6 +53,7 @@ from pathlib import Path
 from types import TracebackType
 
 from defang.testbed.ports import LOOPBACK
+from defang.testbed.procs import stat_fields
 from defang.testbed.smtpclient import normalize_for_smtp
 
 POSTFIX_USER = "postfix"
@@ -583,16 +584,9 @@ class PrivatePostfix:
         if master is None:
             return set()
         kids: set[int] = set()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue
+        for pid, fields in stat_fields():
             if int(fields[1]) == master:
-                kids.add(int(entry))
+                kids.add(pid)
         return kids
 
     # -- lifecycle ------------------------------------------------------------------
