@@ -245,7 +245,7 @@ class Multiplexor:
                     self._update_interest(client.chan, handle)
                 if mask & selectors.EVENT_READ:
                     for body in client.chan.read():
-                        self._on_request(client, body, handle)
+                        self._on_request(client, body)
             except Closed:
                 self._drop_client(client)
             except protocol.ProtocolError as exc:
@@ -262,16 +262,16 @@ class Multiplexor:
         self._unregister(client.chan.sock)
         client.chan.close()
 
-    def _on_request(self, client: Client, body: bytes, handler) -> None:
+    def _on_request(self, client: Client, body: bytes) -> None:
         req = protocol.decode_body(body)
         op = req.get("op") if client.control else protocol.check_request(req)
         if client.job is not None:
             raise protocol.ProtocolError("a second request before the reply to the first")
         if client.control:
-            self._on_control(client, req, handler)
+            self._on_control(client, req)
             return
         if op == "hello":
-            self._reply(client, self._hello(), handler)
+            self._reply(client, self._hello())
             return
         job = Job(client, body, op, req.get("queue_id") or "", (req.get("conn") or {}).get("id", ""),
                   time.monotonic())  # fmt: skip
@@ -282,7 +282,7 @@ class Multiplexor:
         z = self.zygotes.get(self.gen)
         return {"gen": self.gen, "hooks": z.hooks if z and z.hooks is not None else []}
 
-    def _reply(self, client: Client, obj: dict[str, Any], handler=None) -> None:
+    def _reply(self, client: Client, obj: dict[str, Any]) -> None:
         self._send_client(client, protocol.encode(obj))
 
     def _send_client(self, client: Client, frame: bytes) -> None:
@@ -734,7 +734,7 @@ class Multiplexor:
             z.waiters.clear()
 
     # ---------------------------------------------------------------- control
-    def _on_control(self, client: Client, req: dict[str, Any], handler) -> None:
+    def _on_control(self, client: Client, req: dict[str, Any]) -> None:
         op = req.get("op")
         if op == "status":
             self._reply(client, self.status())
