@@ -328,15 +328,15 @@ class Session:
             self._txn(False)
 
     def _eom(self) -> int:
+        if self.overflow is None and not (self.hooks & MESSAGE_HOOKS):
+            return milter.CONTINUE  # nothing to decide: no macros to read either
         self._collect_macros()
         queue_id = self.macros.get("i", "")
         if self.overflow is not None:
             spec = self.overflow
-            log.warning("%s: conn %s: message over its %s: %s %s", queue_id or "-", self.id,
-                        "limit", spec.code, spec.dsn)  # fmt: skip
+            log.warning("%s: conn %s: message over a limit: %s %s", queue_id or "-", self.id,
+                        spec.code, spec.dsn)  # fmt: skip
             return self._answer_spec(spec)
-        if not (self.hooks & MESSAGE_HOOKS):
-            return milter.CONTINUE
         if self.spool is None:
             self._open_spool()
         if not self.in_body and self.overflow is None:

@@ -103,10 +103,10 @@ class Multiplexor:
         self.idle: list[Worker] = []
         self.queue: deque[Job] = deque()
         self.dying: dict[int, tuple[float, int]] = {}  # pid -> (kill deadline, wid)
-        self.pid_to_wid: dict[int, int] = {}
-        # pid -> generation of every worker forked and not yet reported exited: a zygote
-        # stays until its last worker has *exited* (it reaps them and reports the exit)
-        self.pid_gen: dict[int, int] = {}
+        # pid -> (worker id, generation) of every worker forked and not yet reported
+        # exited: a zygote stays until its last worker has *exited* (it reaps them and
+        # reports each exit)
+        self.children: dict[int, tuple[int, int]] = {}
         self.closed_zygotes: list[subprocess.Popen] = []  # told to leave, not yet reaped
         self.zygotes: dict[int, Zygote] = {}
         self.gen = 0  # the generation new workers come from
@@ -398,7 +398,7 @@ class Multiplexor:
         if worker.state == "booting" and op == "ready":
             worker.pid = int(msg.get("pid", 0))
             worker.rss = int(msg.get("rss", 0))
-            self.pid_to_wid[worker.pid] = worker.wid
+            self.children[worker.pid] = (worker.wid, worker.gen)
             self.spawn_failures = 0
             if worker.gen > self.gen:
                 self._promote(worker.gen)
@@ -408,7 +408,7 @@ class Multiplexor:
             self._reload_progress()
         elif op == "boot_failed":
             worker.pid = int(msg.get("pid", worker.pid))
-            self.pid_to_wid[worker.pid] = worker.wid
+            self.children[worker.pid] = (worker.wid, worker.gen)
             if worker.gen > self.gen:
                 self._forget(worker)
                 self._abandon_reload(worker.gen, f"a worker of the new filter failed to boot: "
@@ -620,8 +620,7 @@ class Multiplexor:
             self._close_zygote(z)
         elif op == "spawned":
             wid, pid = int(msg["wid"]), int(msg["pid"])
-            self.pid_to_wid[pid] = wid
-            self.pid_gen[pid] = z.gen
+            self.children[pid] = (wid, z.gen)
             w = self.workers.get(wid)
             if w is not None:
                 w.pid = pid
@@ -629,7 +628,7 @@ class Multiplexor:
             self._on_exit(int(msg["pid"]), int(msg["status"]))
 
     def _on_exit(self, pid: int, status: int) -> None:
-        wid = self.pid_to_wid.pop(pid, 0)
+        wid, gen = self.children.pop(pid, (0, 0))
         self.dying.pop(pid, None)
         if os.WIFSIGNALED(status):
             how = f"killed by signal {signal.Signals(os.WTERMSIG(status)).name}"
@@ -640,7 +639,7 @@ class Multiplexor:
             self.stats.count("worker_retired" if code == 0 else "worker_crashed")
         level = logging.INFO if how.startswith("exited 0") else logging.WARNING
         log.log(level, "worker %d (pid %d) %s", wid, pid, how)
-        if self.pid_gen.pop(pid, None) is not None:
+        if gen:
             self._retire_zygotes()
 
     def _zygote_gone(self, z: Zygote) -> None:
@@ -648,8 +647,8 @@ class Multiplexor:
         z.sock.close()
         self.zygotes.pop(z.gen, None)
         self.closed_zygotes.append(z.proc)
-        for pid in [p for p, g in self.pid_gen.items() if g == z.gen]:
-            del self.pid_gen[pid]  # nobody left to report those exits
+        for pid in [p for p, (_, g) in self.children.items() if g == z.gen]:
+            del self.children[pid]  # nobody left to report those exits
         if z.gen == self.gen and not self.stopping:
             log.error("zygote of gen %d exited unexpectedly (%s); starting a new one",
                       z.gen, z.proc.poll())  # fmt: skip
@@ -673,7 +672,7 @@ class Multiplexor:
         for gen, z in list(self.zygotes.items()):
             done = z.abandoned or (gen < self.gen and z.hooks is not None)
             if (done and not any(w.gen == gen for w in self.workers.values())
-                    and gen not in self.pid_gen.values()):  # fmt: skip
+                    and all(g != gen for _, g in self.children.values())):  # fmt: skip
                 self._close_zygote(z)
 
     def _check_zygotes(self) -> None:
