@@ -2,8 +2,10 @@
 
 Cost follows use.  Building a ``Message`` does no I/O.  ``msg.headers`` reads only
 the header section of the spool file (a few KB whatever the message size);
-``msg.email`` parses the whole file with the stdlib and only on first access; the
-part walk (in the runner) happens only when the filter defines a part hook.
+the part walk (in the runner) happens only when the filter defines a part hook, and
+parses the structure without the big bodies (``workers.skeleton``): a part's body is
+read from the spool file when something reads it (``part.payload``, ``part.email``,
+``msg.email``).
 
 Spool file: the header section as the MTA passed it (``Name: value`` lines ending
 in CRLF, folded lines continued with CRLF + SP/HT), one empty line, then the body.
@@ -28,7 +30,6 @@ signed or encrypted message (or a part inside a signed entity) they raise
 
 from __future__ import annotations
 
-import email.policy
 import os
 import quopri
 import re
@@ -40,15 +41,17 @@ from typing import Any
 from defang import verdicts
 from defang.verdicts import CONTINUE, Verdict
 from workers import quarantine as quarantine_mod
+from workers import skeleton
 from workers.conn import Connection
 from workers.limits import MimeLimitError, MimeLimits, PartActionError, SignedMessageError
+from workers.mailpolicy import POLICY
 from workers.parts import SIGNED_TYPES, Part, b64_lenient, decode_words, lenient_text, walk
 
 _FIELD = re.compile(rb"\n(?![ \t])")  # a line end that does not fold
 _FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but ":"
 _BAD_IN_VALUE = re.compile(r"\r\n(?![ \t])|\n(?![ \t])|\r(?!\n)|\0")
 _HEADER_READ = 16 * 1024
-_PARSER = BytesParser(policy=email.policy.default)
+_PARSER = BytesParser(policy=POLICY)
 
 
 def read_header_section(path: str) -> bytes:
@@ -182,6 +185,8 @@ class Message:
         self._raw_headers: list[tuple[str, bytes]] | None = None
         self._headers: list[tuple[str, str]] | None = None
         self._email: EmailMessage | None = None
+        self._tree: EmailMessage | None = None  # the parse, long bodies still in the file
+        self._spans: skeleton.Spans | None = None
         self.header_defects: list[str] = []
         self.actions: list[list[Any]] = []
         self.verdict: Verdict = CONTINUE
@@ -251,11 +256,23 @@ class Message:
 
     @property
     def email(self) -> EmailMessage:
-        """The whole message parsed by the stdlib (``policy.default``), on first use."""
+        """The whole message parsed by the stdlib (``policy.default``), on first use.
+
+        The same objects as the parts' ``email``: ``msg.email is msg.parts[0].email``.
+        """
         if self._email is None:
-            with open(self.path, "rb") as f:
-                self._email = _PARSER.parse(f)
+            tree = self._parsed()
+            if self._spans is not None:
+                self._spans.materialize(tree)
+            self._email = tree
         return self._email
+
+    def _parsed(self) -> EmailMessage:
+        """The stdlib's parse, with long bodies left in the file until read."""
+        if self._tree is None:
+            with open(self.path, "rb") as f:
+                self._tree, self._spans = skeleton.parse(f, self.path, _PARSER)
+        return self._tree
 
     @property
     def parts(self) -> list[Part]:
@@ -266,7 +283,7 @@ class Message:
         """
         if self._parts is None:
             try:
-                self._parts = list(walk(self.email, self.limits, owner=self))
+                self._parts = list(walk(self._parsed(), self.limits, owner=self, spans=self._spans))
             except RecursionError:  # nesting too deep for the stdlib's recursive parser
                 raise MimeLimitError("max_depth", -1, self.limits.max_depth) from None
         return self._parts

@@ -1,6 +1,7 @@
 """The MIME part walk a filter sees through ``filter_part`` and ``filter_multipart``.
 
-The structure comes from the stdlib ``email`` parser (``policy.default``), but the
+The structure comes from the stdlib ``email`` parser (``policy.default``; long bodies
+stay in the spool file until read, see ``workers.skeleton``), but the
 stdlib's reading of malformed mail can hide what a mail client would show (see
 LESSONS.md, "Where parsers disagree").  The rule here: no attachment invisible to
 the filter, no filename unreadable, nothing raises.  So the walk looks again where
@@ -38,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 from workers import filenames as _names
 from workers.limits import MimeLimitError, MimeLimits, PartActionError, exceeds
+from workers.mailpolicy import POLICY
+from workers.skeleton import Spans
 
 if TYPE_CHECKING:
     from workers.archives import ArchiveListing
@@ -271,7 +274,7 @@ def raw_param(raw_value: str, name: str) -> str | None:
 
 # --- parts ---------------------------------------------------------------------------
 
-_PARSER = BytesParser(policy=email.policy.default)
+_PARSER = BytesParser(policy=POLICY)
 _FLATTEN_POLICY = email.policy.default.clone(refold_source="none", max_line_length=0)
 _CONTAINER_MESSAGES = frozenset({"message/rfc822", "message/global"})
 _DISPOSITIONS = frozenset({"inline", "attachment"})
@@ -320,7 +323,8 @@ class Part:
     """
 
     __slots__ = (
-        "email",
+        "_entity",
+        "_spans",
         "content_type",
         "is_multipart",
         "depth",
@@ -349,8 +353,10 @@ class Part:
         defects: list[str] | None = None,
         owner: Any = None,
         limits: MimeLimits | None = None,
+        spans: Spans | None = None,
     ) -> None:
-        self.email = entity
+        self._entity = entity  # for header reads: its long bodies may still be in the file
+        self._spans = spans
         self.depth = depth
         self.index = index
         self.parent = parent
@@ -384,9 +390,23 @@ class Part:
                 f"filename={self.safe_filename}>")  # fmt: skip
 
     @property
+    def email(self) -> EmailMessage:
+        """The stdlib entity, its bodies (and those of the parts inside) read in."""
+        if self._spans is not None:
+            self._spans.materialize(self._entity)
+            self._spans = None
+        return self._entity
+
+    @property
+    def head(self) -> EmailMessage:
+        """The stdlib entity for reading its headers only: unlike ``email`` it does not
+        read bodies in, so its payload may still be a stand-in (``workers.skeleton``)."""
+        return self._entity
+
+    @property
     def defects(self) -> list[str]:
         """Parser and decoding defects of this entity, plus what the walk recovered."""
-        return [_defect_text(d) for d in self.email.defects] + self._defects
+        return [_defect_text(d) for d in self._entity.defects] + self._defects
 
     @property
     def filename(self) -> str | None:
@@ -397,7 +417,7 @@ class Part:
     @property
     def charset(self) -> str | None:
         try:
-            charset = self.email.get_content_charset()
+            charset = self._entity.get_content_charset()
         except Exception:
             return None
         return unescape(str(charset)) if charset else None
@@ -405,9 +425,9 @@ class Part:
     @property
     def disposition(self) -> str | None:
         try:
-            value = self.email.get_content_disposition()
+            value = self._entity.get_content_disposition()
         except Exception:
-            value = _first_raw(self.email, "content-disposition")
+            value = _first_raw(self._entity, "content-disposition")
             value = value.split(";", 1)[0].strip().lower() if value else None
         if value is None or value in _DISPOSITIONS:
             return value
@@ -441,7 +461,7 @@ class Part:
         if first:
             names.append(first)
         for header, param in (("content-disposition", "filename"), ("content-type", "name")):
-            raw = _first_raw(self.email, header)
+            raw = _first_raw(self._entity, header)
             if raw is None:
                 continue
             try:
@@ -581,7 +601,7 @@ class Part:
             return raw if isinstance(raw, bytes) else b""
 
     def _read_filename(self) -> str | None:
-        entity = self.email
+        entity = self._entity
         try:
             name = entity.get_filename()
         except Exception:
@@ -609,11 +629,11 @@ class Part:
         """True when Content-Disposition has a filename the stdlib could not read (e.g.
         an unquoted encoded-word): ``get_filename()`` then falls back to the
         Content-Type name, but mail clients show the disposition's name."""
-        raw = _first_raw(self.email, "content-disposition")
+        raw = _first_raw(self._entity, "content-disposition")
         if raw is None or "filename" not in raw.lower():
             return False
         try:
-            return self.email.get_param("filename", None, "content-disposition") is None
+            return self._entity.get_param("filename", None, "content-disposition") is None
         except Exception:
             return True
 
@@ -630,7 +650,7 @@ def _container_kind(entity: EmailMessage) -> str | None:
 
 
 def _inner_message(
-    entity: EmailMessage,
+    entity: EmailMessage, spans: Spans | None = None
 ) -> tuple[EmailMessage | None, str | None, bytes | None, str | None]:
     """The enclosed message, a defect note, and for an encoded one its decoded bytes and CTE."""
     payload = entity.get_payload()
@@ -640,6 +660,8 @@ def _inner_message(
     cte = str(entity.get("content-transfer-encoding", "")).strip().lower()
     if cte not in ("base64", "quoted-printable"):
         return inner, None, None, None
+    if spans is not None:
+        spans.materialize(inner)  # decoded below from its text
     try:
         if cte == "base64":
             if not inner.keys() and isinstance(inner.get_payload(), str):
@@ -667,11 +689,15 @@ def _boundary_bytes(entity: EmailMessage) -> bytes | None:
     return boundary.encode("utf-8", "surrogateescape") if boundary else None
 
 
-def _epilogue_entities(entity: EmailMessage, boundaries: tuple[bytes, ...]) -> list[EmailMessage]:
+def _epilogue_entities(
+    entity: EmailMessage, boundaries: tuple[bytes, ...], spans: Spans | None = None
+) -> list[EmailMessage]:
     """Entities after a close delimiter, i.e. hidden in the stdlib's epilogue."""
     epilogue = entity.epilogue
     if not epilogue or "--" not in epilogue or not boundaries:
         return []
+    if spans is not None:
+        epilogue = spans.restore(epilogue)
     data = epilogue.encode("utf-8", "surrogateescape")
     delimiter = re.compile(rb"^--(" + b"|".join(re.escape(b) for b in boundaries) + rb")(--)?[ \t]*\r?\n?$")
     chunks: list[list[bytes]] = []
@@ -695,7 +721,7 @@ def _epilogue_entities(entity: EmailMessage, boundaries: tuple[bytes, ...]) -> l
     return found
 
 
-def _estimated_size(entity: EmailMessage) -> int:
+def _estimated_size(entity: EmailMessage, spans: Spans | None = None) -> int:
     """An upper bound of the decoded size of a leaf, without decoding it."""
     try:
         payload = entity.get_payload()
@@ -703,18 +729,22 @@ def _estimated_size(entity: EmailMessage) -> int:
         return 0
     if not isinstance(payload, str | bytes):
         return 0
+    size = spans.length(payload) if spans is not None and isinstance(payload, str) else len(payload)
     cte = str(entity.get("content-transfer-encoding", "")).strip().lower()
-    return len(payload) * 3 // 4 if cte == "base64" else len(payload)
+    return size * 3 // 4 if cte == "base64" else size
 
 
-def walk(root: EmailMessage, limits: MimeLimits | None = None, owner: Any = None) -> Iterator[Part]:
+def walk(
+    root: EmailMessage, limits: MimeLimits | None = None, owner: Any = None, spans: Spans | None = None
+) -> Iterator[Part]:
     """Every entity in document order; containers before their children.
 
     Iterative, not recursive: a message nested a thousand levels deep must not
     blow the stack of a worker.  With ``limits``, passing ``max_parts``,
     ``max_depth`` or ``max_decoded_size`` (estimated from the encoded sizes) raises
     ``MimeLimitError`` and ends the walk.  ``owner`` is the message whose actions
-    the parts record (None: parts without actions).
+    the parts record (None: parts without actions).  ``spans``: the bodies of ``root``
+    still in the spool file (``workers.skeleton``), read in when a part's body is read.
     """
     index = 0
     decoded_total = 0
@@ -736,12 +766,12 @@ def walk(root: EmailMessage, limits: MimeLimits | None = None, owner: Any = None
             defects.append(f"structure not readable: {exc}")
         part = Part(
             entity, depth=depth, index=index, parent=parent, is_multipart=kind is not None, defects=defects,
-            owner=owner, limits=limits,
+            owner=owner, limits=limits, spans=spans,
         )  # fmt: skip
         part.hidden = hidden_child
         index += 1
         if kind is None and limits is not None and limits.max_decoded_size:
-            decoded_total += _estimated_size(entity)
+            decoded_total += _estimated_size(entity, spans)
             if exceeds(decoded_total, limits.max_decoded_size):
                 raise MimeLimitError("max_decoded_size", decoded_total, limits.max_decoded_size)
         children: list[tuple[EmailMessage, int, Part | None, tuple[bytes, ...], list[str], bool]] = []
@@ -752,7 +782,7 @@ def walk(root: EmailMessage, limits: MimeLimits | None = None, owner: Any = None
                 if isinstance(child, EmailMessage):
                     children.append((child, depth + 1, part, inner_bounds, [], False))
             try:
-                hidden = _epilogue_entities(entity, inner_bounds)
+                hidden = _epilogue_entities(entity, inner_bounds, spans)
             except Exception:
                 hidden = []
             for child in hidden:
@@ -763,7 +793,7 @@ def walk(root: EmailMessage, limits: MimeLimits | None = None, owner: Any = None
                 children.append((child, depth + 1, part, inner_bounds, [note], True))
         elif kind == "message":
             try:
-                inner, note, raw, cte = _inner_message(entity)
+                inner, note, raw, cte = _inner_message(entity, spans)
             except Exception as exc:
                 inner, note, raw, cte = None, f"enclosed message not readable: {exc}", None, None
             if note:

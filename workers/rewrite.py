@@ -575,7 +575,7 @@ class Rebuild:
             out.write(buf[start:end])
             return
         if part.is_multipart and part.content_type.startswith("multipart/"):
-            boundary = _boundary_bytes(part.email)
+            boundary = _boundary_bytes(part.head)
             layout = split_multipart(buf, start, end, boundary) if boundary else None
             if layout is None or any(c.hidden for c in part.children) or \
                     len(layout.segments) != len(part.children):  # fmt: skip
@@ -620,12 +620,12 @@ class Rebuild:
         the boundary of a multipart around it (then a new one)."""
         if part in self._boundaries:
             return self._boundaries[part]
-        own = _boundary_bytes(part.email)
+        own = _boundary_bytes(part.head)
         outer: set[bytes] = set()
         node = part.parent
         while node is not None:
             if node.content_type.startswith("multipart/"):
-                outer.add(self._boundaries.get(node) or _boundary_bytes(node.email) or b"")
+                outer.add(self._boundaries.get(node) or _boundary_bytes(node.head) or b"")
             node = node.parent
         if not own or own in outer:
             own = new_boundary().encode()
@@ -653,7 +653,7 @@ class Rebuild:
             return flatten_body(part.email)
         if part.is_multipart and part.content_type.startswith("multipart/"):
             boundary = self._boundary(part)
-            if part is self.root and _boundary_bytes(part.email) != boundary:
+            if part is self.root and _boundary_bytes(part.head) != boundary:
                 head = MIMEPart(policy=POLICY)
                 head._headers = list(part.email._headers)
                 head.set_param("boundary", boundary.decode())

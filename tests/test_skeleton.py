@@ -1,0 +1,188 @@
+"""The walk parses a message's structure with its long bodies left in the spool file.
+
+``workers.skeleton`` replaces long runs of body lines by stand-in lines before the
+stdlib parser sees the message.  What a filter sees must not change: the same parse,
+the same parts, the same payloads, the same rebuilt body -- for every corpus message,
+with the threshold at 1 byte so that every run that may be replaced is replaced.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.policy
+import json
+import os
+from email.message import Message as EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_corpus_walk import CORPUS
+from test_mime_rewrite import DROP_ALL, rebuilt, run, runner_for
+
+from defang import config
+from workers import rewrite, skeleton
+from workers.conn import Connection
+from workers.limits import MimeLimitError, MimeLimits
+from workers.message import Message
+
+PARSER = BytesParser(policy=email.policy.default)
+EVERY_HOOK = Path(__file__).resolve().parent / "filters" / "every_hook.py"
+
+
+def dump(entity: EmailMessage) -> list[Any]:
+    """Everything the parser built: headers, defects, preamble, epilogue, payload text."""
+    out: list[Any] = []
+    stack = [(entity, 0)]
+    while stack:
+        node, depth = stack.pop()
+        out.append((depth, list(node.raw_items()), [type(d).__name__ for d in node.defects], node.preamble,
+                    node.epilogue))  # fmt: skip
+        if isinstance(node._payload, list):
+            stack.extend((child, depth + 1) for child in reversed(node._payload))
+        else:
+            out.append(node._payload)
+    return out
+
+
+def parse_both(path: Path, min_run: int) -> tuple[EmailMessage, EmailMessage, skeleton.Spans | None]:
+    with open(path, "rb") as f:
+        whole = PARSER.parse(f)
+    with open(path, "rb") as f:
+        tree, spans = skeleton.parse(f, str(path), PARSER, min_run)
+    return whole, tree, spans
+
+
+def _corpus() -> list[Path]:
+    return sorted(CORPUS.glob("*.eml")) if CORPUS.is_dir() else []
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")
+@pytest.mark.parametrize("path", _corpus(), ids=lambda p: p.name)
+def test_corpus_parse_is_the_same_once_bodies_are_read_in(path: Path) -> None:
+    for min_run in (1, 64, 4096):
+        whole, tree, spans = parse_both(path, min_run)
+        if spans is not None:
+            assert dump(tree) != dump(whole), "stand-ins were made, so the parse differs until read in"
+            spans.materialize(tree)
+        assert dump(tree) == dump(whole)
+
+
+def _filter_view(runner_path: Path, raw: bytes, tmp_path: Path, monkeypatch, min_run: int) -> tuple[Any, ...]:
+    monkeypatch.setattr(skeleton, "MIN_RUN", min_run)
+    numbers = iter(range(1000))
+    monkeypatch.setattr(rewrite, "new_boundary", lambda: f"defang-test-{next(numbers)}")
+    runner = runner_for(runner_path)
+    out = tmp_path / str(min_run)
+    out.mkdir(parents=True)
+    reply = run(runner, raw, out)
+    module = runner.loaded.module
+    seen = json.loads(json.dumps(module.SEEN, default=repr))
+    actions = [a for a in reply["actions"] if a[0] != "replace_body"]
+    return reply["verdict"], actions, seen, rebuilt(reply, out)
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")
+@pytest.mark.parametrize("path", _corpus(), ids=lambda p: p.name)
+def test_corpus_filters_see_and_rebuild_the_same(path: Path, tmp_path: Path, monkeypatch) -> None:
+    raw = path.read_bytes()
+    for filter_path in (EVERY_HOOK, DROP_ALL):
+        whole = _filter_view(filter_path, raw, tmp_path / filter_path.stem, monkeypatch, 1 << 40)
+        stood_in = _filter_view(filter_path, raw, tmp_path / filter_path.stem, monkeypatch, 1)
+        assert stood_in == whole
+
+
+# --- a big attachment: parsed without its body, read when asked for --------------------
+
+
+def big_message(tmp_path: Path, attachment: bytes, name: str = "report.pdf") -> Message:
+    b64 = base64.encodebytes(attachment).replace(b"\n", b"\r\n")
+    raw = (b"From: a@example.org\r\nSubject: big\r\nMIME-Version: 1.0\r\n"
+           b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\npreamble\r\n'
+           b"--b1\r\nContent-Type: text/plain\r\n\r\nHello.\r\n"
+           b"--b1\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; "
+           b'filename="' + name.encode() + b'"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+           + b64 + b"--b1--\r\n")  # fmt: skip
+    path = tmp_path / "big.eml"
+    path.write_bytes(raw)
+    return Message(Connection(), sender="a@example.org", recipients=["b@example.org"], queue_id="Q",
+                   path=str(path))  # fmt: skip
+
+
+def test_a_big_attachment_is_not_parsed_until_read(tmp_path: Path) -> None:
+    blob = os.urandom(3 * 1024 * 1024)
+    msg = big_message(tmp_path, blob)
+    parts = msg.parts
+    assert [p.content_type for p in parts] == ["multipart/mixed", "text/plain", "application/pdf"]
+    assert parts[2].filename == "report.pdf" and parts[2].is_attachment
+    assert msg._spans is not None and len(msg._spans) == 1
+    stand_in = parts[2].head.get_payload()
+    assert len(stand_in) < 100, "the parser got a stand-in, not 4 MB of base64"
+    assert parts[2].payload == blob
+    assert parts[2].email.get_payload(decode=True) == blob
+    assert msg.email is parts[0].email
+    assert msg.email.get_payload()[0].get_content() == "Hello."
+
+
+def test_the_size_limit_counts_bodies_still_in_the_file(tmp_path: Path) -> None:
+    msg = big_message(tmp_path, os.urandom(300 * 1024))
+    msg.limits = MimeLimits(max_decoded_size=200 * 1024)
+    with pytest.raises(MimeLimitError) as caught:
+        _ = msg.parts
+    assert caught.value.limit == "max_decoded_size"
+
+
+def test_bare_cr_in_a_body_keeps_its_lines_from_being_stood_in(tmp_path: Path) -> None:
+    # a bare CR is a line end to the parser: the "--b1" after it is a delimiter
+    body = b"x" * 70 + b"\r\n"
+    raw = (b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\n\r\n' + body * 2000
+           + b"hidden\r--b1\r\nContent-Type: application/x-msdownload; name=\"a.exe\"\r\n\r\nMZ\r\n"
+           + body * 2000 + b"--b1--\r\n")  # fmt: skip
+    path = tmp_path / "cr.eml"
+    path.write_bytes(raw)
+    whole, tree, spans = parse_both(path, 1024)
+    if spans is not None:
+        spans.materialize(tree)
+    assert dump(tree) == dump(whole)
+    assert [p.get_content_type() for p in whole.walk()][-1] == "application/x-msdownload"
+
+
+def test_a_run_that_starts_a_header_section_ends_it_as_the_original_does(tmp_path: Path) -> None:
+    # message/rfc822 and message/delivery-status: what follows the blank line is parsed as headers
+    lines = b"".join(b"line %d of a body without any header in it\r\n" % i for i in range(3000))
+    raw = (b'Content-Type: multipart/report; boundary="r"\r\n\r\n'
+           b"--r\r\nContent-Type: message/rfc822\r\n\r\n" + lines
+           + b"--r\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; x\r\n" + lines
+           + b"\r\nFinal-Recipient: rfc822; b@example.org\r\n" + lines
+           + b"--r\r\nContent-Type: text/plain\r\n\r\nSubject: a header-looking first line\r\n" + lines
+           + b"--r--\r\n")  # fmt: skip
+    path = tmp_path / "report.eml"
+    path.write_bytes(raw)
+    whole, tree, spans = parse_both(path, 1024)
+    assert spans is not None and len(spans) >= 4
+    spans.materialize(tree)
+    assert dump(tree) == dump(whole)
+
+
+def test_a_token_written_in_a_message_is_only_text(tmp_path: Path) -> None:
+    forged = b"\x7fdefang-span-0123456789ab.0\x7f"
+    raw = b"Subject: x\r\n\r\n" + forged + b"\r\n" + b"y" * 70_000 + b"\r\n"
+    path = tmp_path / "forged.eml"
+    path.write_bytes(raw)
+    whole, tree, spans = parse_both(path, 1)
+    assert spans is not None and len(spans) == 1
+    spans.materialize(tree)
+    assert dump(tree) == dump(whole)
+    assert tree.get_payload().startswith(forged.decode("ascii"))
+
+
+def test_on_limit_applies_to_a_big_message_through_the_runner(tmp_path: Path) -> None:
+    """The limit counts the attachment still in the file: on_limit, not an accept."""
+    on_limit = config.ReplySpec("552", "5.3.4", "Too big decoded")
+    cfg = config.finish(config.Config(runtime_dir=tmp_path, mime_on_limit=on_limit,
+                                      mime_max_decoded_size=200 * 1024))  # fmt: skip
+    runner = runner_for(EVERY_HOOK, config=cfg)
+    msg = big_message(tmp_path, os.urandom(300 * 1024))
+    reply = run(runner, Path(msg.path).read_bytes(), tmp_path, spooled=True)
+    assert reply["verdict"] == {"action": "reject", "code": "552", "dsn": "5.3.4", "text": "Too big decoded"}
