@@ -6,7 +6,7 @@ attachment that makes up the size, and a small .exe), three filters are timed:
 
 * pass    -- walks every part and reads its name, changes nothing (no new body);
 * rewrite -- the same walk, drops the .exe and appends a boilerplate to both
-             bodies, so the body is rebuilt into body.new;
+             bodies, so the body is rebuilt into <spool file>.new;
 * notice  -- replaces the .exe with a notice and quarantines the message.
 
 Each figure is the median of N runs of one ``handle`` call (parse, walk, hooks,
@@ -87,7 +87,7 @@ def bench(runners: dict[str, FilterRunner], spool: Path, n: int) -> dict[str, fl
     times: dict[str, list[float]] = {name: [] for name in runners}
     for i in range(n + 1):
         for name, runner in runners.items():
-            (spool.parent / "body.new").unlink(missing_ok=True)
+            Path(f"{spool}.new").unlink(missing_ok=True)
             started = time.perf_counter()
             reply = runner.handle(request)
             elapsed = time.perf_counter() - started
@@ -119,8 +119,8 @@ def main() -> int:
             spool = spool_dir / "message"
             spool.write_bytes(message(size))
             ms = bench(runners, spool, args.n)
-            bench({"rewrite": runners["rewrite"]}, spool, 1)  # leaves its body.new, to measure
-            new_size = (spool_dir / "body.new").stat().st_size
+            bench({"rewrite": runners["rewrite"]}, spool, 1)  # leaves its .new body, to measure
+            new_size = Path(f"{spool}.new").stat().st_size
             print(f"{label:>10} {ms['pass']:>12.2f} {ms['rewrite']:>12.2f} {ms['notice']:>12.2f} "
                   f"{ms['rewrite'] - ms['pass']:>+12.2f} {new_size / 1024:>8.0f}KB")  # fmt: skip
     return 0
