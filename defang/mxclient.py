@@ -8,10 +8,13 @@ request in flight per connection), so a message costs no connect() per decision.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 from typing import Any
 
 from defang import protocol
+
+RECV_SIZE = 16 * 1024
 
 
 class MultiplexorError(Exception):
@@ -71,7 +74,13 @@ class MultiplexorClient:
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+        # The timeout is the kernel's (SO_RCVTIMEO, SO_SNDTIMEO; a wait past it fails with
+        # EAGAIN), not settimeout(): on a socket with a Python timeout every send and recv
+        # is a poll() first, one more syscall and one more time the GIL is let go.
+        seconds = int(self.timeout)
+        timeval = struct.pack("@ll", seconds, int((self.timeout - seconds) * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         try:
             sock.connect(self.path)
         except OSError as exc:
@@ -80,11 +89,22 @@ class MultiplexorClient:
         return sock
 
     def _read_reply(self, sock: socket.socket) -> dict[str, Any]:
-        head = _recv_exactly(sock, 4)
-        (length,) = protocol.HEADER.unpack(head)
+        # One recv holds a whole small reply: each recv lets the GIL go, and taking it back
+        # is a wait on the other libmilter threads' callbacks.
+        data = sock.recv(RECV_SIZE)
+        if not data:
+            raise _Eof("multiplexor closed the connection")
+        if len(data) < 4:
+            data += _recv_exactly(sock, 4 - len(data))
+        (length,) = protocol.HEADER.unpack_from(data)
         if length > self.max_frame_size:
             raise protocol.ProtocolError(f"reply of {length} bytes exceeds max_frame_size")
-        return protocol.decode_body(_recv_exactly(sock, length))
+        end = 4 + length
+        if len(data) < end:
+            data += _recv_exactly(sock, end - len(data))
+        elif len(data) > end:  # one request, one reply: anything more would answer the next
+            raise protocol.ProtocolError("bytes after the reply")
+        return protocol.decode_body(data[4:])
 
     def close(self) -> None:
         with self._lock:
@@ -108,6 +128,6 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError | BlockingIOError):  # BlockingIOError: SO_RCVTIMEO
         return "no answer in time"
     return str(exc) or exc.__class__.__name__

@@ -75,11 +75,15 @@ class ProtocolError(Exception):
     """A peer sent something this protocol does not allow."""
 
 
+# Made once: ``json.dumps`` with arguments builds a new encoder on every call, which
+# costs as much as encoding a small request.
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_decode_json = json.JSONDecoder().decode
+
+
 def encode(obj: dict[str, Any]) -> bytes:
     """One frame for ``obj``."""
-    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8", "surrogatepass"
-    )
+    body = _encode_json(obj).encode("utf-8", "surrogatepass")
     return HEADER.pack(len(body)) + body
 
 
@@ -90,7 +94,8 @@ def encode_raw(body: bytes) -> bytes:
 
 def decode_body(body: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(body)
+        # UTF-8, as encode writes it (json.loads would first guess among UTF-8/16/32)
+        obj = _decode_json(body.decode("utf-8", "surrogatepass"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"frame is not JSON: {exc}") from None
     if not isinstance(obj, dict):

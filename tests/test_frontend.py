@@ -144,6 +144,30 @@ def test_message_and_header_limits(defang):
         assert s.message(MSG % b"ok").reply == "continue"
 
 
+def test_spool_files_are_reused_while_mail_flows_and_removed_when_idle(defang):
+    import time
+
+    spool = defang.runtime / "spool"
+    with MilterSession(defang.milter_path) as other:  # a transaction under way elsewhere
+        other.connect()
+        other.helo()
+        other.mail("a@example.org")
+        assert transaction(defang, b"first").reply == "continue"
+        (kept,) = spool.iterdir()
+        assert kept.stat().st_size == 0  # emptied, kept for the next message
+        assert transaction(defang, b"second").reply == "continue"
+        assert list(spool.iterdir()) == [kept] and kept.stat().st_size == 0
+        # a reply with an error: a worker may still hold the file, so it is not reused
+        assert transaction(defang, b"please raise").text.startswith("451 4.3.0 ")
+        assert list(spool.iterdir()) == []
+        assert transaction(defang, b"third").reply == "continue"
+        assert len(list(spool.iterdir())) == 1
+    deadline = time.monotonic() + 5
+    while list(spool.iterdir()) and time.monotonic() < deadline:  # no transaction left
+        time.sleep(0.05)
+    assert list(spool.iterdir()) == []
+
+
 def test_hung_worker_is_a_tempfail_within_busy_timeout_and_is_replaced(defang):
     r = transaction(defang, b"sleep 30")
     assert r.reply == "reply" and r.text.startswith("451 4.3.0")

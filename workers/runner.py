@@ -246,10 +246,14 @@ class FilterRunner:
         """The reply, proven JSON-encodable here rather than failing in the frame encoder."""
         notes = conn.notes
         try:
-            if notes is not received_notes:  # what arrived was JSON already
+            # What arrived was JSON already, and so is an empty dict: no encoding to prove it.
+            if notes is not received_notes and not (type(notes) is dict and not notes):
                 encode_notes(notes, self.max_notes_bytes)
-            reply = {"verdict": verdict.to_wire(), "actions": actions, "notes": notes, "retiring": False}
-            json.dumps([reply["verdict"], actions], ensure_ascii=False, allow_nan=False)
+            wire = verdict.to_wire()
+            reply = {"verdict": wire, "actions": actions, "notes": notes, "retiring": False}
+            # Nor for a verdict of plain strings and no actions (the common reply).
+            if actions or not all(v is None or type(v) is str for v in wire.values()):
+                json.dumps([wire, actions], ensure_ascii=False, allow_nan=False)
         except NotesError as exc:
             return self._failed(hook, exc, conn, received_notes, queue_id, show_tb=False)
         except (TypeError, ValueError, RecursionError) as exc:
