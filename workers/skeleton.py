@@ -34,6 +34,7 @@ Small messages are parsed whole: below ``MIN_RUN`` there is nothing to save.
 
 from __future__ import annotations
 
+import bisect
 import io
 import os
 import re
@@ -60,7 +61,7 @@ class Spans:
         self.tag = tag
         # token number -> [start, end] of the run in the file (without its last line end)
         self.runs: list[tuple[int, int]] = []
-        self._lengths: dict[int, int] = {}
+        self._lengths: dict[int, int] = {}  # token number -> its text's length (CRLF as LF)
         self._token = re.compile(re.escape(tag) + r"(\d+)\x7f")
         self._done: set[int] = set()
 
@@ -95,12 +96,6 @@ class Spans:
         return size
 
     def _length(self, number: int) -> int:
-        if number not in self._lengths:
-            start, end = self.runs[number]
-            with open(self.path, "rb") as f:
-                f.seek(start)
-                data = f.read(end - start)
-            self._lengths[number] = len(data) - data.count(b"\r")
         return self._lengths[number]
 
     def materialize(self, entity: EmailMessage) -> EmailMessage:
@@ -124,49 +119,144 @@ class Spans:
         return entity
 
 
-def reduce(data: bytes, path: str, min_run: int | None = None) -> tuple[bytes, Spans] | None:
-    """``data`` with its long runs of body lines replaced by tokens; None if none was."""
+#: the file is scanned this much at a time: a worker never holds a whole big message
+CHUNK = 1024 * 1024
+_WINDOW = 64 * 1024  # what is read at a run's start to find its first body line
+
+
+class _Scan:
+    """What one pass over the file finds (offsets in the file).
+
+    ``stops``: the line ends before each stop line, then the last line end of the file;
+    ``crs``: how many CRs the file has before each of them; ``crlf``: whether a CR
+    precedes each; ``bare_crs``: where the bare CRs are.
+    """
+
+    def __init__(self) -> None:
+        self.stops: list[int] = []
+        self.crs: list[int] = []
+        self.crlf: list[bool] = []
+        self.bare_crs: list[int] = []
+        self.first_eol = -1
+        self.first_crs = 0
+        self.size = 0
+
+
+def _scan(f: BinaryIO, chunk_size: int) -> _Scan:
+    """One pass over ``f``, ``chunk_size`` bytes at a time (the last 2 kept for lookahead)."""
+    scan = _Scan()
+    buf = b""
+    base = 0  # file offset of buf[0]
+    crs = 0  # CRs in the file before base + counted
+    prev_byte = -1  # the file's byte before base
+    last: tuple[int, int, bool] | None = None  # the last line end seen, with its crs and crlf
+    while True:
+        chunk = f.read(chunk_size)
+        buf += chunk
+        eof = not chunk
+        limit = len(buf) if eof else max(0, len(buf) - 2)
+        counted = 0
+        if scan.first_eol < 0:
+            first = buf.find(b"\n", 0, limit)
+            if first >= 0:
+                scan.first_eol, scan.first_crs = base + first, crs + buf.count(b"\r", 0, first)
+        for m in _STOP_LINE.finditer(buf):
+            p = m.start()
+            if p >= limit:
+                break
+            crs += buf.count(b"\r", counted, p)
+            counted = p
+            scan.stops.append(base + p)
+            scan.crs.append(crs)
+            scan.crlf.append((buf[p - 1] if p else prev_byte) == 13)
+        for m in _BARE_CR.finditer(buf):
+            if m.start() >= limit:
+                break
+            scan.bare_crs.append(base + m.start())
+        eol = buf.rfind(b"\n", 0, limit)
+        if eol >= 0:
+            crlf = (buf[eol - 1] if eol else prev_byte) == 13
+            last = (base + eol, crs + buf.count(b"\r", counted, eol), crlf)
+        crs += buf.count(b"\r", counted, limit)
+        if limit:
+            prev_byte = buf[limit - 1]
+        buf = buf[limit:]
+        base += limit
+        if eof:
+            break
+    scan.size = base
+    if last is not None:
+        scan.stops.append(last[0])
+        scan.crs.append(last[1])
+        scan.crlf.append(last[2])
+    return scan
+
+
+def _pread(f: BinaryIO, start: int, size: int) -> bytes:
+    f.seek(start)
+    return f.read(size)
+
+
+def reduce(
+    f: BinaryIO, path: str, min_run: int | None = None, chunk_size: int | None = None
+) -> tuple[bytes, Spans] | None:
+    """The message in ``f`` with its long runs of body lines replaced by tokens, read a
+    chunk at a time; None if no run was replaced."""
     min_run = MIN_RUN if min_run is None else min_run
-    if len(data) < 2 * min_run:
+    if os.fstat(f.fileno()).st_size < 2 * min_run:
+        return None  # nothing worth a scan
+    scan = _scan(f, chunk_size or CHUNK)
+    if scan.size < 2 * min_run or scan.first_eol < 0:
         return None
     spans = Spans(path, (_PREFIX + os.urandom(6).hex().encode() + b".").decode("ascii"))
     tag = spans.tag.encode("ascii")
     pieces: list[bytes] = []
-    copied = 0  # data[:copied] is in pieces
-    # where the lines after the last stop line start; never the file's first line, which
+    copied = 0  # the file up to here is in pieces
+    # the candidate run after the line end at `prev`: never the file's first line, which
     # _STOP_LINE cannot see (it may be the empty line of a message without headers)
-    line_start = data.find(b"\n") + 1
-    stops = [m.start() for m in _STOP_LINE.finditer(data)]
-    stops.append(data.rfind(b"\n"))  # the last run ends at the last line end
-    for next_stop in stops:
-        # candidate run: from line_start up to and with the line end at next_stop
-        start = _first_body_line(data, line_start, next_stop)
-        # the next candidate starts after the stop line that follows next_stop
-        line_start = data.find(b"\n", next_stop + 1) + 1 or len(data)
-        if start < 0 or next_stop - start < min_run or _BARE_CR.search(data, start, next_stop + 1):
+    prev, prev_crs, after_stop_line = scan.first_eol, scan.first_crs, False
+    for next_stop, next_crs, crlf in zip(scan.stops, scan.crs, scan.crlf, strict=True):
+        here, here_crs, skip = prev, prev_crs, after_stop_line
+        prev, prev_crs, after_stop_line = next_stop, next_crs, True
+        if next_stop - here < min_run:
             continue
-        end = next_stop - 1 if data[next_stop - 1 : next_stop] == b"\r" else next_stop
-        eol = data[end : next_stop + 1]
+        window = _pread(f, here + 1, _WINDOW)
+        offset = window.find(b"\n") + 1 if skip else 0  # past the stop line
+        start = _first_body_line(window, offset, len(window)) if offset or not skip else -1
+        if start < 0:
+            continue
+        run_start = here + 1 + start
+        if next_stop - run_start < min_run:
+            continue
+        i = bisect.bisect_left(scan.bare_crs, run_start)
+        if i < len(scan.bare_crs) and scan.bare_crs[i] <= next_stop:
+            continue
+        end = next_stop - 1 if crlf else next_stop
+        # CRs in the run's text: those before next_stop, less those before the run, less
+        # the CR of the run's last line end (not part of its text)
+        crs_in_text = next_crs - here_crs - window.count(b"\r", 0, start) - crlf
+        text_length = (end - run_start) - crs_in_text
         number = len(spans.runs)
-        spans.runs.append((start, end))
-        pieces += (data[copied:start], tag, str(number).encode("ascii"), b"\x7f", eol)
+        spans.runs.append((run_start, end))
+        spans._lengths[number] = text_length
+        pieces += (_pread(f, copied, run_start - copied), tag, str(number).encode("ascii"), b"\x7f",
+                   b"\r\n" if crlf else b"\n")  # fmt: skip
         copied = next_stop + 1
     if not spans.runs:
         return None
-    pieces.append(data[copied:])
+    pieces.append(_pread(f, copied, scan.size - copied))
     return b"".join(pieces), spans
 
 
 def _first_body_line(data: bytes, start: int, end: int) -> int:
-    """The first line in data[start:end] that does not look like a header field, or -1."""
+    """The first whole line in data[start:end] that does not look like a header field, or -1."""
     for _ in range(_MAX_SKIPPED_LINES):
-        if start >= end:
-            return -1
-        if not _HEADER_LIKE.match(data, start):
+        line_end = data.find(b"\n", start, end)
+        if line_end < 0:
+            return -1  # not a whole line here: cannot tell
+        if not _HEADER_LIKE.match(data, start, line_end):
             return start
-        start = data.find(b"\n", start, end) + 1
-        if start == 0:
-            return -1
+        start = line_end + 1
     return -1
 
 
@@ -174,10 +264,9 @@ def parse(
     f: BinaryIO, path: str, parser: BytesParser, min_run: int | None = None
 ) -> tuple[EmailMessage, Spans | None]:
     """The message in ``f`` (the file at ``path``) parsed by ``parser``, long runs as tokens."""
-    data = f.read()
-    reduced = reduce(data, path, min_run)
+    reduced = reduce(f, path, min_run)
     if reduced is None:
-        return parser.parse(io.BytesIO(data)), None
-    del data
+        f.seek(0)
+        return parser.parse(f), None
     text, spans = reduced
     return parser.parse(io.BytesIO(text)), spans

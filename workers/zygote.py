@@ -39,6 +39,7 @@ from defang.proctitle import set_title
 from workers import process
 from workers.loader import FilterLoadError, load_filter
 from workers.runner import FilterRunner
+from workers.warmup import warm_up
 
 log = logging.getLogger("defang.zygote")
 
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         send(chan, {"op": "load_failed", "error": str(exc)})
         return 2
     runner = FilterRunner.from_config(loaded, cfg)
+    warm_up()
     # Everything imported so far is shared with the workers copy-on-write.  A garbage
     # collection in a worker would write to every one of those objects (GC headers) and
     # unshare the pages; freezing moves them out of the collector's reach.
