@@ -59,9 +59,8 @@ def check_same(path: Path, min_run: int) -> skeleton.Spans | None:
     whole, tree, spans = parse_both(path, min_run)
     if spans is not None:
         assert dump(tree) != dump(whole), "stand-ins were made, so the parse differs until read in"
-        for number, (start, end) in enumerate(spans.runs):
-            text = path.read_bytes()[start:end].replace(b"\r\n", b"\n")
-            assert spans._length(number) == len(text)
+        for start, end, length in spans.runs:
+            assert length == len(path.read_bytes()[start:end].replace(b"\r\n", b"\n"))
         spans.materialize(tree)
     assert dump(tree) == dump(whole)
     return spans

@@ -29,7 +29,8 @@ LF (the stdlib reads a file in universal-newline mode).
 Tokens start with DEL (0x7f), which no header name, delimiter or continuation can start
 with, and carry a tag drawn at random for each message (48 bits): text in a message
 that looks like a token (another message's, say) is never taken for one of its own.
-Small messages are parsed whole: below ``MIN_RUN`` there is nothing to save.
+Small messages are parsed whole: below ``MIN_RUN`` there is nothing to save.  A big one
+is scanned ``CHUNK`` bytes at a time, so a worker never holds the whole file.
 """
 
 from __future__ import annotations
@@ -59,17 +60,14 @@ class Spans:
     def __init__(self, path: str, tag: str) -> None:
         self.path = path
         self.tag = tag
-        # token number -> [start, end] of the run in the file (without its last line end)
-        self.runs: list[tuple[int, int]] = []
-        self._lengths: dict[int, int] = {}  # token number -> its text's length (CRLF as LF)
+        # token number -> (start, end) of the run in the file (without its last line end),
+        # and the length of its text (CRLF read as LF)
+        self.runs: list[tuple[int, int, int]] = []
         self._token = re.compile(re.escape(tag) + r"(\d+)\x7f")
         self._done: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.runs)
-
-    def has_tokens(self, text: str) -> bool:
-        return self.tag in text
 
     def restore(self, text: str) -> str:
         """``text`` with every token replaced by the run it stands for, read from the file."""
@@ -78,7 +76,7 @@ class Spans:
         with open(self.path, "rb") as f:
 
             def read(m: re.Match[str]) -> str:
-                start, end = self.runs[int(m.group(1))]
+                start, end, _ = self.runs[int(m.group(1))]
                 f.seek(start)
                 data = f.read(end - start)
                 # a run has no bare CR: deleting every CR turns CRLF into LF (and fast)
@@ -92,11 +90,8 @@ class Spans:
             return len(text)
         size = len(text)
         for m in self._token.finditer(text):
-            size += self._length(int(m.group(1))) - len(m.group(0))
+            size += self.runs[int(m.group(1))][2] - len(m.group(0))
         return size
-
-    def _length(self, number: int) -> int:
-        return self._lengths[number]
 
     def materialize(self, entity: EmailMessage) -> EmailMessage:
         """Put the real text back into ``entity`` and everything inside it (once)."""
@@ -237,8 +232,7 @@ def reduce(
         crs_in_text = next_crs - here_crs - window.count(b"\r", 0, start) - crlf
         text_length = (end - run_start) - crs_in_text
         number = len(spans.runs)
-        spans.runs.append((run_start, end))
-        spans._lengths[number] = text_length
+        spans.runs.append((run_start, end, text_length))
         pieces += (_pread(f, copied, run_start - copied), tag, str(number).encode("ascii"), b"\x7f",
                    b"\r\n" if crlf else b"\n")  # fmt: skip
         copied = next_stop + 1
