@@ -76,7 +76,7 @@ if str(REPO) not in sys.path:
 
 from defang.testbed import PrivatePostfix, Sink, free_port  # noqa: E402
 from defang.testbed.postfix import POSTFIX_USER, find_program  # noqa: E402
-from defang.testbed.procs import stat_fields  # noqa: E402
+from defang.testbed.procs import stat_fields, titled  # noqa: E402
 
 BENCH = REPO / "bench"
 FILTERS = BENCH / "filters"
@@ -510,15 +510,7 @@ class DefangStack(Stack):
 
     def pids_titled(self, prefix: str) -> list[int]:
         """Our processes whose title starts with ``prefix`` (defang-milter, defang-worker...)."""
-        out = []
-        for pid in tree(self.roots()):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if cmd.startswith(prefix):
-                out.append(pid)
-        return out
+        return titled(tree(self.roots()), prefix)
 
     def describe(self) -> dict[str, Any]:
         return {"command": f"defang run --socket {self.socket}", "filter": str(self.filter.relative_to(REPO)),

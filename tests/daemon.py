@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from defang.testbed.procs import stat_fields
+from defang.testbed.procs import stat_fields, titled
 
 REPO = Path(__file__).resolve().parents[1]
 FILTERS = Path(__file__).resolve().parent / "filters"
@@ -116,15 +116,7 @@ class Defang:
 
     def pids(self, title_prefix: str) -> list[int]:
         """PIDs of our processes whose title starts with ``title_prefix`` (e.g. defang-worker)."""
-        out = []
-        for pid in _descendants(self.proc.pid):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if cmd.startswith(title_prefix):
-                out.append(pid)
-        return out
+        return titled(_descendants(self.proc.pid), title_prefix)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
         if self.proc is None:

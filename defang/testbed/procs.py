@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 
 def stat_fields() -> Iterator[tuple[int, list[bytes]]]:
@@ -22,3 +23,17 @@ def stat_fields() -> Iterator[tuple[int, list[bytes]]]:
         except OSError:
             continue
         yield int(entry), fields
+
+
+def titled(pids: Iterable[int], prefix: str) -> list[int]:
+    """Those of ``pids`` whose title (command line) starts with ``prefix``, e.g.
+    "defang-worker"; processes that exit while being read are skipped."""
+    out = []
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if cmd.startswith(prefix):
+            out.append(pid)
+    return out
