@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import base64
 import email.policy
+import io
 import json
 import os
+import random
+import re
 from email.message import Message as EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
@@ -73,11 +76,97 @@ def _corpus() -> list[Path]:
 @pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")
 @pytest.mark.parametrize("path", _corpus(), ids=lambda p: p.name)
 def test_corpus_parse_is_the_same_once_bodies_are_read_in(path: Path, monkeypatch) -> None:
-    # small chunks: lines, CRLFs and stop lines cut at every place a chunk can end
-    for chunk, min_runs in ((1, (1,)), (3, (1,)), (64, (1, 64)), (skeleton.CHUNK, (1, 64, 4096))):
+    # small chunks: lines, CRLFs and stop lines cut at every place a chunk can end; a big
+    # file gets fewer rounds (the stdlib takes a second to parse one)
+    if path.stat().st_size < 256 * 1024:
+        rounds = ((1, (1,)), (3, (1,)), (64, (1, 64)), (skeleton.CHUNK, (1, 64, 4096)))
+    else:
+        rounds = ((7, (1,)), (skeleton.CHUNK, (1, 4096)))
+    for chunk, min_runs in rounds:
         monkeypatch.setattr(skeleton, "CHUNK", chunk)
         for min_run in min_runs:
             check_same(path, min_run)
+    # blocks of equal lines taken wherever there are two such lines
+    monkeypatch.setattr(skeleton, "_BLOCK_MIN", 1)
+    monkeypatch.setattr(skeleton, "_REGEX_STEP", 1)
+    monkeypatch.setattr(skeleton, "_FIRST_PIECE_LINES", 1)
+    for chunk in {rounds[1][0], skeleton.CHUNK}:
+        monkeypatch.setattr(skeleton, "CHUNK", chunk)
+        check_same(path, 1)
+
+
+def reference_scan(data: bytes) -> tuple[Any, ...]:
+    """What ``skeleton._scan`` must find, by the plainest means: regexes over the whole file."""
+    stops = [m.start() for m in re.finditer(rb"\n(?=-|\r?\n)", data)]
+    if b"\n" in data:
+        stops.append(data.rfind(b"\n"))
+    first = data.find(b"\n")
+    return (stops, [data.count(b"\r", 0, p) for p in stops], [p > 0 and data[p - 1] == 13 for p in stops],
+            [m.start() for m in re.finditer(rb"\r(?!\n)", data)], first,
+            data.count(b"\r", 0, first) if first >= 0 else 0, len(data))  # fmt: skip
+
+
+def found(data: bytes, chunk: int) -> tuple[Any, ...]:
+    s = skeleton._scan(io.BytesIO(data), chunk)
+    return s.stops, s.crs, s.crlf, s.bare_crs, s.first_eol, s.first_crs, s.size
+
+
+# What breaks a block of equal lines, put in at random places: each is a line a run may
+# not hold, or a line end the block's checks must notice.
+FLAWS = (b"\n", b"\r", b"\r\n", b"-", b"\n-", b"\r\n-", b"\r\n\r\n", b"\n\n", b"\rx", b"x\n", b"--b\r\n")
+
+
+def random_body(rnd: random.Random) -> bytes:
+    """Blocks of equal lines (base64-like, CRLF or LF, some one line short) with flaws."""
+    out = bytearray()
+    for _ in range(rnd.randint(1, 6)):
+        width = rnd.choice((1, 2, 3, 5, 76, rnd.randint(1, 120)))
+        eol = rnd.choice((b"\r\n", b"\n", b"\r\n", b"\r"))
+        line = bytes(rnd.choice(b"ABCxyz019+/=") for _ in range(width))
+        block = bytearray((line + eol) * rnd.randint(1, 400))
+        for _ in range(rnd.choice((0, 0, 1, 2, 5))):
+            at = rnd.randrange(len(block))
+            how = rnd.choice(("insert", "overwrite", "move a CR"))
+            if how == "move a CR" and b"\r" in block[at:]:  # "ab\r\n" -> "a\rb\n": same counts
+                cr = block.index(b"\r", at)
+                block[cr - 1 : cr + 1] = block[cr : cr + 1] + block[cr - 1 : cr] if cr else block[0:1]
+            else:
+                flaw = rnd.choice(FLAWS)
+                block[at : at + (len(flaw) if how == "overwrite" else 0)] = flaw
+        out += block
+    return bytes(out)
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_blocks_and_regexes_find_the_same_as_a_whole_file_regex(seed: int, monkeypatch) -> None:
+    rnd = random.Random(seed)
+    data = random_body(rnd)
+    want = reference_scan(data)
+    # the shipped sizes, then tiny ones: blocks of a line or two, chunks cut anywhere
+    for block_min, step, piece in ((skeleton._BLOCK_MIN, skeleton._REGEX_STEP, skeleton._FIRST_PIECE_LINES),
+                                   (1, 1, 1), (8, 16, 2), (64, 200, 4)):  # fmt: skip
+        monkeypatch.setattr(skeleton, "_BLOCK_MIN", block_min)
+        monkeypatch.setattr(skeleton, "_REGEX_STEP", step)
+        monkeypatch.setattr(skeleton, "_FIRST_PIECE_LINES", piece)
+        tiny = (1, 2, 3) if len(data) < 20_000 else ()  # a chunk of a byte is slow to read
+        for chunk in (*tiny, 7, 100, rnd.randint(1, 5000), 1 << 20):
+            assert found(data, chunk) == want, (block_min, step, piece, chunk)
+
+
+def test_a_base64_attachment_is_read_as_blocks(monkeypatch) -> None:
+    """The fast way is the one taken: nearly all of a 1 MB attachment is in blocks."""
+    blob = base64.encodebytes(random.Random(1).randbytes(768 * 1024)).replace(b"\n", b"\r\n")
+    data = b"Content-Type: application/pdf\r\n\r\n" + blob + b"--b1--\r\n"
+    by_regex: list[int] = []
+    regexes = skeleton._Scan._regexes
+
+    def counted(self: skeleton._Scan, buf: bytes, start: int, end: int) -> None:
+        by_regex.append(end - start)
+        regexes(self, buf, start, end)
+
+    monkeypatch.setattr(skeleton._Scan, "_regexes", counted)
+    assert found(data, skeleton.CHUNK) == reference_scan(data)
+    assert sum(by_regex) < 0.05 * len(data)
 
 
 def _filter_view(runner_path: Path, raw: bytes, tmp_path: Path, monkeypatch, min_run: int) -> tuple[Any, ...]:
@@ -177,12 +266,17 @@ def test_a_run_that_starts_a_header_section_ends_it_as_the_original_does(tmp_pat
 
 
 def test_a_token_written_in_a_message_is_only_text(tmp_path: Path) -> None:
-    forged = b"\x7fdefang-span-0123456789ab.0\x7f"
-    raw = b"Subject: x\r\n\r\n" + forged + b"\r\n" + b"y" * 70_000 + b"\r\n"
+    # on a line a run does not start with (it looks like a header field): the parser
+    # sees the forged token beside the real one
+    forged = b"Forged: \x7fdefang-span-0123456789ab.0\x7f"
+    raw = b"Subject: x\r\n\r\n" + forged + b"\r\n" + (b"y" * 70 + b"\r\n") * 1000
     path = tmp_path / "forged.eml"
     path.write_bytes(raw)
     whole, tree, spans = parse_both(path, 1)
     assert spans is not None and len(spans) == 1
+    stood_in = tree.get_payload()
+    assert stood_in.count("\x7fdefang-span-") == 2
+    assert spans.length(stood_in) == len(whole.get_payload())
     spans.materialize(tree)
     assert dump(tree) == dump(whole)
     assert tree.get_payload().startswith(forged.decode("ascii"))

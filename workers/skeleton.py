@@ -46,10 +46,13 @@ from typing import BinaryIO
 #: runs shorter than this are left to the parser (the token costs more than it saves)
 MIN_RUN = 16 * 1024
 _PREFIX = b"\x7fdefang-span-"
-# a line that starts with "-" or is empty: the lines a run may not contain
+# a token: the prefix, the message's tag, the run's number (one pattern for every tag:
+# compiling one per message cost 80 us, a sixth of a 140 KB message's walk)
+_TOKEN = re.compile(r"\x7fdefang-span-([0-9a-f]{12}\.)(\d+)\x7f")
+# a line end before a line that starts with "-" or is empty: the lines a run may not contain
 _STOP_LINE = re.compile(rb"\n(?=-|\r?\n)")
-# the stdlib feed parser's headerRE, for bytes
 _BARE_CR = re.compile(rb"\r(?!\n)")  # a line end to the parser, unseen by _STOP_LINE
+# the stdlib feed parser's headerRE, for bytes
 _HEADER_LIKE = re.compile(rb"From |[\041-\071\073-\176]*:|[\t ]")
 _MAX_SKIPPED_LINES = 64  # header-like lines skipped at the start of one run
 
@@ -63,7 +66,7 @@ class Spans:
         # token number -> (start, end) of the run in the file (without its last line end),
         # and the length of its text (CRLF read as LF)
         self.runs: list[tuple[int, int, int]] = []
-        self._token = re.compile(re.escape(tag) + r"(\d+)\x7f")
+        self._own = tag.removeprefix(_PREFIX.decode("ascii"))  # what _TOKEN's first group is for ours
         self._done: set[int] = set()
 
     def __len__(self) -> int:
@@ -76,21 +79,24 @@ class Spans:
         with open(self.path, "rb") as f:
 
             def read(m: re.Match[str]) -> str:
-                start, end, _ = self.runs[int(m.group(1))]
+                if m.group(1) != self._own:
+                    return m.group(0)
+                start, end, _ = self.runs[int(m.group(2))]
                 f.seek(start)
                 data = f.read(end - start)
                 # a run has no bare CR: deleting every CR turns CRLF into LF (and fast)
                 return data.translate(None, b"\r").decode("ascii", "surrogateescape")
 
-            return self._token.sub(read, text)
+            return _TOKEN.sub(read, text)
 
     def length(self, text: str) -> int:
         """``len(self.restore(text))`` without reading the file."""
         if self.tag not in text:
             return len(text)
         size = len(text)
-        for m in self._token.finditer(text):
-            size += self.runs[int(m.group(1))][2] - len(m.group(0))
+        for m in _TOKEN.finditer(text):
+            if m.group(1) == self._own:
+                size += self.runs[int(m.group(2))][2] - len(m.group(0))
         return size
 
     def materialize(self, entity: EmailMessage) -> EmailMessage:
@@ -119,12 +125,27 @@ CHUNK = 1024 * 1024
 _WINDOW = 64 * 1024  # what is read at a run's start to find its first body line
 
 
+#: bytes read with the regexes before a block of equal lines is looked for again
+_REGEX_STEP = 8 * 1024
+#: a block of equal lines shorter than this is left to the regexes
+_BLOCK_MIN = 4 * 1024
+_FIRST_PIECE_LINES = 64  # lines in the first piece of a block checked; each next piece doubles
+
+
 class _Scan:
     """What one pass over the file finds (offsets in the file).
 
     ``stops``: the line ends before each stop line, then the last line end of the file;
     ``crs``: how many CRs the file has before each of them; ``crlf``: whether a CR
     precedes each; ``bare_crs``: where the bare CRs are.
+
+    Two ways to read a stretch of the file, with the same findings.  The regexes visit
+    every line end in Python's matcher.  A *block* -- lines of one length, such as
+    base64's 76 characters -- is checked by a few passes at C speed instead: the bytes
+    where its line ends should be, the first byte of each line, counts of its LFs and
+    CRs.  (Measured on the benchmark's 7 MB message: 11.3 ms by regexes, 5.1 ms with
+    blocks.)  A block is checked a piece at a time, each twice the last, so a stretch
+    that turns out not to be one costs no more than the part of it that was.
     """
 
     def __init__(self) -> None:
@@ -135,56 +156,116 @@ class _Scan:
         self.first_eol = -1
         self.first_crs = 0
         self.size = 0
+        # within the chunk being read: its file offset, the CRs before `counted`
+        self._base = 0
+        self._crs = 0
+        self._counted = 0
+        self._prev_byte = -1  # the file's byte before the chunk
+        self._last: tuple[int, int, bool] | None = None  # the last line end: crs, crlf
+
+    def chunk(self, buf: bytes, limit: int) -> None:
+        """Find what buf[:limit] holds (buf has up to 2 bytes more, to look ahead into)."""
+        self._counted = 0
+        if self.first_eol < 0:
+            first = buf.find(b"\n", 0, limit)
+            if first >= 0:
+                self.first_eol = self._base + first
+                self.first_crs = self._crs + buf.count(b"\r", 0, first)
+        pos = 0
+        while pos < limit:
+            # regexes up to a line start, then a block from there if there is one
+            line_start = buf.find(b"\n", min(pos + _REGEX_STEP, limit), limit) + 1 or limit
+            self._regexes(buf, pos, line_start)
+            pos = line_start
+            if pos < limit:
+                pos = self._block(buf, pos, limit)
+        eol = buf.rfind(b"\n", 0, limit)
+        if eol >= 0:
+            crlf = (buf[eol - 1] if eol else self._prev_byte) == 13
+            self._last = (self._base + eol, self._crs + buf.count(b"\r", self._counted, eol), crlf)
+        self._crs += buf.count(b"\r", self._counted, limit)
+        if limit:
+            self._prev_byte = buf[limit - 1]
+        self._base += limit
+
+    def finish(self) -> _Scan:
+        """The scan once every chunk is in: the file's last line end goes with the stops."""
+        self.size = self._base
+        if self._last is not None:
+            self.stops.append(self._last[0])
+            self.crs.append(self._last[1])
+            self.crlf.append(self._last[2])
+        return self
+
+    def _regexes(self, buf: bytes, start: int, end: int) -> None:
+        """The stop lines and bare CRs at positions start..end-1 (the regexes look past end)."""
+        # the regexes look 2 bytes past a line end: let them, but no further
+        for m in _STOP_LINE.finditer(buf, start, end + 2):
+            p = m.start()
+            if p >= end:
+                break
+            self._stop(buf, p)
+        for m in _BARE_CR.finditer(buf, start, end + 2):
+            if m.start() >= end:
+                break
+            self.bare_crs.append(self._base + m.start())
+
+    def _stop(self, buf: bytes, p: int) -> None:
+        self._crs += buf.count(b"\r", self._counted, p)
+        self._counted = p
+        self.stops.append(self._base + p)
+        self.crs.append(self._crs)
+        self.crlf.append((buf[p - 1] if p else self._prev_byte) == 13)
+
+    def _block(self, buf: bytes, start: int, limit: int) -> int:
+        """Past the block of equal lines at ``start`` (a line start), if one is there.
+
+        Returns the position of the block's last LF, where the regexes go on: whether
+        the line after it is a stop line is theirs to say.  No block: ``start``.
+        """
+        eol = buf.find(b"\n", start, limit)
+        width = eol + 1 - start
+        if eol < 0 or width < 3:
+            return start
+        cr = 1 if buf[eol - 1] == 13 else 0
+        end = start  # lines checked so far: buf[start:end]
+        lines = _FIRST_PIECE_LINES
+        while True:
+            n = min(lines, (limit - end) // width)
+            if n == 0:
+                break
+            stop = end + n * width
+            if not (
+                buf.count(b"\n", end, stop) == n
+                and buf[end + width - 1 : stop : width].count(b"\n") == n  # each line's LF
+                and buf.count(b"\r", end, stop) == cr * n
+                and (not cr or buf[end + width - 2 : stop : width].count(b"\r") == n)
+                and b"-" not in buf[end:stop:width]  # each line's first byte
+            ):
+                break
+            end = stop
+            lines *= 2
+        if end - start < _BLOCK_MIN:
+            return start
+        # no stop line and no bare CR in the block: only its CRs to add to the count
+        self._crs += buf.count(b"\r", self._counted, start) + cr * ((end - start) // width)
+        self._counted = end
+        return end - 1
 
 
 def _scan(f: BinaryIO, chunk_size: int) -> _Scan:
     """One pass over ``f``, ``chunk_size`` bytes at a time (the last 2 kept for lookahead)."""
     scan = _Scan()
     buf = b""
-    base = 0  # file offset of buf[0]
-    crs = 0  # CRs in the file before base + counted
-    prev_byte = -1  # the file's byte before base
-    last: tuple[int, int, bool] | None = None  # the last line end seen, with its crs and crlf
     while True:
         chunk = f.read(chunk_size)
         buf += chunk
         eof = not chunk
         limit = len(buf) if eof else max(0, len(buf) - 2)
-        counted = 0
-        if scan.first_eol < 0:
-            first = buf.find(b"\n", 0, limit)
-            if first >= 0:
-                scan.first_eol, scan.first_crs = base + first, crs + buf.count(b"\r", 0, first)
-        for m in _STOP_LINE.finditer(buf):
-            p = m.start()
-            if p >= limit:
-                break
-            crs += buf.count(b"\r", counted, p)
-            counted = p
-            scan.stops.append(base + p)
-            scan.crs.append(crs)
-            scan.crlf.append((buf[p - 1] if p else prev_byte) == 13)
-        for m in _BARE_CR.finditer(buf):
-            if m.start() >= limit:
-                break
-            scan.bare_crs.append(base + m.start())
-        eol = buf.rfind(b"\n", 0, limit)
-        if eol >= 0:
-            crlf = (buf[eol - 1] if eol else prev_byte) == 13
-            last = (base + eol, crs + buf.count(b"\r", counted, eol), crlf)
-        crs += buf.count(b"\r", counted, limit)
-        if limit:
-            prev_byte = buf[limit - 1]
+        scan.chunk(buf, limit)
         buf = buf[limit:]
-        base += limit
         if eof:
-            break
-    scan.size = base
-    if last is not None:
-        scan.stops.append(last[0])
-        scan.crs.append(last[1])
-        scan.crlf.append(last[2])
-    return scan
+            return scan.finish()
 
 
 def _pread(f: BinaryIO, start: int, size: int) -> bytes:
