@@ -9,7 +9,7 @@ import socket
 
 import milter
 
-from defang import frontend
+from defang import frontend, malloc
 from defang.config import Config, unix_socket_path
 from defang.mxclient import MultiplexorClient
 from defang.proctitle import set_title
@@ -17,8 +17,13 @@ from defang.proctitle import set_title
 log = logging.getLogger("defang.milter")
 
 
+#: malloc arenas for libmilter's threads (see defang.malloc.limit_arenas)
+MILTER_ARENAS = 2
+
+
 def serve(cfg: Config, ready_fd: int | None = None) -> int:
     set_title("defang-milter")
+    malloc.limit_arenas(MILTER_ARENAS)
     client = MultiplexorClient(
         str(cfg.multiplexor_socket), cfg.effective_request_timeout(), cfg.max_frame_size
     )

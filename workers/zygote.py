@@ -19,7 +19,6 @@ defang, nor be left to a PID 1 that may not reap it.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import email.generator  # noqa: F401  (imported so workers share the pages)
 import email.parser  # noqa: F401
 import email.policy  # noqa: F401
@@ -34,7 +33,7 @@ import sys
 import time
 
 from defang import config as configmod
-from defang import logsetup
+from defang import logsetup, malloc
 from defang.proctitle import set_title
 from workers import process
 from workers.loader import FilterLoadError, load_filter
@@ -74,27 +73,6 @@ def receive(sock: socket.socket) -> tuple[dict | None, list[int]]:
     return json.loads(data), fds
 
 
-MMAP_THRESHOLD = 256 * 1024
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-def fixed_mmap_threshold() -> None:
-    """Make glibc give every allocation over MMAP_THRESHOLD back to the system when freed.
-
-    Why: glibc raises its mmap threshold to the size of the last mmapped block freed,
-    so after one 7 MB message a worker's next big buffers come from the heap, and
-    the heap keeps them: measured, every worker that had read a 7 MB message kept
-    ~9 MB more private memory for good (10 workers: +90 MB of PSS).  A fixed
-    threshold switches that adjustment off; the workers inherit it.  Elsewhere than
-    glibc (no mallopt) nothing is done.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    except (OSError, AttributeError):
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="defang-zygote")
     ap.add_argument("--config")
@@ -121,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     # unshare the pages; freezing moves them out of the collector's reach.
     gc.collect()
     gc.freeze()
-    fixed_mmap_threshold()
+    malloc.fix_mmap_threshold()
     send(chan, {"op": "ready", "pid": os.getpid(), "hooks": sorted(runner.hooks)})
     return _loop(chan, runner, cfg, args.generation)
 
