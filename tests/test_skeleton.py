@@ -143,14 +143,15 @@ def test_blocks_and_regexes_find_the_same_as_a_whole_file_regex(seed: int, monke
     data = random_body(rnd)
     want = reference_scan(data)
     # the shipped sizes, then tiny ones: blocks of a line or two, chunks cut anywhere
-    for block_min, step, piece in ((skeleton._BLOCK_MIN, skeleton._REGEX_STEP, skeleton._FIRST_PIECE_LINES),
-                                   (1, 1, 1), (8, 16, 2), (64, 200, 4)):  # fmt: skip
+    shipped = (skeleton._BLOCK_MIN, skeleton._REGEX_STEP, skeleton._FIRST_PIECE_LINES, skeleton._PIECE_MAX)
+    for block_min, step, piece, piece_max in (shipped, (1, 1, 1, 1 << 30), (8, 16, 2, 40), (64, 200, 4, 300)):
         monkeypatch.setattr(skeleton, "_BLOCK_MIN", block_min)
         monkeypatch.setattr(skeleton, "_REGEX_STEP", step)
         monkeypatch.setattr(skeleton, "_FIRST_PIECE_LINES", piece)
+        monkeypatch.setattr(skeleton, "_PIECE_MAX", piece_max)
         tiny = (1, 2, 3) if len(data) < 20_000 else ()  # a chunk of a byte is slow to read
         for chunk in (*tiny, 7, 100, rnd.randint(1, 5000), 1 << 20):
-            assert found(data, chunk) == want, (block_min, step, piece, chunk)
+            assert found(data, chunk) == want, (block_min, step, piece, piece_max, chunk)
 
 
 def test_a_base64_attachment_is_read_as_blocks(monkeypatch) -> None:

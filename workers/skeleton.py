@@ -130,6 +130,7 @@ _REGEX_STEP = 8 * 1024
 #: a block of equal lines shorter than this is left to the regexes
 _BLOCK_MIN = 4 * 1024
 _FIRST_PIECE_LINES = 64  # lines in the first piece of a block checked; each next piece doubles
+_PIECE_MAX = 128 * 1024  # bytes in a piece at most: its passes read it from the CPU cache
 
 
 class _Scan:
@@ -244,7 +245,7 @@ class _Scan:
             ):
                 break
             end = stop
-            lines *= 2
+            lines = min(lines * 2, _PIECE_MAX // width)
         if end - start < _BLOCK_MIN:
             return start
         # no stop line and no bare CR in the block: only its CRs to add to the count
