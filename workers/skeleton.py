@@ -121,7 +121,7 @@ class Spans:
 
 
 #: the file is scanned this much at a time: a worker never holds a whole big message
-CHUNK = 1024 * 1024
+CHUNK = 256 * 1024
 _WINDOW = 64 * 1024  # what is read at a run's start to find its first body line
 
 
