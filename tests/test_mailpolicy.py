@@ -81,3 +81,27 @@ def test_the_tables_are_bounded(monkeypatch) -> None:
         fetch(long_value)
     for table in (mailpolicy._kept, mailpolicy._this_message):
         assert all(len(value) <= mailpolicy.CACHE_VALUE_CHARS for _, value in table)
+
+
+def test_boundary_patterns_do_not_pile_up_in_re_cache(tmp_path) -> None:
+    """The feed parser compiles a pattern per boundary; a worker empties re's cache."""
+    import re
+
+    from workers import message as message_mod
+    from workers.conn import Connection
+
+    def walk(i: int) -> None:
+        path = tmp_path / f"m{i}.eml"
+        path.write_bytes(b'Content-Type: multipart/mixed; boundary="b-%d"\r\n\r\n--b-%d\r\n'
+                         b"Content-Type: text/plain\r\n\r\nhi\r\n--b-%d--\r\n" % (i, i, i))  # fmt: skip
+        msg = message_mod.Message(Connection(), sender="a@example.org", recipients=["b@example.org"],
+                                  queue_id="Q", path=str(path))  # fmt: skip
+        assert len(msg.parts) == 2
+
+    re.purge()
+    for i in range(10):
+        walk(i)
+    assert len(re._cache) >= 10, "each boundary left a pattern behind"
+    for i in range(10, 300):
+        walk(i)
+        assert len(re._cache) <= message_mod.RE_PURGE_EVERY + 20

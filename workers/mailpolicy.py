@@ -24,7 +24,7 @@ from typing import Any
 
 CACHE_ENTRIES = 2048  # values kept across messages; the table is emptied when full
 CACHE_VALUE_CHARS = 1024  # longer values are parsed every time, never kept
-SEEN_ENTRIES = 8192  # values of earlier messages remembered (as hashes) to know a repeat
+SEEN_ENTRIES = 1024  # values of earlier messages remembered (as hashes, ~140 B each) to know a repeat
 
 _kept: dict[tuple[str, str], Any] = {}  # seen in more than one message
 _this_message: dict[tuple[str, str], Any] = {}  # parsed for the message being read
