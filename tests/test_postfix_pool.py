@@ -450,13 +450,7 @@ def test_max_rss_recycles_a_leaking_worker(tmp_path):
         st = stack.defang.status()
         [w] = live_workers(st)
         assert w["rss"] < limit, (w["rss"], limit)
-        mids = []
-        for i in range(8):
-            data, mid = message(f"leak{i}")
-            assert stack.send(data).data[0] == 250
-            mids.append(mid)
-        served_by = [int(header(wait_for(mid, lambda m=mid: delivered(stack, m))[0].raw, "X-Worker-Pid"))
-                     for mid in mids]  # fmt: skip
+        served_by = serving_pids(stack, [f"leak{i}" for i in range(8)])
         runs = _runs(served_by)
         figure("max_rss: baseline / limit / messages per worker", (baseline, limit, runs))
         # 10 MiB of headroom at 4 MiB a message: a worker lasts at most 3 messages (the
@@ -475,18 +469,24 @@ def test_max_requests_changes_the_worker_every_n_messages():
     settings = {"multiplexor": {"min_workers": 1, "max_workers": 1, "min_spare": 0, "max_requests": 3,
                                 "max_requests_jitter": 0}}  # fmt: skip
     with Stack(CONTROL, settings=settings) as stack:
-        mids = []
-        for i in range(9):
-            data, mid = message(f"req{i}")
-            assert stack.send(data).data[0] == 250
-            mids.append(mid)
-        served_by = [int(header(wait_for(mid, lambda m=mid: delivered(stack, m))[0].raw, "X-Worker-Pid"))
-                     for mid in mids]  # fmt: skip
+        served_by = serving_pids(stack, [f"req{i}" for i in range(9)])
         figure("max_requests 3: messages per worker pid", _runs(served_by))
         assert _runs(served_by) == [3, 3, 3], served_by
         assert len(set(served_by)) == 3
         stack.defang.wait_log("retiring after 3 requests: max_requests 3")
         wait_for("two retirements in the log", lambda: stack.defang.log().count("exited 0 (retired)") >= 2)
+
+
+def serving_pids(stack: Stack, tags: list[str]) -> list[int]:
+    """Send one message per tag, one after another (each must get 250), and return the
+    PID of the worker that filtered each, read from its X-Worker-Pid at the sink."""
+    mids = []
+    for tag in tags:
+        data, mid = message(tag)
+        assert stack.send(data).data[0] == 250
+        mids.append(mid)
+    return [int(header(wait_for(mid, lambda m=mid: delivered(stack, m))[0].raw, "X-Worker-Pid"))
+            for mid in mids]  # fmt: skip
 
 
 def _runs(seq: list[int]) -> list[int]:
