@@ -15,7 +15,10 @@ Who talks to it:
   connection (the front end keeps a pool of connections);
 - defangctl, on ``control.sock``: status, workers, reload;
 - a zygote per filter generation (SOCK_SEQPACKET, see workers/zygote.py), which forks
-  the workers; each worker has its own stream socketpair to this loop.
+  the workers; each worker has its own stream socketpair to this loop.  The zygote is
+  forked from here (this process has no threads) and only then imports filter.py: it
+  and its workers share this process's pages of the interpreter, the stdlib and the
+  walk's modules, imported below for that reason.
 
 Rules it keeps: dispatch only to idle workers; a bounded queue with a timeout; a
 request whose worker died or hung is answered with a tempfail and never run twice; a
@@ -25,6 +28,7 @@ reload loads the new filter in a new zygote first and swaps only when it loaded.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -32,14 +36,14 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from defang import protocol
+import workers.zygote
+from defang import child, protocol
 from defang.channel import Channel, Closed
 from defang.config import Config
 from defang.proctitle import set_title
@@ -87,7 +91,7 @@ class Worker:
 @dataclass(eq=False)
 class Zygote:
     gen: int
-    proc: subprocess.Popen
+    proc: child.Child
     sock: socket.socket
     hooks: list[str] | None = None
     waiters: list[Client] = field(default_factory=list)  # control clients awaiting reload
@@ -107,7 +111,7 @@ class Multiplexor:
         # exited: a zygote stays until its last worker has *exited* (it reaps them and
         # reports each exit)
         self.children: dict[int, tuple[int, int]] = {}
-        self.closed_zygotes: list[subprocess.Popen] = []  # told to leave, not yet reaped
+        self.closed_zygotes: list[child.Child] = []  # told to leave, not yet reaped
         self.zygotes: dict[int, Zygote] = {}
         self.gen = 0  # the generation new workers come from
         self.next_wid = 1
@@ -558,12 +562,11 @@ class Multiplexor:
     def _start_zygote(self, first: bool = False) -> bool:
         gen = max(self.zygotes, default=self.gen) + 1
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        cmd = [sys.executable, "-m", "workers.zygote", "--fd", str(theirs.fileno()),
-               "--generation", str(gen), "--filter", str(self.cfg.filter)]  # fmt: skip
+        argv = ["--fd", str(theirs.fileno()), "--generation", str(gen), "--filter", str(self.cfg.filter)]
         if self.cfg.source:
-            cmd += ["--config", str(self.cfg.source)]
-        cmd += ["--runtime-dir", str(self.cfg.runtime_dir)]
-        proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], close_fds=True)
+            argv += ["--config", str(self.cfg.source)]
+        argv += ["--runtime-dir", str(self.cfg.runtime_dir)]
+        proc = child.fork(lambda: _zygote_main(argv, theirs.fileno()))
         theirs.close()
         z = Zygote(gen, proc, mine)
         if first:
@@ -838,3 +841,18 @@ def _zrecv_blocking(sock: socket.socket, timeout: float) -> dict[str, Any] | Non
     except (TimeoutError, OSError):
         return None
     return json.loads(data) if data else None
+
+
+def _zygote_main(argv: list[str], channel_fd: int) -> int:
+    """In the forked zygote: let go of the multiplexor's descriptors, then load the filter.
+
+    What the multiplexor left for its garbage collector is collected first, while the
+    descriptors its objects hold are still theirs (collected later, a forgotten socket
+    object would close a number the zygote may have reused since).  Then every
+    descriptor but the standard three and the channel is closed: the zygote must not
+    hold the multiplexor's end of any socket, or a peer would never see EOF.
+    """
+    gc.collect()
+    os.closerange(3, channel_fd)
+    os.closerange(channel_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    return workers.zygote.main(argv)

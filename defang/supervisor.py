@@ -24,10 +24,11 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 
 import defang.milterd  # noqa: F401  (imported before the forks: shared pages)
 import defang.multiplexor  # noqa: F401
+from defang import child
+from defang.child import Child
 from defang.config import Config
 from defang.proctitle import set_title
 
@@ -43,61 +44,16 @@ class StartError(Exception):
     pass
 
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT)
+HANDLED_SIGNALS = child.PARENT_SIGNALS
 
 
-class Child:
-    """A forked daemon, with the part of ``subprocess.Popen``'s interface we use."""
+def _daemon_main(argv: list[str], close_fds: tuple[int, ...]) -> int:
+    """In the forked child: the supervisor's fds closed, then ``defang <argv>``."""
+    for fd in close_fds:
+        os.close(fd)
+    from defang.cli import main
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0)
-            time.sleep(0.02)
-        return self.returncode  # type: ignore[return-value]
-
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, sig)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-
-def _run_child(argv: list[str], close_fds: tuple[int, ...]) -> None:
-    """In the forked child: the supervisor's signal set-up undone, then ``defang <argv>``."""
-    code = 1
-    try:
-        signal.set_wakeup_fd(-1)
-        for sig in HANDLED_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        for fd in close_fds:
-            os.close(fd)
-        from defang.cli import main
-
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+    return main(argv)
 
 
 class Daemon:
@@ -111,10 +67,8 @@ class Daemon:
 
     def start(self) -> None:
         r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            _run_child([*self.argv, "--ready-fd", str(w)], (r, *self.close_in_child))
-        self.proc = Child(pid)
+        argv, close_fds = [*self.argv, "--ready-fd", str(w)], (r, *self.close_in_child)
+        self.proc = child.fork(lambda: _daemon_main(argv, close_fds))
         os.close(w)
         try:
             line = _read_line(r, START_TIMEOUT)

@@ -60,6 +60,63 @@ def test_reload_swaps_filter_and_workers(live_filter):
     assert status["generation"] == 2 and all(w["gen"] == 2 for w in status["workers"])
 
 
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def _listening_inodes(paths: list[str]) -> set[str]:
+    """Inodes of the Unix sockets listening on ``paths`` (from /proc/net/unix)."""
+    with open("/proc/net/unix") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return {row[6] for row in rows if len(row) > 7 and row[7] in paths and row[3] == "00010000"}
+
+
+def test_the_zygote_is_forked_by_the_multiplexor_and_holds_none_of_its_sockets(live_filter):
+    """Forked, so it shares the multiplexor's pages; without its sockets, or a front end
+    or a worker the multiplexor closed would never see EOF."""
+    d, _path = live_filter
+    assert header(send(d), "X-Gen") == ["one"]
+    [mux] = d.pids("defang-multiplexor")
+    [zygote] = d.pids("defang-zygote")
+    with open(f"/proc/{zygote}/stat") as f:
+        assert int(f.read().rsplit(")", 1)[1].split()[1]) == mux  # its parent
+    listeners = _listening_inodes([str(d.runtime / "multiplexor.sock"), str(d.control_socket)])
+    mux_sockets = _socket_inodes(mux)
+    assert len(listeners) == 2 and listeners <= mux_sockets
+    # one socket: its end of its channel to the multiplexor (it hands the workers theirs)
+    zygote_sockets = _socket_inodes(zygote)
+    assert len(zygote_sockets) == 1 and not zygote_sockets & mux_sockets
+    for worker in d.pids("defang-worker"):
+        worker_sockets = _socket_inodes(worker)
+        assert len(worker_sockets) == 1 and not worker_sockets & mux_sockets
+
+
+def test_reload_reads_a_changed_helper_module(tmp_path):
+    """filter.py's own modules are imported afresh by each generation's zygote: the
+    multiplexor it is forked from never imported them."""
+    (tmp_path / "site_rules.py").write_text('TAG = "first"\n')
+    path = tmp_path / "filter.py"
+    path.write_text(tagged("unused", "import site_rules").replace('"unused"', "site_rules.TAG"))
+    d = Defang(path, settings={"multiplexor": {"min_workers": 1, "max_workers": 1}}).start()
+    try:
+        assert header(send(d), "X-Gen") == ["first"]
+        (tmp_path / "site_rules.py").write_text('TAG = "second"\n')
+        r = d.ctl("reload")
+        assert r.returncode == 0, r.stderr
+        assert header(send(d), "X-Gen") == ["second"]
+    finally:
+        d.stop()
+        d.cleanup()
+
+
 def test_broken_reload_keeps_the_old_filter(live_filter):
     d, path = live_filter
     path.write_text("def filter_end(msg):\n    msg.add_header('X', 'y'\n")  # syntax error
