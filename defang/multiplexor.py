@@ -134,6 +134,10 @@ class Multiplexor:
             signal.signal(sig, lambda *_: None)
         self.sel.register(wake_r, selectors.EVENT_READ, self._on_signal_pipe)
         self._wake_r = wake_r
+        # The zygotes are forked from here: what is imported so far stays shared with them
+        # (no collection, here or there, writes to it).  ``defang run`` froze its own
+        # imports already; ``defang multiplexor`` on its own has not.
+        gc.freeze()
 
         if not self._start_zygote(first=True):
             return 2
