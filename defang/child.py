@@ -9,13 +9,14 @@ no threads: the child would inherit locks held by threads that do not exist in i
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 #: The signals the parents here catch; in the child they are back to their defaults.
 PARENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT)
@@ -51,13 +52,14 @@ class Child:
         self.send_signal(signal.SIGKILL)
 
 
-def fork(main: Callable[[], int | None]) -> Child:
+def fork(main: Callable[[], int | None], *, keep_fds: Collection[int] = ()) -> Child:
     """Fork a child that runs ``main()`` and exits with its return value.
 
     Signals are blocked across the fork, so none reaches the child while it still has
     the parent's handlers (they write to the parent's wake-up pipe, which the child
-    shares).  The child never returns into the parent's code: it leaves by
-    ``os._exit``, after flushing stdout and stderr, whatever ``main`` did.
+    shares).  In the child every descriptor but 0-2 and ``keep_fds`` is closed before
+    ``main`` runs (see ``_drop_inherited``).  The child never returns into the parent's
+    code: it leaves by ``os._exit``, after flushing stdout and stderr, whatever ``main`` did.
     """
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
     try:
@@ -69,6 +71,7 @@ def fork(main: Callable[[], int | None]) -> Child:
                 for sig in PARENT_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                _drop_inherited(keep_fds)
                 result = main()
                 code = result if isinstance(result, int) else 0
             except SystemExit as exc:
@@ -84,3 +87,20 @@ def fork(main: Callable[[], int | None]) -> Child:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return Child(pid)
+
+
+def _drop_inherited(keep: Collection[int]) -> None:
+    """Close every descriptor but 0-2 and ``keep``: the child holds no end of the parent's
+    sockets and pipes, so a peer the parent closes still sees EOF.
+
+    The parent's garbage is collected first, while the descriptors its objects hold are
+    still theirs: collected later, a forgotten socket object would close a number the
+    child may have reused since.
+    """
+    gc.collect()
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))

@@ -570,7 +570,7 @@ class Multiplexor:
         if self.cfg.source:
             argv += ["--config", str(self.cfg.source)]
         argv += ["--runtime-dir", str(self.cfg.runtime_dir)]
-        proc = child.fork(lambda: _zygote_main(argv, theirs.fileno()))
+        proc = child.fork(lambda: workers.zygote.main(argv), keep_fds=[theirs.fileno()])
         theirs.close()
         z = Zygote(gen, proc, mine)
         if first:
@@ -846,17 +846,3 @@ def _zrecv_blocking(sock: socket.socket, timeout: float) -> dict[str, Any] | Non
         return None
     return json.loads(data) if data else None
 
-
-def _zygote_main(argv: list[str], channel_fd: int) -> int:
-    """In the forked zygote: let go of the multiplexor's descriptors, then load the filter.
-
-    What the multiplexor left for its garbage collector is collected first, while the
-    descriptors its objects hold are still theirs (collected later, a forgotten socket
-    object would close a number the zygote may have reused since).  Then every
-    descriptor but the standard three and the channel is closed: the zygote must not
-    hold the multiplexor's end of any socket, or a peer would never see EOF.
-    """
-    gc.collect()
-    os.closerange(3, channel_fd)
-    os.closerange(channel_fd + 1, os.sysconf("SC_OPEN_MAX"))
-    return workers.zygote.main(argv)

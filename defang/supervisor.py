@@ -47,10 +47,8 @@ class StartError(Exception):
 HANDLED_SIGNALS = child.PARENT_SIGNALS
 
 
-def _daemon_main(argv: list[str], close_fds: tuple[int, ...]) -> int:
-    """In the forked child: the supervisor's fds closed, then ``defang <argv>``."""
-    for fd in close_fds:
-        os.close(fd)
+def _daemon_main(argv: list[str]) -> int:
+    """In the forked child: ``defang <argv>``."""
     from defang.cli import main
 
     return main(argv)
@@ -63,12 +61,11 @@ class Daemon:
         self.proc: Child | None = None
         self.restarts = 0
         self.next_start = 0.0
-        self.close_in_child: tuple[int, ...] = ()  # the supervisor's own fds
 
     def start(self) -> None:
         r, w = os.pipe()
-        argv, close_fds = [*self.argv, "--ready-fd", str(w)], (r, *self.close_in_child)
-        self.proc = child.fork(lambda: _daemon_main(argv, close_fds))
+        argv = [*self.argv, "--ready-fd", str(w)]
+        self.proc = child.fork(lambda: _daemon_main(argv), keep_fds=[w])
         os.close(w)
         try:
             line = _read_line(r, START_TIMEOUT)
@@ -132,7 +129,6 @@ def run(cfg: Config, base_args: list[str]) -> int:
 
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
-    mx.close_in_child = fe.close_in_child = (wake_r, wake_w)
     signal.set_wakeup_fd(wake_w)
     for sig in HANDLED_SIGNALS:
         signal.signal(sig, lambda *_: None)

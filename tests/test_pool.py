@@ -82,7 +82,7 @@ def _listening_inodes(paths: list[str]) -> set[str]:
 def test_the_zygote_is_forked_by_the_multiplexor_and_holds_none_of_its_sockets(live_filter):
     """Forked, so it shares the multiplexor's pages; without its sockets, or a front end
     or a worker the multiplexor closed would never see EOF."""
-    d, _path = live_filter
+    d, path = live_filter
     assert header(send(d), "X-Gen") == ["one"]
     [mux] = d.pids("defang-multiplexor")
     [zygote] = d.pids("defang-zygote")
@@ -97,6 +97,12 @@ def test_the_zygote_is_forked_by_the_multiplexor_and_holds_none_of_its_sockets(l
     for worker in d.pids("defang-worker"):
         worker_sockets = _socket_inodes(worker)
         assert len(worker_sockets) == 1 and not worker_sockets & mux_sockets
+    # a reload's zygote is forked while the multiplexor holds its workers' sockets too
+    path.write_text(tagged("two"))
+    assert d.ctl("reload").returncode == 0
+    [new_zygote] = [pid for pid in d.pids("defang-zygote") if pid != zygote]
+    new_sockets = _socket_inodes(new_zygote)
+    assert len(new_sockets) == 1 and not new_sockets & _socket_inodes(mux)
 
 
 def test_reload_reads_a_changed_helper_module(tmp_path):
