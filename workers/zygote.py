@@ -221,6 +221,3 @@ def _child(fd: int, chan: socket.socket, pipe: tuple[int, int], runner, cfg, wid
         sys.stdout.flush()
     return code
 
-
-if __name__ == "__main__":
-    sys.exit(main())
