@@ -13,14 +13,20 @@ Content-Type carries a boundary made for that one message.  Keeping every value 
 worker 4 MB per 300 messages of the benchmark's 140 KB profile, and would have reached
 ~28 MB at the table's bound; kept this way, it stays at the values mail repeats.
 
+Content-Type, Content-Disposition and Content-Transfer-Encoding values in their plain
+form are not parsed at all until a filter reads a header's attributes
+(``workers.deferredheaders``): what the feed parser and the walk read is the string.
+
 Header objects are immutable strings with read-only attributes, so one object can be
 handed out any number of times.  Behaviour is exactly ``policy.default``'s.
 """
 
 from __future__ import annotations
 
-from email.policy import EmailPolicy
+from email.policy import EmailPolicy, linesep_splitter
 from typing import Any
+
+from workers.deferredheaders import deferred_header
 
 CACHE_ENTRIES = 2048  # values kept across messages; the table is emptied when full
 CACHE_VALUE_CHARS = 1024  # longer values are parsed every time, never kept
@@ -39,6 +45,13 @@ def next_message() -> None:
     _this_message.clear()
 
 
+def forget() -> None:
+    """Empty every table, as in a worker that has read nothing yet."""
+    _kept.clear()
+    _this_message.clear()
+    _seen_before.clear()
+
+
 class RememberingPolicy(EmailPolicy):
     """``policy.default``, with parsed header values reused (see the module docstring)."""
 
@@ -49,16 +62,19 @@ class RememberingPolicy(EmailPolicy):
         header = _kept.get(key)
         if header is None:
             header = _this_message.get(key)
+        if header is not None:
+            return header
+        header = deferred_header(name, "".join(linesep_splitter.split(value)))
         if header is None:
             header = super().header_fetch_parse(name, value)
-            if hash(key) in _seen_before:
-                if len(_kept) >= CACHE_ENTRIES:
-                    _kept.clear()
-                _kept[key] = header
-            else:
-                if len(_this_message) >= CACHE_ENTRIES:
-                    _this_message.clear()
-                _this_message[key] = header
+        if hash(key) in _seen_before:
+            if len(_kept) >= CACHE_ENTRIES:
+                _kept.clear()
+            _kept[key] = header
+        else:
+            if len(_this_message) >= CACHE_ENTRIES:
+                _this_message.clear()
+            _this_message[key] = header
         return header
 
 

@@ -47,19 +47,9 @@ from workers.limits import MimeLimitError, MimeLimits, PartActionError, SignedMe
 from workers.mailpolicy import POLICY
 from workers.parts import SIGNED_TYPES, Part, b64_lenient, decode_words, lenient_text, walk
 
-#: The feed parser compiles a regex for each multipart's boundary (~1.2 KB, never used
-#: again: boundaries are made per message) into re's cache, which keeps 512 of them.
-#: Emptied every this many messages, a worker carries ~80 KB of them instead of ~0.6 MB.
-RE_PURGE_EVERY = 64
-_messages_read = 0
-
 
 def _next_message() -> None:
     """A new message is being parsed: forget what the last ones left in the caches."""
-    global _messages_read
-    _messages_read += 1
-    if _messages_read % RE_PURGE_EVERY == 0:
-        re.purge()
     mailpolicy.next_message()
 
 

@@ -17,6 +17,7 @@ import base64
 import os
 import tempfile
 
+from workers import mailpolicy
 from workers.conn import Connection
 from workers.message import Message
 
@@ -76,8 +77,15 @@ def warm_up() -> None:
                      part.is_attachment, part.extensions, part.defects)  # fmt: skip
             if not part.is_multipart:
                 seen.append(part.payload)
+            for name in ("content-type", "content-disposition"):  # a header's attributes,
+                header = part.head.get(name)  # which the stdlib parses when read
+                seen.append(header.params if header is not None else None)
         seen.append(msg.email)
     except Exception:  # a warm-up that fails costs memory, never the start
         pass
     finally:
         os.unlink(path)
+        # what the sample left in the header tables would be freed by each worker's
+        # first messages, and freeing an object writes to the zygote's page it is on
+        # (measured: 0.3 MB more private memory per worker)
+        mailpolicy.forget()
