@@ -40,9 +40,9 @@ from typing import Any
 _TOKEN = r"[!#-'*+\-.0-9A-Z^-~]+"
 # a token without * ' %, which RFC 2231 uses (the stdlib reads them so in any name or value)
 _NAME = r"[!#$&+\-.0-9A-Z^-~]+"
-_QUOTED = r'"[ !#-\[\]-~]*"'  # no quote, backslash or tab inside
-_PARAM = re.compile(rf";[ \t]*({_NAME})[ \t]*=[ \t]*(?:({_NAME})|\"([ !#-\[\]-~]*)\")[ \t]*")
-_PARAMS = rf"(?:;[ \t]*{_NAME}[ \t]*=[ \t]*(?:{_NAME}|{_QUOTED})[ \t]*)*"
+_QUOTED_TEXT = r"[ !#-\[\]-~]*"  # inside quotes: no quote, backslash or tab
+_PARAM = re.compile(rf";[ \t]*({_NAME})[ \t]*=[ \t]*(?:({_NAME})|\"({_QUOTED_TEXT})\")[ \t]*")
+_PARAMS = rf"(?:;[ \t]*{_NAME}[ \t]*=[ \t]*(?:{_NAME}|\"{_QUOTED_TEXT}\")[ \t]*)*"
 _PLAIN = {
     "content-type": re.compile(rf"({_TOKEN}/{_TOKEN}[ \t]*)({_PARAMS})"),
     "content-disposition": re.compile(rf"({_TOKEN}[ \t]*)({_PARAMS})"),
