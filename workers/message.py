@@ -47,12 +47,6 @@ from workers.limits import MimeLimitError, MimeLimits, PartActionError, SignedMe
 from workers.mailpolicy import POLICY
 from workers.parts import SIGNED_TYPES, Part, b64_lenient, decode_words, lenient_text, walk
 
-
-def _next_message() -> None:
-    """A new message is being parsed: forget what the last ones left in the caches."""
-    mailpolicy.next_message()
-
-
 _FIELD = re.compile(rb"\n(?![ \t])")  # a line end that does not fold
 _FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but ":"
 _BAD_IN_VALUE = re.compile(r"\r\n(?![ \t])|\n(?![ \t])|\r(?!\n)|\0")
@@ -276,7 +270,7 @@ class Message:
     def _parsed(self) -> EmailMessage:
         """The stdlib's parse, with long bodies left in the file until read."""
         if self._tree is None:
-            _next_message()
+            mailpolicy.next_message()  # what the last message parsed is now "seen before"
             with open(self.path, "rb") as f:
                 self._tree, self._spans = skeleton.parse(f, self.path, _PARSER)
         return self._tree
