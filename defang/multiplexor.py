@@ -845,4 +845,3 @@ def _zrecv_blocking(sock: socket.socket, timeout: float) -> dict[str, Any] | Non
     except (TimeoutError, OSError):
         return None
     return json.loads(data) if data else None
-

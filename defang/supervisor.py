@@ -28,7 +28,6 @@ import time
 import defang.milterd  # noqa: F401  (imported before the forks: shared pages)
 import defang.multiplexor  # noqa: F401
 from defang import child
-from defang.child import Child
 from defang.config import Config
 from defang.proctitle import set_title
 
@@ -58,7 +57,7 @@ class Daemon:
     def __init__(self, name: str, argv: list[str]) -> None:
         self.name = name
         self.argv = argv
-        self.proc: Child | None = None
+        self.proc: child.Child | None = None
         self.restarts = 0
         self.next_start = 0.0
 
