@@ -32,7 +32,10 @@ CPU seconds per message of the stack's process tree and of Postfix's (utime+stim
 every process in the tree plus cutime+cstime, i.e. children that exited and were reaped
 inside the tree -- recycled workers and Postfix daemons count), and the peak of RSS and
 PSS summed over the stack's processes (smaps_rollup sampled every 0.2 s).  Each cell runs
-``--runs`` times after a warm-up; the table shows the median and the min-max spread.
+``--runs`` times, each run after a warm-up; the table shows the median and the min-max
+spread.  All stacks are up at once and take turns: for each profile, run 1 of every
+stack, then run 2 in the reverse order, and so on (see `turns`), so that the machine's
+drift lands on every stack alike.
 
 Other modes: ``--inet`` (the TCP milter socket investigation: one-connection latency,
 strace and tcpdump evidence, LD_PRELOAD shim on each side, the Python fix) and
@@ -734,68 +737,77 @@ class Bed:
         return time.monotonic() - t0
 
 
-def run_cell(bed: Bed, pf: PrivatePostfix, stack: Stack, profile: Profile, runs: int,
-             log: Callable[[str], None]) -> list[RunResult]:  # fmt: skip
-    """Warm up, then ``runs`` measured runs of one profile through one stack."""
+def warm_up(bed: Bed, pf: PrivatePostfix, stack: Stack, profile: Profile, log: Callable[[str], None] | None
+            ) -> None:  # fmt: skip
+    """Send the profile's warm-up messages and wait until they are delivered.
+
+    Before every measured run, not once per cell: the stacks take turns (see `main_bench`),
+    and a pool left idle while the others ran may have shrunk or gone cold.  ``log``: say
+    which headers the stack added on the way (the first time).
+    """
     factory = MessageFactory(profile)
     bed.sink.clear()
     warm, _ = send_load(pf.smtp_port, factory, profile.warmup, profile.conns, f"warm.{stack.name}")
     bed.wait_drained(pf, sum(r.status == "accepted" for r in warm))
-    added = added_headers(bed.sink)
-    log(f"  {stack.name:28} {profile.name:>4} warm-up: {len(warm)} sent, headers added on the way: "
-        f"{', '.join(added) or 'none'}")
-    out = []
-    for run in range(1, runs + 1):
-        bed.sink.clear()
-        settle()
-        master = pf.master_pid()
-        pf_roots = [master] if master else []
-        load = os.getloadavg()
-        roles = stack.roles()
-        role0 = role_cpu(roles)
-        cpu_f0 = tree_cpu(stack.roots()) if stack.roots() else None
-        cpu_p0 = tree_cpu(pf_roots)
-        cpu_c0 = _self_cpu()
-        with MemSampler(stack.roots) as mem:
-            results, wall = send_load(pf.smtp_port, factory, profile.count, profile.conns,
-                                      f"{stack.name}.{profile.name}.{run}.{time.time_ns()}")  # fmt: skip
-            accepted = sum(r.status == "accepted" for r in results)
-            drain = bed.wait_drained(pf, accepted)
-        cpu_c1 = _self_cpu()
-        cpu_f1 = tree_cpu(stack.roots()) if stack.roots() else None
-        role1 = role_cpu(roles)
-        cpu_p1 = tree_cpu(pf_roots)
-        n = len(results)
-        eods = [r.eod for r in results if r.eod is not None]
-        errs = sorted({r.detail for r in results if r.status != "accepted" and r.detail})[:5]
-        rr = RunResult(
-            stack=stack.name, profile=profile.name, run=run, messages=n, wall_s=round(wall, 3),
-            msgs_per_s=round(n / wall, 1),
-            eod_ms={f"p{p}": round(percentile(eods, p) * 1000, 2) for p in (50, 95, 99)},
-            accepted=accepted, rejected=sum(r.status == "rejected" for r in results),
-            tempfailed=sum(r.status == "tempfailed" for r in results),
-            errors=sum(r.status == "error" for r in results),
-            filter_cpu_ms_per_msg=None if cpu_f0 is None or cpu_f1 is None
-            else round((cpu_f1 - cpu_f0) * 1000 / n, 3),
-            filter_cpu_by_role_ms={k: round((role1[k] - role0[k]) * 1000 / n, 3)
-                                   for k in role1 if k in role0},
-            postfix_cpu_ms_per_msg=round((cpu_p1 - cpu_p0) * 1000 / n, 3),
-            client_cpu_ms_per_msg=round((cpu_c1 - cpu_c0) * 1000 / n, 3),
-            peak_rss_mb=round(mem.peak_rss / 2**20, 1) if stack.roots() else None,
-            peak_pss_mb=round(mem.peak_pss / 2**20, 1) if stack.roots() else None,
-            peak_procs=mem.peak_procs if stack.roots() else None,
-            drain_s=round(drain, 2), load_before=tuple(round(x, 2) for x in load),
-            samples_errors=errs,
-        )  # fmt: skip
-        out.append(rr)
-        log(f"  {stack.name:28} {profile.name:>4} run {run}: {rr.msgs_per_s:7.1f} msg/s, "
-            f"EOD p50 {rr.eod_ms['p50']:.1f} ms p99 {rr.eod_ms['p99']:.1f} ms, "
-            f"acc/rej/tmp/err {rr.accepted}/{rr.rejected}/{rr.tempfailed}/{rr.errors}, "
-            f"filter CPU {_fmt(rr.filter_cpu_ms_per_msg)} ms/msg, Postfix {rr.postfix_cpu_ms_per_msg:.2f}, "
-            f"PSS {_fmt(rr.peak_pss_mb)} MB, load {load[0]:.2f}"
-            + ("; by role: " + ", ".join(f"{k} {v:.2f}" for k, v in rr.filter_cpu_by_role_ms.items())
-               if rr.filter_cpu_by_role_ms else ""))  # fmt: skip
-    return out
+    if log is not None:
+        added = added_headers(bed.sink)
+        log(f"  {stack.name:28} {profile.name:>4} warm-up: {len(warm)} sent, headers added on the way: "
+            f"{', '.join(added) or 'none'}")
+
+
+def measure(bed: Bed, pf: PrivatePostfix, stack: Stack, profile: Profile, run: int,
+            log: Callable[[str], None]) -> RunResult:  # fmt: skip
+    """One measured run of one profile through one (warmed-up) stack."""
+    factory = MessageFactory(profile)
+    bed.sink.clear()
+    settle()
+    master = pf.master_pid()
+    pf_roots = [master] if master else []
+    load = os.getloadavg()
+    roles = stack.roles()
+    role0 = role_cpu(roles)
+    cpu_f0 = tree_cpu(stack.roots()) if stack.roots() else None
+    cpu_p0 = tree_cpu(pf_roots)
+    cpu_c0 = _self_cpu()
+    with MemSampler(stack.roots) as mem:
+        results, wall = send_load(pf.smtp_port, factory, profile.count, profile.conns,
+                                  f"{stack.name}.{profile.name}.{run}.{time.time_ns()}")  # fmt: skip
+        accepted = sum(r.status == "accepted" for r in results)
+        drain = bed.wait_drained(pf, accepted)
+    cpu_c1 = _self_cpu()
+    cpu_f1 = tree_cpu(stack.roots()) if stack.roots() else None
+    role1 = role_cpu(roles)
+    cpu_p1 = tree_cpu(pf_roots)
+    n = len(results)
+    eods = [r.eod for r in results if r.eod is not None]
+    errs = sorted({r.detail for r in results if r.status != "accepted" and r.detail})[:5]
+    rr = RunResult(
+        stack=stack.name, profile=profile.name, run=run, messages=n, wall_s=round(wall, 3),
+        msgs_per_s=round(n / wall, 1),
+        eod_ms={f"p{p}": round(percentile(eods, p) * 1000, 2) for p in (50, 95, 99)},
+        accepted=accepted, rejected=sum(r.status == "rejected" for r in results),
+        tempfailed=sum(r.status == "tempfailed" for r in results),
+        errors=sum(r.status == "error" for r in results),
+        filter_cpu_ms_per_msg=None if cpu_f0 is None or cpu_f1 is None
+        else round((cpu_f1 - cpu_f0) * 1000 / n, 3),
+        filter_cpu_by_role_ms={k: round((role1[k] - role0[k]) * 1000 / n, 3)
+                               for k in role1 if k in role0},
+        postfix_cpu_ms_per_msg=round((cpu_p1 - cpu_p0) * 1000 / n, 3),
+        client_cpu_ms_per_msg=round((cpu_c1 - cpu_c0) * 1000 / n, 3),
+        peak_rss_mb=round(mem.peak_rss / 2**20, 1) if stack.roots() else None,
+        peak_pss_mb=round(mem.peak_pss / 2**20, 1) if stack.roots() else None,
+        peak_procs=mem.peak_procs if stack.roots() else None,
+        drain_s=round(drain, 2), load_before=tuple(round(x, 2) for x in load),
+        samples_errors=errs,
+    )  # fmt: skip
+    log(f"  {stack.name:28} {profile.name:>4} run {run}: {rr.msgs_per_s:7.1f} msg/s, "
+        f"EOD p50 {rr.eod_ms['p50']:.1f} ms p99 {rr.eod_ms['p99']:.1f} ms, "
+        f"acc/rej/tmp/err {rr.accepted}/{rr.rejected}/{rr.tempfailed}/{rr.errors}, "
+        f"filter CPU {_fmt(rr.filter_cpu_ms_per_msg)} ms/msg, Postfix {rr.postfix_cpu_ms_per_msg:.2f}, "
+        f"PSS {_fmt(rr.peak_pss_mb)} MB, load {load[0]:.2f}"
+        + ("; by role: " + ", ".join(f"{k} {v:.2f}" for k, v in rr.filter_cpu_by_role_ms.items())
+           if rr.filter_cpu_by_role_ms else ""))  # fmt: skip
+    return rr
 
 
 def settle(pause: float = 1.0) -> None:
@@ -1068,6 +1080,19 @@ def build_stacks(only: list[str] | None, with_md: bool, inet: bool = True) -> li
     return stacks
 
 
+def turns(stacks: list[Stack], run: int) -> list[Stack]:
+    """The order in which the stacks take their ``run``-th turn: forward, then backward.
+
+    The machine's speed drifts (other tenants of the host, page cache, writeback): run
+    stack by stack, a stack measured in a slow quarter of an hour looks slow against one
+    measured in a fast one -- seen here, the same defang commit at 1.4x and at 1.8x
+    MIMEDefang on 7 MB, in two runs an hour apart.  All stacks stay up and take turns run
+    by run, so each run of a profile sees every stack within minutes of the others, and
+    the reversed order of the even runs evens out a drift that lasts the whole round.
+    """
+    return list(stacks) if run % 2 else list(reversed(stacks))
+
+
 def main_bench(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     with_md = MimeDefangStack.available() and not args.no_mimedefang
     if args.with_mimedefang and not MimeDefangStack.available():
@@ -1092,17 +1117,20 @@ def main_bench(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     results: list[RunResult] = []
     described: dict[str, Any] = {}
     try:
-        for stack in stacks:
-            log(f"bench: {stack.name}")
-            try:
+        with contextlib.ExitStack() as running:
+            postfixes: dict[str, PrivatePostfix] = {}
+            for stack in stacks:
+                log(f"bench: starting {stack.name}")
+                running.callback(stack.stop)
                 stack.start()
                 described[stack.name] = stack.describe()
-                with bed.postfix(stack) as pf:
-                    described[stack.name]["postfix_milter"] = stack.milter_spec
-                    for profile in profiles:
-                        results += run_cell(bed, pf, stack, profile, args.runs, log)
-            finally:
-                stack.stop()
+                postfixes[stack.name] = running.enter_context(bed.postfix(stack))
+                described[stack.name]["postfix_milter"] = stack.milter_spec
+            for profile, run in itertools.product(profiles, range(1, args.runs + 1)):
+                for stack in turns(stacks, run):
+                    pf = postfixes[stack.name]
+                    warm_up(bed, pf, stack, profile, log if run == 1 else None)
+                    results.append(measure(bed, pf, stack, profile, run, log))
     finally:
         bed.close()
         shutil.rmtree(workdir, ignore_errors=True)
