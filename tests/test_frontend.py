@@ -154,9 +154,9 @@ def test_spool_files_are_reused_while_mail_flows_and_removed_when_idle(defang):
         other.mail("a@example.org")
         assert transaction(defang, b"first").reply == "continue"
         (kept,) = spool.iterdir()
-        assert kept.stat().st_size == 0  # emptied, kept for the next message
+        assert kept.stat().st_mode & 0o777 == 0o600  # kept for the next message, private
         assert transaction(defang, b"second").reply == "continue"
-        assert list(spool.iterdir()) == [kept] and kept.stat().st_size == 0
+        assert list(spool.iterdir()) == [kept]
         # a reply with an error: a worker may still hold the file, so it is not reused
         assert transaction(defang, b"please raise").text.startswith("451 4.3.0 ")
         assert list(spool.iterdir()) == []
@@ -166,6 +166,58 @@ def test_spool_files_are_reused_while_mail_flows_and_removed_when_idle(defang):
     while list(spool.iterdir()) and time.monotonic() < deadline:  # no transaction left
         time.sleep(0.05)
     assert list(spool.iterdir()) == []
+
+
+def test_a_reused_spool_file_holds_exactly_the_next_message(defang):
+    """A free spool file keeps its last message's bytes to be written over: a shorter
+    message after a longer one must not see the longer one's tail."""
+    import hashlib
+
+    def message(subject: bytes, body_lines: int) -> bytes:
+        return (b"From: a@example.org\r\nSubject: digest %s\r\n\r\n" % subject
+                + b"".join(b"line %d of the body\r\n" % i for i in range(body_lines)))  # fmt: skip
+
+    spool = defang.runtime / "spool"
+    with MilterSession(defang.milter_path) as other:  # keeps the spool files in use
+        other.connect()
+        other.helo()
+        other.mail("a@example.org")
+        for subject, lines in ((b"long", 150), (b"short", 3), (b"middle", 40), (b"empty", 0)):
+            raw = message(subject, lines)
+            with MilterSession(defang.milter_path) as s:
+                s.connect()
+                s.helo()
+                s.mail("a@example.org")
+                s.rcpt("bob@example.org")
+                r = s.message(raw)
+            assert ("addheader", ("X-Spool-Digest", hashlib.sha256(raw).hexdigest())) in r.actions, subject
+            assert len(list(spool.iterdir())) == 1  # one file, used for each in turn
+
+
+def test_free_spool_files_keep_at_most_spool_keep_bytes(tmp_path, monkeypatch):
+    """The bytes left in free spool files are bounded: past SPOOL_KEEP_BYTES in all, a
+    file given back is cut short; every free file goes when the last transaction ends."""
+    import os
+
+    from defang import frontend
+    from defang.config import Config
+
+    monkeypatch.setattr(frontend, "SPOOL_KEEP_BYTES", 1000)
+    fe = frontend.FrontEnd(Config(spool_dir=tmp_path, milter_socket="unix:/nonexistent"), None)
+    fe.transaction(True)  # a transaction under way: free files are kept
+    files = [fe.take_spool() for _ in range(3)]
+    assert [old for _, _, old in files] == [0, 0, 0]  # new files
+    for path, fd, _ in files:
+        os.write(fd, b"x" * 600)
+        fe.give_spool(path, fd, 600)
+    assert sorted(os.path.getsize(path) for path, _, _ in files) == [0, 400, 600]
+    again = [fe.take_spool() for _ in range(3)]
+    assert sorted(old for _, _, old in again) == [0, 400, 600]  # what each still holds
+    assert {path for path, _, _ in again} == {path for path, _, _ in files}
+    for path, fd, old in again:
+        fe.give_spool(path, fd, old)
+    fe.transaction(False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_hung_worker_is_a_tempfail_within_busy_timeout_and_is_replaced(defang):

@@ -1,5 +1,6 @@
 """Front-end test filter: every envelope and message action, keyed on the input."""
 
+import hashlib
 import time
 
 from defang import accept, discard, reject, tempfail
@@ -44,5 +45,8 @@ def filter_end(msg):
         msg.add_recipient("archive@example.org")
         msg.delete_recipient("bob@example.org")
         msg.change_sender("bounces@example.org")
+    if "digest" in subject:  # what the worker finds in the spool file
+        with open(msg.path, "rb") as f:
+            msg.add_header("X-Spool-Digest", hashlib.sha256(f.read()).hexdigest())
     if "hold" in subject:
         msg.hold("looks odd")
