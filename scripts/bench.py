@@ -33,9 +33,9 @@ every process in the tree plus cutime+cstime, i.e. children that exited and were
 inside the tree -- recycled workers and Postfix daemons count), and the peak of RSS and
 PSS summed over the stack's processes (smaps_rollup sampled every 0.2 s).  Each cell runs
 ``--runs`` times, each run after a warm-up; the table shows the median and the min-max
-spread.  All stacks are up at once and take turns: for each profile, run 1 of every
-stack, then run 2 in the reverse order, and so on (see `turns`), so that the machine's
-drift lands on every stack alike.
+spread.  The stacks take turns: round 1 runs every profile through each stack in order,
+round 2 in the reverse order, and so on (see `turns`), so that the machine's drift lands
+on every stack alike; only one stack is up at a time.
 
 Other modes: ``--inet`` (the TCP milter socket investigation: one-connection latency,
 strace and tcpdump evidence, LD_PRELOAD shim on each side, the Python fix) and
@@ -1086,9 +1086,11 @@ def turns(stacks: list[Stack], run: int) -> list[Stack]:
     The machine's speed drifts (other tenants of the host, page cache, writeback): run
     stack by stack, a stack measured in a slow quarter of an hour looks slow against one
     measured in a fast one -- seen here, the same defang commit at 1.4x and at 1.8x
-    MIMEDefang on 7 MB, in two runs an hour apart.  All stacks stay up and take turns run
-    by run, so each run of a profile sees every stack within minutes of the others, and
-    the reversed order of the even runs evens out a drift that lasts the whole round.
+    MIMEDefang on 7 MB, in two runs an hour apart.  So the stacks take turns, one run of
+    every profile each, and the even rounds go in the reverse order, which evens out a
+    drift that lasts the whole benchmark.  One stack is up at a time: with all of them
+    up, the pages of the interpreter and libraries that several stacks map would be
+    shared out among them, and the summed PSS of each would look smaller than alone.
     """
     return list(stacks) if run % 2 else list(reversed(stacks))
 
@@ -1117,20 +1119,19 @@ def main_bench(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     results: list[RunResult] = []
     described: dict[str, Any] = {}
     try:
-        with contextlib.ExitStack() as running:
-            postfixes: dict[str, PrivatePostfix] = {}
-            for stack in stacks:
-                log(f"bench: starting {stack.name}")
-                running.callback(stack.stop)
-                stack.start()
-                described[stack.name] = stack.describe()
-                postfixes[stack.name] = running.enter_context(bed.postfix(stack))
-                described[stack.name]["postfix_milter"] = stack.milter_spec
-            for profile, run in itertools.product(profiles, range(1, args.runs + 1)):
-                for stack in turns(stacks, run):
-                    pf = postfixes[stack.name]
-                    warm_up(bed, pf, stack, profile, log if run == 1 else None)
-                    results.append(measure(bed, pf, stack, profile, run, log))
+        for run in range(1, args.runs + 1):
+            for stack in turns(stacks, run):
+                log(f"bench: {stack.name}, run {run}")
+                try:
+                    stack.start()
+                    described.setdefault(stack.name, stack.describe())
+                    with bed.postfix(stack) as pf:
+                        described[stack.name].setdefault("postfix_milter", stack.milter_spec)
+                        for profile in profiles:
+                            warm_up(bed, pf, stack, profile, log if run == 1 else None)
+                            results.append(measure(bed, pf, stack, profile, run, log))
+                finally:
+                    stack.stop()
     finally:
         bed.close()
         shutil.rmtree(workdir, ignore_errors=True)
