@@ -226,6 +226,34 @@ def test_a_big_attachment_is_not_parsed_until_read(tmp_path: Path) -> None:
     assert msg.email.get_payload()[0].get_content() == "Hello."
 
 
+def test_a_big_message_is_scanned_without_fresh_pages_per_chunk(tmp_path: Path) -> None:
+    """With the workers' malloc settings (a fixed mmap threshold), scanning a 7 MB
+    message reuses the heap's pages: a chunk size at the threshold made every chunk a
+    new mapping, ~3,500 page faults per scan and twice the CPU."""
+    import subprocess
+    import sys
+
+    big_message(tmp_path, os.urandom(5 * 1024 * 1024))
+    script = """if True:
+        import resource, sys
+        from defang import malloc
+        from workers import skeleton
+        malloc.fix_mmap_threshold()  # as workers/zygote.py does
+        def scan():
+            with open(sys.argv[1], "rb") as f:
+                assert skeleton.reduce(f, sys.argv[1]) is not None
+        scan()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            scan()
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+    """
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big.eml")], check=True,
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    faults = int(out.stdout)
+    assert faults < 500, f"{faults} page faults per scan of a 7 MB message"
+
+
 def test_the_size_limit_counts_bodies_still_in_the_file(tmp_path: Path) -> None:
     msg = big_message(tmp_path, os.urandom(300 * 1024))
     msg.limits = MimeLimits(max_decoded_size=200 * 1024)
