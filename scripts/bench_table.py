@@ -58,7 +58,8 @@ def render(doc: dict[str, Any], source: str = "") -> str:
         f"Measured by `scripts/bench` on {m['date'][:10]}: {m['nproc']} CPUs ({m['cpu_model']}), "
         f"{m['memory_gb']:.0f} GB, kernel {m['kernel']}, Python {m['python']}, Postfix {m['postfix']}, "
         f"defang `{m['defang_commit'][:10]}`, load average {m['loadavg_start'][0]:.2f} at start; "
-        f"median of {runs} runs (min–max). Client, Postfix, sink and filter share the machine. "
+        f"median of {runs} runs (min–max), the stacks taking turns. Client, Postfix, sink and filter "
+        f"share the machine; the filters' spools are under `{m.get('filters_dir', '/tmp')}`. "
         f"CPU is per message over the filter's whole process tree; PSS is the peak summed over it."
         + (f" Source: `{source}`." if source else ""),
         "",
