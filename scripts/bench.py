@@ -760,15 +760,15 @@ class Bed:
         return time.monotonic() - t0
 
 
-def warm_up(bed: Bed, pf: PrivatePostfix, stack: Stack, profile: Profile, log: Callable[[str], None] | None
-            ) -> None:  # fmt: skip
+def warm_up(bed: Bed, pf: PrivatePostfix, stack: Stack, factory: MessageFactory,
+            log: Callable[[str], None] | None) -> None:  # fmt: skip
     """Send the profile's warm-up messages and wait until they are delivered.
 
     Before every measured run, not once per cell: the stacks take turns (see `main_bench`),
     and a pool left idle while the others ran may have shrunk or gone cold.  ``log``: say
     which headers the stack added on the way (the first time).
     """
-    factory = MessageFactory(profile)
+    profile = factory.profile
     bed.sink.clear()
     warm, _ = send_load(pf.smtp_port, factory, profile.warmup, profile.conns, f"warm.{stack.name}")
     bed.wait_drained(pf, sum(r.status == "accepted" for r in warm))
@@ -778,10 +778,10 @@ def warm_up(bed: Bed, pf: PrivatePostfix, stack: Stack, profile: Profile, log: C
             f"{', '.join(added) or 'none'}")
 
 
-def measure(bed: Bed, pf: PrivatePostfix, stack: Stack, profile: Profile, run: int,
+def measure(bed: Bed, pf: PrivatePostfix, stack: Stack, factory: MessageFactory, run: int,
             log: Callable[[str], None]) -> RunResult:  # fmt: skip
-    """One measured run of one profile through one (warmed-up) stack."""
-    factory = MessageFactory(profile)
+    """One measured run of the factory's profile through one (warmed-up) stack."""
+    profile = factory.profile
     bed.sink.clear()
     settle()
     master = pf.master_pid()
@@ -1144,6 +1144,7 @@ def main_bench(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     bed = Bed(workdir)
     results: list[RunResult] = []
     described: dict[str, Any] = {}
+    factories = [MessageFactory(p) for p in profiles]  # each body built once, for every run
     try:
         for run in range(1, args.runs + 1):
             for stack in turns(stacks, run):
@@ -1153,9 +1154,9 @@ def main_bench(args: argparse.Namespace, log: Callable[[str], None]) -> int:
                     described.setdefault(stack.name, stack.describe())
                     with bed.postfix(stack) as pf:
                         described[stack.name].setdefault("postfix_milter", stack.milter_spec)
-                        for profile in profiles:
-                            warm_up(bed, pf, stack, profile, log if run == 1 else None)
-                            results.append(measure(bed, pf, stack, profile, run, log))
+                        for factory in factories:
+                            warm_up(bed, pf, stack, factory, log if run == 1 else None)
+                            results.append(measure(bed, pf, stack, factory, run, log))
                 finally:
                     stack.stop()
     finally:
@@ -1167,7 +1168,7 @@ def main_bench(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     print()
     print(table_markdown(rows, rat))
     doc = {"machine": machine, "other_load": busy, "command": " ".join(["scripts/bench", *sys.argv[1:]]),
-           "profiles": {p.name: {**asdict(p), "message_bytes": MessageFactory(p).size()} for p in profiles},
+           "profiles": {f.profile.name: {**asdict(f.profile), "message_bytes": f.size()} for f in factories},
            "stacks": described, "runs": [asdict(r) for r in results], "summary": rows,
            "ratios": rat}  # fmt: skip
     if args.out:

@@ -246,11 +246,9 @@ class _Scan:
         cr = 1 if buf[eol - 1] == 13 else 0
         end = start  # lines checked so far: buf[start:end]
         lines = _FIRST_PIECE_LINES
-        at_limit = False
         while True:
             n = min(lines, (limit - end) // width)
             if n == 0:
-                at_limit = True
                 break
             stop = end + n * width
             if not (
@@ -265,7 +263,7 @@ class _Scan:
             lines = min(lines * 2, _PIECE_MAX // width)
         if end - start < _BLOCK_MIN:
             return start
-        self._open_block = at_limit
+        self._open_block = limit - end < width  # it ran to the chunk's end, not to a line unlike it
         # no stop line and no bare CR in the block: only its CRs to add to the count
         self._crs += buf.count(b"\r", self._counted, start) + cr * ((end - start) // width)
         self._counted = end
