@@ -105,6 +105,16 @@ def test_the_zygote_is_forked_by_the_multiplexor_and_holds_none_of_its_sockets(l
     assert len(new_sockets) == 1 and not new_sockets & _socket_inodes(mux)
 
 
+def test_no_defang_process_loads_openssl_unless_a_filter_asks(live_filter):
+    """libcrypto costs whoever touches its pages alone: 3.1 MB of PSS in ``defang run``,
+    loaded by module-level imports (``hashlib``, ``smtplib``, ``secrets``) it never used."""
+    d, _ = live_filter
+    assert header(send(d), "X-Gen") == ["one"]
+    for pid in [d.proc.pid, *d.pids("defang-")]:
+        with open(f"/proc/{pid}/maps") as f:
+            assert "libcrypto" not in f.read(), f"pid {pid} has OpenSSL's libcrypto mapped"
+
+
 def test_reload_reads_a_changed_helper_module(tmp_path):
     """filter.py's own modules are imported afresh by each generation's zygote: the
     multiplexor it is forked from never imported them."""
@@ -199,3 +209,4 @@ def test_a_worker_gives_heap_back_after_a_big_message(tmp_path):
         while psutil.Process(pid).memory_info().rss - booted > 10 * 2**20:
             assert time.monotonic() < deadline, "the worker kept its freed heap after a big message"
             time.sleep(0.05)
+
