@@ -86,7 +86,12 @@ class Defang:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"defang run exited {self.proc.returncode}:\n{self.log()}")
             time.sleep(0.05)
-        raise RuntimeError(f"defang run not ready in {timeout}s:\n{self.log()}")
+        log = self.log()
+        # Stopped here: a `with Defang(...)` whose start raised never reaches __exit__,
+        # and the stack would outlive the test.
+        self.stop(signal.SIGTERM, 15.0)
+        self.cleanup()
+        raise RuntimeError(f"defang run not ready in {timeout}s:\n{log}")
 
     def log(self) -> str:
         try:
