@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import socket
 
-from defang.protocol import FrameDecoder
+from defang.protocol import RECV_SIZE, FrameDecoder
 
-#: What one read takes from a socket.  Reads go into one buffer that every channel
-#: shares (the multiplexor's loop reads one socket at a time): ``recv(n)`` makes a new
-#: bytes object of n bytes first, and at 256 KiB that was a mapping of its own (mmap,
-#: page faults, munmap: 4 page faults per message in the multiplexor, measured).
-RECV_SIZE = 65536
+# Reads go into one buffer that every channel shares: the multiplexor's loop reads one
+# socket at a time (see RECV_SIZE).
 _recv_view = memoryview(bytearray(RECV_SIZE))
 
 

@@ -9,6 +9,8 @@ import pytest
 from daemon import FILTERS, Defang
 from fakemta import MilterSession
 
+from defang.testbed.procs import stat_of
+
 MSG = b"From: a@example.org\r\nSubject: %s\r\n\r\nHello\r\n"
 
 
@@ -86,8 +88,7 @@ def test_the_zygote_is_forked_by_the_multiplexor_and_holds_none_of_its_sockets(l
     assert header(send(d), "X-Gen") == ["one"]
     [mux] = d.pids("defang-multiplexor")
     [zygote] = d.pids("defang-zygote")
-    with open(f"/proc/{zygote}/stat") as f:
-        assert int(f.read().rsplit(")", 1)[1].split()[1]) == mux  # its parent
+    assert int(stat_of(zygote)[1]) == mux  # its parent
     listeners = _listening_inodes([str(d.runtime / "multiplexor.sock"), str(d.control_socket)])
     mux_sockets = _socket_inodes(mux)
     assert len(listeners) == 2 and listeners <= mux_sockets
@@ -212,8 +213,7 @@ def test_a_worker_gives_heap_back_after_a_big_message(tmp_path):
 
 
 def _minor_faults(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[7])
+    return int(stat_of(pid)[7])
 
 
 # What scripts/bench_frontend.py sends: ~2 KB, 15 header fields

@@ -37,10 +37,6 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 #: after a message this big, the heap's free pages go back to the system (off the
 #: reply's path: ~0.3 ms after 7 MB, and 2 MB less private memory per worker)
 GIVE_BACK_AFTER_BYTES = 1024 * 1024
-#: what one read takes from the multiplexor's socket, into a buffer made once:
-#: ``recv(256 KiB)`` made a new bytes object that big per read, above the workers'
-#: fixed mmap threshold, so a mapping of its own each time (mmap, page faults, munmap)
-RECV_SIZE = 65536
 
 
 def current_rss() -> int:
@@ -84,7 +80,7 @@ def serve(
     served = 0
     set_title(idle_title % served)
     decoder = protocol.FrameDecoder(max_frame_size)
-    received = memoryview(bytearray(RECV_SIZE))  # reused: see RECV_SIZE
+    received = memoryview(bytearray(protocol.RECV_SIZE))  # reused: see RECV_SIZE
     while True:
         try:
             n = sock.recv_into(received)

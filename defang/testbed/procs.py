@@ -7,19 +7,25 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
-def stat_fields() -> Iterator[tuple[int, list[bytes]]]:
-    """(pid, the fields of /proc/PID/stat after the command name) for every process.
+def stat_of(pid: int) -> list[bytes]:
+    """The fields of /proc/PID/stat after the command name; raises OSError.
 
     The command name is cut at its last ")" (it may hold spaces and parentheses), so
-    fields[0] is the state, fields[1] the ppid, fields[11:15] utime, stime, cutime,
-    cstime in clock ticks.  Processes that exit while being read are skipped.
+    fields[0] is the state, fields[1] the ppid, fields[7] the minor page faults,
+    fields[11:15] utime, stime, cutime, cstime in clock ticks.
     """
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()
+
+
+def stat_fields() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, ``stat_of(pid)``) for every process; those that exit while being read are
+    skipped."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
+            fields = stat_of(int(entry))
         except OSError:
             continue
         yield int(entry), fields
