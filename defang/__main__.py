@@ -1,5 +1,5 @@
 import sys
 
-from defang.cli import main
+from defang.cli.main import main
 
 sys.exit(main())

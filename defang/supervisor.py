@@ -2,9 +2,12 @@
 
 The parent has no threads and runs no admin code, so it can start both daemons
 safely (never fork a process that runs threads: the front end does).  It forks them
-rather than exec'ing new interpreters: both daemons' code is imported here first, so
-the interpreter and the modules are pages the three processes share (measured: 30 MB
-of PSS for three fresh interpreters, 14 MB forked).  It starts the
+rather than exec'ing new interpreters: the command line imported both daemons' code
+before calling ``run``, so the interpreter and the modules are pages the three
+processes share (measured: 30 MB of PSS for three fresh interpreters, 14 MB forked).
+Each daemon is an entry point handed over by the command line (``DaemonMain``: called
+in the forked child with the descriptor to write "ready" to), so this module imports
+neither daemon.  It starts the
 multiplexor first and waits for its "ready" line (which comes only once filter.py
 loaded, so a broken filter stops ``defang run`` with the file:line error), then the
 front end.  It restarts a daemon that dies, with a back-off.  On TERM (graceful) it
@@ -24,12 +27,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
-import defang.milterd  # noqa: F401  (imported before the forks: shared pages)
-import defang.multiplexor  # noqa: F401
-from defang import child
-from defang.config import Config
-from defang.proctitle import set_title
+from defang.core import child
+from defang.core.config import Config
+from defang.core.proctitle import set_title
 
 log = logging.getLogger("defang.run")
 
@@ -44,27 +46,23 @@ class StartError(Exception):
 
 
 HANDLED_SIGNALS = child.PARENT_SIGNALS
-
-
-def _daemon_main(argv: list[str]) -> int:
-    """In the forked child: ``defang <argv>``."""
-    from defang.cli import main
-
-    return main(argv)
+#: a daemon's entry point, run in the forked child with the descriptor to announce
+#: "ready" (or "error: why") on; returns the exit code
+DaemonMain = Callable[[int], int]
 
 
 class Daemon:
-    def __init__(self, name: str, argv: list[str]) -> None:
+    def __init__(self, name: str, main: DaemonMain) -> None:
         self.name = name
-        self.argv = argv
+        self.main = main
         self.proc: child.Child | None = None
         self.restarts = 0
         self.next_start = 0.0
 
     def start(self) -> None:
         r, w = os.pipe()
-        argv = [*self.argv, "--ready-fd", str(w)]
-        self.proc = child.fork(lambda: _daemon_main(argv), keep_fds=[w])
+        main = self.main
+        self.proc = child.fork(lambda: main(w), keep_fds=[w])
         os.close(w)
         try:
             line = _read_line(r, START_TIMEOUT)
@@ -104,13 +102,13 @@ def _read_line(fd: int, timeout: float) -> str:
     return data.decode(errors="replace").strip()
 
 
-def run(cfg: Config, base_args: list[str]) -> int:
+def run(cfg: Config, multiplexor: DaemonMain, milter: DaemonMain) -> int:
     set_title("defang-run")
     cfg.runtime_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(cfg.runtime_dir, 0o755)  # the MTA's user must reach the milter socket
     gc.freeze()  # the objects imported so far stay shared: no collection writes to them
-    mx = Daemon("multiplexor", ["multiplexor", *base_args])
-    fe = Daemon("milter", ["milter", *base_args])
+    mx = Daemon("multiplexor", multiplexor)
+    fe = Daemon("milter", milter)
     try:
         mx.start()
     except StartError as exc:

@@ -1,6 +1,6 @@
 """CPU cost of defang's own processes per message, without Postfix in the way.
 
-The fake MTA (tests/fakemta.py) plays Postfix's part of the milter protocol over the
+The fake MTA (tests/support/fakemta.py) plays Postfix's part of the milter protocol over the
 Unix socket, CONCURRENCY sessions at a time, each sending whole SMTP transactions of a
 ~2 KB message; afterwards the CPU seconds (user + system) each defang process used are
 divided by the message count.  CPU time, not wall time: it barely moves with what
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "support")]
 
 from daemon import FILTERS, Defang  # noqa: E402
 from fakemta import MilterSession  # noqa: E402

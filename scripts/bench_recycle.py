@@ -86,7 +86,7 @@ class DefangRun:
         raise RuntimeError(f"defang not ready within {timeout}s: {self.log_path.read_text()}")
 
     def status(self) -> dict[str, Any] | None:
-        r = subprocess.run([sys.executable, "-m", "defang.ctl", "--config", str(self.config),
+        r = subprocess.run([sys.executable, "-m", "defang.cli.ctl", "--config", str(self.config),
                             "--runtime-dir", str(self.runtime), "--json", "status"],
                            capture_output=True, text=True, cwd=REPO)  # fmt: skip
         return json.loads(r.stdout) if r.returncode == 0 else None

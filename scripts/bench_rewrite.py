@@ -26,11 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from defang import config  # noqa: E402
-from defang.protocol import VERSION  # noqa: E402
-from defang.verdicts import tempfail  # noqa: E402
-from workers.loader import load_filter  # noqa: E402
-from workers.runner import FilterRunner  # noqa: E402
+from defang.core import config  # noqa: E402
+from defang.core.verdicts import tempfail  # noqa: E402
+from defang.core.wire import VERSION  # noqa: E402
+from defang.workers.loader import load_filter  # noqa: E402
+from defang.workers.runner import FilterRunner  # noqa: E402
 
 FILTERS = {
     "pass": """

@@ -122,7 +122,7 @@ def main() -> int:
         print("-" * (sum(widths) + 40))
         for label, reply, stage, added in rows:
             print(f"{label.ljust(widths[0])}  {reply.ljust(widths[1])}  {stage.ljust(widths[2])}  {added}")
-        status = subprocess.run([sys.executable, "-m", "defang.ctl", "--runtime-dir", str(runtime),
+        status = subprocess.run([sys.executable, "-m", "defang.cli.ctl", "--runtime-dir", str(runtime),
                                  "status"], capture_output=True, text=True, cwd=REPO)  # fmt: skip
         print("\n$ defangctl status\n" + status.stdout)
         return 0

@@ -1,27 +1,16 @@
-"""The MIME helpers a ``filter.py`` imports: ``from workers.helpers import ...``.
+"""Deprecated: the MIME helpers' old address.  Import them from ``defang`` instead::
 
-Why here and not ``from defang import ...``: ``defang`` is the daemon side, which
-never parses MIME; these run inside a worker.  Verdicts still come from ``defang``.
+    from defang import DANGEROUS_EXTENSIONS, MimeLimitError, SignedMessageError
 
-Most of this is also reachable from the objects the hooks get -- ``part.filenames``,
-``part.has_extension(...)``, ``part.archive()``, ``part.filename_mismatch``,
-``part.safe_filename`` -- this module adds the plain functions and the exceptions
-a filter may want to catch::
-
-    from defang import reject
-    from workers.helpers import DANGEROUS_EXTENSIONS, MimeLimitError, SignedMessageError
-
-    def filter_part(msg, part):
-        listing = part.archive()            # None if the part is not an archive
-        if part.has_extension(DANGEROUS_EXTENSIONS) or (
-                listing and listing.has_extension(DANGEROUS_EXTENSIONS)):
-            msg.quarantine(f"blocked attachment {part.safe_filename}")
-            part.replace(f"The attachment {part.filename} was removed.",
-                         filename=f"{part.filename}.removed.txt")
+Filters written for defang 0.1 imported them as ``workers.helpers``; the filter loader
+still finds that name (``defang.workers.loader``), and importing it warns with the line
+of the filter that did.  It goes in the next release.
 """
 
-from workers.archives import ArchiveListing, ArchiveMember, archive_kind, list_archive
-from workers.filenames import (
+import warnings
+
+from defang.workers.mime.archives import ArchiveListing, ArchiveMember, archive_kind, list_archive
+from defang.workers.mime.filenames import (
     DANGEROUS_EXTENSIONS,
     extensions,
     final_extensions,
@@ -32,8 +21,8 @@ from workers.filenames import (
     safe_filename,
     suspicious_filename,
 )
-from workers.limits import MimeLimitError, MimeLimits, PartActionError, SignedMessageError
-from workers.parts import SIGNED_TYPES, Part
+from defang.workers.mime.limits import MimeLimitError, MimeLimits, PartActionError, SignedMessageError
+from defang.workers.mime.part import SIGNED_TYPES, Part
 
 __all__ = [
     "DANGEROUS_EXTENSIONS",
@@ -56,3 +45,9 @@ __all__ = [
     "safe_filename",
     "suspicious_filename",
 ]
+
+# stacklevel 2: the import machinery's frames are skipped, so the warning names the
+# filter's own import line
+warnings.warn("workers.helpers is deprecated and goes in the next release: import the same names "
+              "from defang (from defang import DANGEROUS_EXTENSIONS, ...)", DeprecationWarning,
+              stacklevel=2)  # fmt: skip

@@ -8,39 +8,39 @@ at the admin's own code (an editor or a terminal can jump to it), not at importl
 Hooks are looked up once here, never per message (aiosmtpd's rule): the runner only
 reads ``LoadedFilter.hooks``.  Besides "defined but not callable", two mistakes are
 caught at load time because they would otherwise fail on every message: a hook that
-cannot take the arguments defang passes, and an ``async def`` hook.
+cannot take the arguments defang passes (``defang.core.hooks`` has each one's arity),
+and an ``async def`` hook.
+
+Warnings raised while the filter imports (a deprecated import) are logged with the
+filter's line and kept in ``LoadedFilter.warnings`` for ``defang check``.  The name
+``workers.helpers`` (the helpers' address before they moved under ``defang``) is still
+found, for one release: ``OldNames``.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.abc
 import importlib.machinery
 import importlib.util
 import inspect
+import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-MODULE_NAME = "defang_filter"
+from defang.core.hooks import BY_NAME as HOOKS
+from defang.core.hooks import NAMES as HOOK_NAMES
 
-# hook name -> number of positional arguments defang passes
-HOOK_ARITY: dict[str, int] = {
-    "filter_initialize": 0,
-    "filter_cleanup": 0,
-    "filter_relay": 1,
-    "filter_helo": 1,
-    "filter_sender": 2,
-    "filter_recipient": 2,
-    "filter_begin": 1,
-    "filter_part": 2,
-    "filter_multipart": 2,
-    "filter_end": 1,
-}
-HOOK_NAMES: tuple[str, ...] = tuple(HOOK_ARITY)
+log = logging.getLogger("defang.filter")
+
+MODULE_NAME = "defang_filter"
 
 
 class FilterLoadError(Exception):
@@ -52,6 +52,35 @@ class LoadedFilter:
     path: str
     module: ModuleType
     hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+
+class OldNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``workers.helpers`` -> ``defang.workers.helpers``, which warns that it is deprecated.
+
+    First on ``sys.meta_path``, so that a ``workers/`` folder on ``sys.path`` (a source
+    tree as the working directory) is never imported a second time under its old name.
+    Any other ``workers.*`` name is an ImportError that says where things went.
+    """
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "workers" and not fullname.startswith("workers."):
+            return None
+        if fullname not in ("workers", "workers.helpers"):
+            raise ImportError(f"no module named {fullname!r}: defang's worker modules are defang.workers.*; "
+                              "a filter imports what it needs from defang", name=fullname)  # fmt: skip
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: Any) -> ModuleType:
+        return importlib.import_module("defang." + spec.name)
+
+    def exec_module(self, module: ModuleType) -> None:
+        pass  # imported already, under its own name
+
+
+def _install_old_names() -> None:
+    if not any(isinstance(f, OldNames) for f in sys.meta_path):
+        sys.meta_path.insert(0, OldNames())
 
 
 def load_filter(path: str) -> LoadedFilter:
@@ -63,6 +92,7 @@ def load_filter(path: str) -> LoadedFilter:
     if directory not in sys.path:
         sys.path.append(directory)  # so filter.py can import its own helper modules
 
+    _install_old_names()
     loader = importlib.machinery.SourceFileLoader(MODULE_NAME, path)
     spec = importlib.util.spec_from_file_location(MODULE_NAME, path, loader=loader)
     assert spec is not None  # an explicit loader always yields a spec
@@ -70,7 +100,9 @@ def load_filter(path: str) -> LoadedFilter:
     previous = sys.modules.get(MODULE_NAME)
     sys.modules[MODULE_NAME] = module
     try:
-        loader.exec_module(module)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loader.exec_module(module)
     except (Exception, SystemExit) as exc:
         _restore(previous)
         raise FilterLoadError(_describe(exc, path)) from None
@@ -79,7 +111,10 @@ def load_filter(path: str) -> LoadedFilter:
     except FilterLoadError:
         _restore(previous)
         raise
-    return LoadedFilter(path=path, module=module, hooks=hooks)
+    said = tuple(f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught)
+    for line in said:
+        log.warning("%s", line)
+    return LoadedFilter(path=path, module=module, hooks=hooks, warnings=said)
 
 
 def check_filter(path: str) -> str | None:
@@ -145,7 +180,7 @@ def _check_signature(name: str, fn: Callable[..., Any], path: str) -> None:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
         return  # a builtin or C callable: nothing to check
-    arity = HOOK_ARITY[name]
+    arity = HOOKS[name].arity
     try:
         signature.bind(*([None] * arity))
     except TypeError as exc:

@@ -1,128 +1,79 @@
 """The request loop of one worker process.
 
 A worker is forked by the zygote, already holding the imported filter.  It serves one
-request at a time on its socket to the multiplexor and never threads.  Retirement is
-announced in-band: the reply to the last request says ``"retiring": true`` and the
-worker exits right after sending it, so no answer is ever lost between a reply and an
-exit (billiard's worst bugs came from exits racing the last result).
+request at a time on its socket to the multiplexor and never threads.  It does not
+decide when to retire: the multiplexor's pool does (``max_requests``, ``max_rss``,
+idle time, a reload), between requests, by closing the socket; the worker then runs
+``filter_cleanup`` and exits.  So no answer is ever lost between a reply and an exit
+(billiard's worst bugs came from exits racing the last result).  When the pool watches
+memory (``max_rss``), every reply carries the worker's current RSS.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import socket
 import time
 
-from defang import malloc, protocol
-from defang.proctitle import set_title
+from defang.core import malloc, procinfo, wire
+from defang.core.framing import RECV_SIZE, FrameDecoder, ProtocolError
+from defang.core.proctitle import set_title
+from defang.workers.runner import FilterRunner
 
 log = logging.getLogger("defang.worker")
 
-# Exit codes, so the multiplexor's log tells recycling from crashing.
-EXIT_RETIRED = 0
-EXIT_BOOT_FAILED = 3
-EXIT_CRASHED = 4
-EXIT_PROTOCOL = 5
-
-EXIT_MEANING = {
-    EXIT_RETIRED: "retired",
-    EXIT_BOOT_FAILED: "failed to boot (filter_initialize raised)",
-    EXIT_CRASHED: "crashed",
-    EXIT_PROTOCOL: "protocol error",
-}
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 #: after a message this big, the heap's free pages go back to the system (off the
 #: reply's path: ~0.3 ms after 7 MB, and 2 MB less private memory per worker)
 GIVE_BACK_AFTER_BYTES = 1024 * 1024
 
 
-def current_rss() -> int:
-    """Current (not peak) resident set size in bytes, from /proc/self/statm (~7 us)."""
-    with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-def serve(
-    sock: socket.socket,
-    runner,
-    *,
-    worker_id: int,
-    generation: int,
-    max_requests: int,
-    max_requests_jitter: int,
-    max_rss: int,
-    max_frame_size: int,
-) -> int:
-    """Boot, then serve requests until told to stop or retired; return the exit code."""
+def serve(sock: socket.socket, runner: FilterRunner, *, worker_id: int, generation: int, report_rss: bool,
+          max_frame_size: int) -> int:  # fmt: skip
+    """Boot, then serve requests until the multiplexor closes the socket; return the exit code."""
     pid = os.getpid()
     set_title(f"defang-worker: booting (gen {generation})")
     try:
         runner.initialize()
     except Exception:
         log.exception("worker %d (pid %d): filter_initialize failed", worker_id, pid)
-        _send(sock, {"op": "boot_failed", "pid": pid, "error": "filter_initialize raised"})
-        return EXIT_BOOT_FAILED
-    limit = 0
-    if max_requests:
-        limit = max_requests + (random.randint(0, max_requests_jitter) if max_requests_jitter else 0)
-    baseline = current_rss()
-    if max_rss and baseline >= max_rss:
-        log.warning(
-            "worker %d (pid %d): RSS after boot is %d KiB, at or above max_rss %d KiB: "
-            "it will retire after every message; raise max_rss",
-            worker_id, pid, baseline // 1024, max_rss // 1024,
-        )  # fmt: skip
-    _send(sock, {"op": "ready", "pid": pid, "gen": generation, "rss": baseline})
-    idle_title = f"defang-worker: idle (%d/{limit or '-'})"
+        sock.sendall(wire.encode(wire.WorkerBootFailed(pid, "filter_initialize raised")))
+        return wire.EXIT_BOOT_FAILED
+    sock.sendall(wire.encode(wire.WorkerReady(pid, generation, procinfo.rss() or 0)))
+    idle_title = "defang-worker: idle (%d served)"
     served = 0
     set_title(idle_title % served)
-    decoder = protocol.FrameDecoder(max_frame_size)
-    received = memoryview(bytearray(protocol.RECV_SIZE))  # reused: see RECV_SIZE
+    decoder = FrameDecoder(max_frame_size)
+    received = memoryview(bytearray(RECV_SIZE))  # reused: see RECV_SIZE
     while True:
         try:
             n = sock.recv_into(received)
         except InterruptedError:
             continue
-        if not n:
+        if not n:  # the multiplexor is done with us
             runner.cleanup()
-            return EXIT_RETIRED
+            return wire.EXIT_RETIRED
         try:
             bodies = decoder.feed(received[:n])
-        except protocol.ProtocolError as exc:
+        except ProtocolError as exc:
             log.error("worker %d (pid %d): bad frame from multiplexor: %s", worker_id, pid, exc)
-            return EXIT_PROTOCOL
+            return wire.EXIT_PROTOCOL
         for body in bodies:
-            request = protocol.decode_body(body)
-            if request.get("op") == "stop":
-                runner.cleanup()
-                return EXIT_RETIRED
-            # The start time, not a running age: updating a title while the filter runs
-            # would need a timer signal (SIGALRM) that admin code may want for itself.
-            qid = request.get("queue_id") or request.get("op")
-            set_title(f"defang-worker: {qid} since {time.strftime('%H:%M:%S')}")
-            reply = runner.handle(request)
+            request = runner.read(body)
+            if isinstance(request, wire.Reply):  # not a request: the reply says so
+                reply, size = request, 0
+            else:
+                # The start time, not a running age: updating a title while the filter
+                # runs would need a timer signal (SIGALRM) that admin code may want.
+                what = request.queue_id or request.OP
+                set_title(f"defang-worker: {what} since {time.strftime('%H:%M:%S')}")
+                reply = runner.handle(request)
+                size = request.size if isinstance(request, wire.EndOfMessage) else 0
+            reply.gen = generation
+            if report_rss:
+                reply.rss = procinfo.rss() or 0
+            sock.sendall(wire.encode(reply))
             served += 1
-            why = ""
-            if limit and served >= limit:
-                why = f"max_requests {limit}"
-            elif max_rss and (rss := current_rss()) > max_rss:
-                why = f"RSS {rss // 1024} KiB over max_rss {max_rss // 1024} KiB"
-            reply["retiring"] = bool(why)
-            reply["gen"] = generation
-            _send(sock, reply)
-            if why:
-                # The multiplexor logs the exit ("exited 0 (retired)"); only we know why.
-                log.info("worker %d (pid %d) retiring after %d requests: %s", worker_id, pid,
-                         served, why)  # fmt: skip
-                runner.cleanup()
-                return EXIT_RETIRED
-            if request.get("size", 0) >= GIVE_BACK_AFTER_BYTES:
+            if size >= GIVE_BACK_AFTER_BYTES:
                 malloc.give_back_free_memory()
             set_title(idle_title % served)
-
-
-def _send(sock: socket.socket, obj: dict) -> None:
-    sock.sendall(protocol.encode(obj))

@@ -8,13 +8,14 @@ an ``error`` text in the reply, and one ERROR log line with the hook, the queue 
 and the connection, followed by the traceback.  ``handle`` itself never raises
 (``KeyboardInterrupt`` excepted), so the worker loop stays a loop.
 
-A request the worker cannot make sense of (no spool path, unknown op) is not the
-admin's fault: it gets a fixed tempfail and a ``bad request`` error instead.
+A request the worker cannot make sense of (not a decision request of this protocol:
+``handle_body``) is not the admin's fault: it gets a fixed tempfail and a
+``bad request`` error instead.
 
 A message past a ``[mime]`` limit (``MimeLimitError``, from the walk or an archive
 helper) is not a filter error either: it gets ``[mime] on_limit`` and a WARNING line
 with its queue ID.  After the hooks, the message's quarantine entry is written and,
-if the filter changed parts, the body rebuilt (``workers.rewrite``); a failure there
+if the filter changed parts, the body rebuilt (``defang.workers.mime.rebuild``); a failure there
 is a local problem and gets a fixed tempfail, so no mail is lost.
 """
 
@@ -27,28 +28,22 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from defang.protocol import VERDICT_ACTIONS
-from defang.verdicts import CONTINUE, Verdict, reject, tempfail
-from workers.conn import DEFAULT_MAX_NOTES_BYTES, Connection, NotesError, encode_notes
-from workers.limits import MimeLimitError, MimeLimits
-from workers.loader import LoadedFilter
-from workers.message import Message
-from workers.quarantine import QuarantineStore, quarantine_dir
+from defang.core import hooks, wire
+from defang.core.config import default_runtime_dir
+from defang.core.verdicts import ACTIONS as VERDICT_ACTIONS
+from defang.core.verdicts import CONTINUE, Verdict, reject, tempfail
+from defang.workers.api.conn import DEFAULT_MAX_NOTES_BYTES, Connection, NotesError, encode_notes
+from defang.workers.api.message import Message
+from defang.workers.loader import LoadedFilter
+from defang.workers.mime.limits import MimeLimitError, MimeLimits
+from defang.workers.mime.rebuild import rebuild
+from defang.workers.stores.quarantine import QuarantineStore, quarantine_dir
 
 log = logging.getLogger("defang.worker")
 
 BAD_REQUEST = tempfail("Temporary local problem, please try again later", "451", "4.3.0")
 LOCAL_PROBLEM = tempfail("Temporary local problem, please try again later", "451", "4.3.0")
 DEFAULT_ON_LIMIT = reject("Message structure exceeds local limits", "554", "5.6.0")
-REWRITTEN_SUFFIX = ".new"  # <spool file>.new: the front end streams it to the MTA, then removes it
-
-_ENVELOPE = {
-    # op -> (hook, extra argument taken from the request)
-    "connect": ("filter_relay", None),
-    "helo": ("filter_helo", None),
-    "mail": ("filter_sender", "sender"),
-    "rcpt": ("filter_recipient", "recipient"),
-}
 _EXPECTED = "expected a verdict (accept(), reject(...), tempfail(...), discard()) or None"
 
 
@@ -75,11 +70,9 @@ class FilterRunner:
         cfg = config
         if cfg is not None:
             self.limits = MimeLimits.from_config(cfg)
-            self.on_limit = _spec_verdict(cfg.mime_on_limit)
+            self.on_limit = cfg.mime_on_limit.verdict
             self.quarantine_store = QuarantineStore(quarantine_dir(cfg))
         else:
-            from defang.config import default_runtime_dir
-
             self.limits = MimeLimits()
             self.on_limit = DEFAULT_ON_LIMIT
             self.quarantine_store = QuarantineStore(default_runtime_dir() / "quarantine")
@@ -90,7 +83,7 @@ class FilterRunner:
     @classmethod
     def from_config(cls, loaded: LoadedFilter, cfg: Any) -> FilterRunner:
         """The runner as the daemons configure it ([replies], [filter], [mime], [quarantine])."""
-        return cls(loaded, on_filter_error=_spec_verdict(cfg.on_filter_error),
+        return cls(loaded, on_filter_error=cfg.on_filter_error.verdict,
                    max_notes_bytes=cfg.max_notes_bytes, config=cfg)  # fmt: skip
 
     def initialize(self) -> None:
@@ -111,41 +104,45 @@ class FilterRunner:
 
     # --- requests ---
 
-    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The reply to one decision request; never raises."""
+    def read(self, body: bytes) -> wire.DecisionRequest | wire.Reply:
+        """The decision request in a frame's ``body``, or (logged) the reply to a bad one."""
         try:
-            op = request["op"]
-            conn = Connection.from_request(request)
-        except Exception as exc:
-            return self._bad_request(request, exc)
+            request = wire.decode(body, wire.REQUESTS)
+            if isinstance(request, wire.Hello):
+                raise wire.ProtocolError("hello is for the multiplexor")
+        except wire.ProtocolError as exc:
+            return self._bad_request(body, exc)
+        return request
+
+    def handle_body(self, body: bytes) -> wire.Reply:
+        """The reply to the request in a frame's ``body``; never raises."""
+        request = self.read(body)
+        return request if isinstance(request, wire.Reply) else self.handle(request)
+
+    def handle(self, request: wire.DecisionRequest) -> wire.Reply:
+        """The reply to one decision request; never raises."""
+        conn = Connection.from_request(request)
         received_notes = conn.notes
-        if op == "eom":
+        if isinstance(request, wire.EndOfMessage):
             return self._message(request, conn, received_notes)
-        entry = _ENVELOPE.get(op)
-        if entry is None:
-            return self._bad_request(request, ValueError(f"unknown op {op!r}"))
-        hook, arg_field = entry
-        fn = self._hooks.get(hook)
+        hook = hooks.FOR_REQUEST[type(request)]
+        fn = self._hooks.get(hook.name)
         if fn is None:
-            return self._reply(CONTINUE, [], conn, received_notes, hook, None)
+            return self._reply(CONTINUE, [], conn, received_notes, hook.name, None)
         _own_notes(conn)
         try:
-            if arg_field is None:
+            if hook.argument is None:
                 result = fn(conn)
             else:
-                result = fn(conn, request.get(arg_field) or "")
-            verdict = _as_verdict(hook, result)
+                result = fn(conn, getattr(request, hook.argument))
+            verdict = _as_verdict(hook.name, result)
         except (Exception, SystemExit) as exc:
-            return self._failed(hook, exc, conn, received_notes, None)
-        return self._reply(verdict, [], conn, received_notes, hook, None)
+            return self._failed(hook.name, exc, conn, received_notes, None)
+        return self._reply(verdict, [], conn, received_notes, hook.name, None)
 
-    def _message(
-        self, request: dict[str, Any], conn: Connection, received_notes: dict[str, Any]
-    ) -> dict[str, Any]:
-        try:
-            msg = Message.from_request(request, conn)
-        except Exception as exc:
-            return self._bad_request(request, exc)
+    def _message(self, request: wire.EndOfMessage, conn: Connection,
+                 received_notes: dict[str, Any]) -> wire.Reply:  # fmt: skip
+        msg = Message.from_request(request, conn)
         msg.limits = self.limits
         _own_notes(conn)
         hooks = self._hooks
@@ -196,9 +193,7 @@ class FilterRunner:
         """
         actions = msg.actions
         if msg.changed and verdict.action in ("continue", "accept"):
-            from workers.rewrite import rebuild
-
-            new_body = str(msg.path) + REWRITTEN_SUFFIX
+            new_body = str(msg.path) + wire.NEW_BODY_SUFFIX
             actions = actions + rebuild(msg, new_body)
         if msg._quarantine is not None:
             path = self.quarantine_store.write(msg, msg._quarantine)
@@ -206,7 +201,7 @@ class FilterRunner:
         return actions
 
     def _over_limit(self, msg: Message, exc: MimeLimitError, hook: str, conn: Connection,
-                    received_notes: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+                    received_notes: dict[str, Any]) -> wire.Reply:  # fmt: skip
         """A message past a [mime] limit: on_limit, the filter's actions dropped."""
         v = self.on_limit
         log.warning("%s: conn %s: message passed a MIME limit in %s: %s; answering %s %s",
@@ -219,18 +214,13 @@ class FilterRunner:
         return self._reply(v, [], conn, received_notes, hook, msg.queue_id)
 
     def _local_problem(self, msg: Message, exc: Exception, conn: Connection,
-                       received_notes: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+                       received_notes: dict[str, Any]) -> wire.Reply:  # fmt: skip
         """Quarantine or rewrite failed (disk full, a bug): tempfail, the sender retries."""
         detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
         log.error("%s: conn %s: could not store or rewrite the message: %s", msg.queue_id or "-", conn.id,
                   detail)  # fmt: skip
-        return {
-            "verdict": LOCAL_PROBLEM.to_wire(),
-            "actions": [],
-            "notes": received_notes,
-            "retiring": False,
-            "error": f"local problem after the hooks: {type(exc).__name__}: {exc}"[:1000],
-        }
+        return wire.Reply(LOCAL_PROBLEM, [], received_notes,
+                          f"local problem after the hooks: {type(exc).__name__}: {exc}"[:1000])
 
     # --- replies ---
 
@@ -242,24 +232,23 @@ class FilterRunner:
         received_notes: dict[str, Any],
         hook: str,
         queue_id: str | None,
-    ) -> dict[str, Any]:
+    ) -> wire.Reply:
         """The reply, proven JSON-encodable here rather than failing in the frame encoder."""
         notes = conn.notes
         try:
             # What arrived was JSON already, and so is an empty dict: no encoding to prove it.
             if notes is not received_notes and not (type(notes) is dict and not notes):
                 encode_notes(notes, self.max_notes_bytes)
-            wire = verdict.to_wire()
-            reply = {"verdict": wire, "actions": actions, "notes": notes, "retiring": False}
             # Nor for a verdict of plain strings and no actions (the common reply).
-            if actions or not all(v is None or type(v) is str for v in wire.values()):
-                json.dumps([wire, actions], ensure_ascii=False, allow_nan=False)
+            fields = (verdict.action, verdict.code, verdict.dsn, verdict.text)
+            if actions or not all(v is None or type(v) is str for v in fields):
+                json.dumps([fields, actions], ensure_ascii=False, allow_nan=False)
         except NotesError as exc:
             return self._failed(hook, exc, conn, received_notes, queue_id, show_tb=False)
         except (TypeError, ValueError, RecursionError) as exc:
             error = FilterError(f"the reply is not JSON-encodable: {exc}")
             return self._failed(hook, error, conn, received_notes, queue_id, show_tb=False)
-        return reply
+        return wire.Reply(verdict, actions, notes)
 
     def _failed(
         self,
@@ -269,7 +258,7 @@ class FilterRunner:
         received_notes: dict[str, Any],
         queue_id: str | None,
         show_tb: bool | None = None,
-    ) -> dict[str, Any]:
+    ) -> wire.Reply:
         if queue_id is None:
             queue_id = conn.macros.get("i")
         where = f"queue {queue_id}, conn {conn.id}" if queue_id else f"conn {conn.id}"
@@ -286,27 +275,13 @@ class FilterRunner:
         else:
             detail = summary
         log.error("filter error in %s (%s): %s", hook, where, detail)
-        return {
-            "verdict": self.on_filter_error.to_wire(),
-            "actions": [],
-            "notes": received_notes,
-            "retiring": False,
-            "error": f"filter error in {hook}: {summary}"[:1000],
-        }
+        error = f"filter error in {hook}: {summary}"[:1000]
+        return wire.Reply(self.on_filter_error, [], received_notes, error)
 
-    def _bad_request(self, request: Any, exc: Exception) -> dict[str, Any]:
-        op = request.get("op") if isinstance(request, dict) else None
-        log.error("bad request (op %r): %s: %s", op, type(exc).__name__, exc)
-        notes = None
-        if isinstance(request, dict) and isinstance(request.get("conn"), dict):
-            notes = request["conn"].get("notes")
-        return {
-            "verdict": BAD_REQUEST.to_wire(),
-            "actions": [],
-            "notes": notes if isinstance(notes, dict) else {},
-            "retiring": False,
-            "error": f"bad request: {type(exc).__name__}: {exc}"[:1000],
-        }
+    def _bad_request(self, body: bytes, exc: Exception) -> wire.Reply:
+        """Not a request of this protocol: a tempfail, the notes left as they were."""
+        log.error("bad request (%d bytes: %r): %s: %s", len(body), body[:60], type(exc).__name__, exc)
+        return wire.Reply(BAD_REQUEST, [], None, f"bad request: {type(exc).__name__}: {exc}"[:1000])
 
 
 def _own_notes(conn: Connection) -> None:
@@ -329,9 +304,3 @@ def _set_verdict(msg: Message, hook: str, result: Any) -> None:
     if result is not None:
         msg.verdict = _as_verdict(hook, result)
 
-
-def _spec_verdict(spec: Any) -> Verdict:
-    """A config ReplySpec as a verdict: tempfail for a 4xx code, reject for a 5xx."""
-    if spec.code.startswith("4"):
-        return tempfail(spec.text, spec.code, spec.dsn)
-    return reject(spec.text, spec.code, spec.dsn)

@@ -17,9 +17,9 @@ import base64
 import os
 import tempfile
 
-from workers import mailpolicy
-from workers.conn import Connection
-from workers.message import Message
+from defang.workers.api.conn import Connection
+from defang.workers.api.message import Message
+from defang.workers.mime import mailpolicy
 
 _SAMPLE = (
     "From: =?utf-8?q?Warm_Up?= <warm@example.org>\r\n"

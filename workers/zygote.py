@@ -9,15 +9,15 @@ the modules both have imported are pages shared by every defang process: measure
 the benchmark's header filter at 140 KB, summed PSS 90 -> 82 MB against a zygote
 started as a new interpreter.
 
-The channel to the multiplexor is a SOCK_SEQPACKET socketpair: one JSON object per
-packet, so there is no framing to get wrong, and a spawn request carries the worker's
-end of a fresh socketpair as SCM_RIGHTS ancillary data.
+The channel to the multiplexor is a SOCK_SEQPACKET socketpair: one message per packet
+(``defang.core.wire``: ``Spawn`` in, ``ZygoteReady``, ``LoadFailed``, ``Spawned``,
+``Exited`` out), so there is no framing to get wrong, and a spawn request carries the
+worker's end of a fresh socketpair as SCM_RIGHTS ancillary data.  EOF means: exit --
+after the workers it forked have exited (``EXIT_GRACE``, then KILL): a worker must
+never outlive defang, nor be left to a PID 1 that may not reap it.
 
-zygote -> multiplexor: ``ready`` {hooks, pid} | ``load_failed`` {error} |
-``spawned`` {wid, pid} | ``exited`` {pid, status}.
-multiplexor -> zygote: ``spawn`` {wid} + one fd.  EOF means: exit -- after the
-workers it forked have exited (``EXIT_GRACE``, then KILL): a worker must never outlive
-defang, nor be left to a PID 1 that may not reap it.
+``main`` is the zygote's entry point; the command-line wiring hands it to the
+multiplexor, which forks and calls it (the multiplexor imports no worker code).
 """
 
 from __future__ import annotations
@@ -27,22 +27,22 @@ import email.generator  # noqa: F401  (imported so workers share the pages)
 import email.parser  # noqa: F401
 import email.policy  # noqa: F401
 import gc
-import json
 import logging
 import os
+import random
 import select
 import signal
 import socket
 import sys
 import time
 
-from defang import config as configmod
-from defang import logsetup, malloc
-from defang.proctitle import set_title
-from workers import process
-from workers.loader import FilterLoadError, load_filter
-from workers.runner import FilterRunner
-from workers.warmup import warm_up
+from defang.core import config as configmod
+from defang.core import logsetup, malloc, wire
+from defang.core.proctitle import set_title
+from defang.workers import process
+from defang.workers.loader import FilterLoadError, load_filter
+from defang.workers.runner import FilterRunner
+from defang.workers.warmup import warm_up
 
 log = logging.getLogger("defang.zygote")
 
@@ -52,16 +52,12 @@ PACKET = 65536
 EXIT_GRACE = 3.0
 
 
-def send(sock: socket.socket, obj: dict, fds: list[int] | None = None) -> None:
-    data = json.dumps(obj).encode()
-    if fds:
-        socket.send_fds(sock, [data], fds)
-    else:
-        sock.send(data)
+def send(sock: socket.socket, msg: wire.Message) -> None:
+    sock.send(wire.encode_body(msg))
 
 
-def receive(sock: socket.socket) -> tuple[dict | None, list[int]]:
-    """One packet and its fds; (None, []) at EOF.
+def receive(sock: socket.socket) -> tuple[wire.Spawn | None, list[int]]:
+    """One spawn request and its fd; (None, []) at EOF; ``ProtocolError`` for anything else.
 
     A reset is an EOF too: when the multiplexor closes its end while one of our
     reports is still unread, the kernel reports ECONNRESET instead of a clean EOF.
@@ -74,7 +70,15 @@ def receive(sock: socket.socket) -> tuple[dict | None, list[int]]:
         for fd in fds:
             os.close(fd)
         return None, []
-    return json.loads(data), fds
+    try:
+        msg = wire.decode(data, wire.TO_ZYGOTE)
+        if len(fds) != 1:
+            raise wire.ProtocolError(f"spawn with {len(fds)} descriptors")
+    except wire.ProtocolError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return msg, fds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_filter(str(cfg.filter))
     except FilterLoadError as exc:
-        send(chan, {"op": "load_failed", "error": str(exc)})
+        send(chan, wire.LoadFailed(str(exc)))
         return 2
     runner = FilterRunner.from_config(loaded, cfg)
     warm_up()
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
     malloc.fix_mmap_threshold()
-    send(chan, {"op": "ready", "pid": os.getpid(), "hooks": sorted(runner.hooks)})
+    send(chan, wire.ZygoteReady(os.getpid(), sorted(runner.hooks)))
     return _loop(chan, runner, cfg, args.generation)
 
 
@@ -125,25 +129,24 @@ def _loop(chan: socket.socket, runner: FilterRunner, cfg, generation: int) -> in
         _reap(chan, children)
         if chan not in ready:
             continue
-        msg, fds = receive(chan)
+        try:
+            msg, fds = receive(chan)
+        except wire.ProtocolError as exc:
+            log.error("zygote: unexpected message from the multiplexor: %s", exc)
+            continue
         if msg is None:
             # The multiplexor is done with us (or gone).  Idle workers see EOF on their
             # own sockets and leave; at shutdown it has TERMed the busy ones.
             _end_children(children)
             return 0
-        if msg.get("op") != "spawn" or len(fds) != 1:
-            log.error("zygote: unexpected message %r", msg)
-            for fd in fds:
-                os.close(fd)
-            continue
-        wid = int(msg["wid"])
+        wid = msg.wid
         pid = os.fork()
         if pid == 0:
             os._exit(_child(fds[0], chan, (wake_r, wake_w), runner, cfg, wid, generation))
         children.add(pid)
         os.close(fds[0])
         try:
-            send(chan, {"op": "spawned", "wid": wid, "pid": pid})
+            send(chan, wire.Spawned(wid, pid))
         except OSError:
             _end_children(children)
             return 0
@@ -162,7 +165,7 @@ def _reap(chan: socket.socket | None, children: set[int]) -> None:
         if chan is None:
             continue
         try:
-            send(chan, {"op": "exited", "pid": pid, "status": status})
+            send(chan, wire.Exited(pid, status))
         except OSError:
             chan = None  # the multiplexor is gone; keep reaping all the same
 
@@ -191,7 +194,7 @@ def _end_children(children: set[int]) -> None:
 
 def _child(fd: int, chan: socket.socket, pipe: tuple[int, int], runner, cfg, wid, gen) -> int:
     """In the forked worker: drop the zygote's state, then serve."""
-    code = process.EXIT_CRASHED
+    code = wire.EXIT_CRASHED
     try:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
@@ -200,20 +203,10 @@ def _child(fd: int, chan: socket.socket, pipe: tuple[int, int], runner, cfg, wid
         for p in pipe:
             os.close(p)
         os.setpgid(0, 0)  # its own group: a hard kill takes the filter's children too
-        import random
-
-        random.seed()
+        random.seed()  # not the zygote's sequence: each worker draws its own
         sock = socket.socket(fileno=fd)
-        code = process.serve(
-            sock,
-            runner,
-            worker_id=wid,
-            generation=gen,
-            max_requests=cfg.max_requests,
-            max_requests_jitter=cfg.max_requests_jitter,
-            max_rss=cfg.max_rss,
-            max_frame_size=cfg.max_frame_size,
-        )
+        code = process.serve(sock, runner, worker_id=wid, generation=gen, report_rss=cfg.max_rss > 0,
+                             max_frame_size=cfg.max_frame_size)  # fmt: skip
     except BaseException:
         log.exception("worker %d (pid %d) crashed", wid, os.getpid())
     finally:

@@ -56,19 +56,22 @@ def _install() -> None:
     argv = getattr(sys, "orig_argv", [])
     if not path or "milter" not in argv or "defang" not in argv:
         return
-    from defang import frontend, mxclient
+    from defang.core import wire
+    from defang.frontend import mxclient, service, session, spool
 
-    s = frontend.Session
+    s = session.Session
     for name in ("negotiate", "connect", "hello", "envfrom", "envrcpt", "header", "body", "eom", "abort",
                  "close"):  # fmt: skip
         _wrap(s, name, f"callback {name}")
-    for name in ("_open_spool", "_discard_spool", "_collect_macros", "_write", "_apply", "_conn"):
+    for name in ("_end_transaction", "_collect_macros", "_write", "_apply", "_conn"):
         _wrap(s, name, f"  step Session.{name}")
-    _wrap(frontend.Session, "__init__", "  step Session.__init__")
-    _wrap(frontend.FrontEnd, "decide", "  step FrontEnd.decide (request + reply)")
-    _wrap(mxclient.MultiplexorClient, "_read_reply", "    step waiting for and reading the reply")
-    _wrap(frontend.protocol, "encode", "    step protocol.encode")
-    _wrap(frontend.log, "info", "  step log.info")
+    for name in ("flush", "finish", "discard"):
+        _wrap(spool.SpoolFile, name, f"  step SpoolFile.{name}")
+    _wrap(session.Session, "__init__", "  step Session.__init__")
+    _wrap(service.FrontEnd, "decide", "  step FrontEnd.decide (request + reply)")
+    _wrap(mxclient.MultiplexorClient, "_exchange", "    step sending, waiting for and reading the reply")
+    _wrap(wire, "encode", "    step wire.encode")
+    _wrap(session.log, "info", "  step log.info")
     atexit.register(_dump, path)
 
 

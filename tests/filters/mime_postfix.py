@@ -1,7 +1,7 @@
 """End-to-end MIME filter: executables inside archives are quarantined and replaced by a
 notice; every message gets a boilerplate in its text and HTML bodies."""
 
-from workers.helpers import DANGEROUS_EXTENSIONS
+from defang import DANGEROUS_EXTENSIONS
 
 TEXT = "-- scanned by defang --"
 HTML = '<p class="defang">scanned by defang</p>'

@@ -1,0 +1,168 @@
+"""Start and stop the real defang daemons (``defang run``) for a test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from paths import FILTERS, REPO  # noqa: F401  (FILTERS: for the tests that import it from here)
+
+from defang.testbed.procs import stat_fields, titled
+
+
+def traversable_dir(prefix: str) -> Path:
+    """A fresh dir under /tmp that Postfix's unprivileged daemons can enter."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    d.chmod(0o755)
+    return d
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(path: Path, settings: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for section, table in settings.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Defang:
+    """``defang run`` in a subprocess, its log in a file, stopped by PID."""
+
+    def __init__(self, filter_path: Path | str, *, settings: dict | None = None,
+                 socket: str | None = None) -> None:  # fmt: skip
+        self.dir = traversable_dir("defang-test-")
+        self.runtime = self.dir / "run"
+        base = {"daemon": {"log_level": "debug"}, "multiplexor": {"min_workers": 2, "max_workers": 2}}
+        for section, table in (settings or {}).items():
+            base.setdefault(section, {}).update(table)
+        self.config = write_config(self.dir / "defang.toml", base)
+        self.filter = Path(filter_path)
+        self.socket_spec = socket or f"unix:{self.runtime / 'milter.sock'}"
+        self.log_path = self.dir / "defang.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def milter_path(self) -> str:
+        return self.socket_spec.partition(":")[2]
+
+    @property
+    def control_socket(self) -> Path:
+        return self.runtime / "control.sock"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "defang", "run", "--config", str(self.config),
+                "--filter", str(self.filter), "--runtime-dir", str(self.runtime),
+                "--socket", self.socket_spec]  # fmt: skip
+
+    def start(self, timeout: float = 30.0) -> Defang:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv(), stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=REPO)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "defang running" in self.log():
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"defang run exited {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        log = self.log()
+        # Stopped here: a `with Defang(...)` whose start raised never reaches __exit__,
+        # and the stack would outlive the test.
+        self.stop(signal.SIGTERM, 15.0)
+        self.cleanup()
+        raise RuntimeError(f"defang run not ready in {timeout}s:\n{log}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, text: str, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log()
+            if text in log:
+                return log
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in the defang log within {timeout}s:\n{self.log()}")
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "defang.cli.ctl", "--config", str(self.config),
+                               "--runtime-dir", str(self.runtime), *args],
+                              capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+
+    def status(self) -> dict:
+        import json
+
+        r = self.ctl("--json", "status")
+        return json.loads(r.stdout)
+
+    def pids(self, title_prefix: str) -> list[int]:
+        """PIDs of our processes whose title starts with ``title_prefix`` (e.g. defang-worker)."""
+        return titled(_descendants(self.proc.pid), title_prefix)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                for pid in _descendants(self.proc.pid):
+                    _kill(pid)
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Defang:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.cleanup()
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for pid, fields in stat_fields():
+        children.setdefault(int(fields[1]), []).append(pid)
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
