@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"defangctl: cannot reach the multiplexor at {cfg.control_socket}: {exc}",
               file=sys.stderr)
         return 3
-    shown = reply.to_wire()
+    shown = wire.to_wire(reply)
     if args.json:
         print(json.dumps(shown, indent=2))
     else:

@@ -49,14 +49,14 @@ def run_trial(cfg: Config, message: str, *, sender: str, recipients: list[str], 
     out["mail"] = decide(wire.Mail(conn(), sender, []))
     accepted = []
     for rcpt in recipients:
-        verdict = decide(wire.Rcpt(conn(), sender, rcpt))
+        verdict = decide(wire.Rcpt(conn(), rcpt, sender))
         out.setdefault("rcpt", {})[rcpt] = verdict
         if verdict["action"] in ("continue", "accept"):
             accepted.append(rcpt)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "message"
         size = spool_message(Path(message).read_bytes(), path)
-        reply = runner.handle(wire.EndOfMessage(conn(), sender, accepted, str(path), "TEST", size))
+        reply = runner.handle(wire.EndOfMessage(conn(), str(path), sender, accepted, "TEST", size))
     out["eom"] = {"verdict": wire.verdict_to_wire(reply.verdict), "actions": reply.actions}
     runner.cleanup()
     return out

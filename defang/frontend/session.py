@@ -151,7 +151,7 @@ class Session:
             return self._answer(cfg.on_too_many_recipients.verdict)
         rc = milter.CONTINUE
         if "filter_recipient" in self.hooks:
-            rc = self._decide_envelope(wire.Rcpt(self._conn(), env.sender, recipient, env.sender_args,
+            rc = self._decide_envelope(wire.Rcpt(self._conn(), recipient, env.sender, env.sender_args,
                                                  [_text(a) for a in args]))  # fmt: skip
         if rc in (milter.CONTINUE, milter.ACCEPT):
             env.recipients.append(recipient)
@@ -229,7 +229,7 @@ class Session:
             log.warning("%s: conn %s: message over a limit: %s %s", queue_id or "-", self.id, spec.code,
                         spec.dsn)  # fmt: skip
             return self._answer(spec.verdict)
-        request = wire.EndOfMessage(self._conn(collect=False), env.sender, env.recipients, path, queue_id,
+        request = wire.EndOfMessage(self._conn(collect=False), path, env.sender, env.recipients, queue_id,
                                     env.size, env.sender_args)  # fmt: skip
         spool = env.spool
         spool.reusable, spool.new_body = False, True  # until a worker's reply says otherwise

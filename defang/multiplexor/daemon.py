@@ -229,10 +229,10 @@ class Multiplexor:
             pid=os.getpid(), uptime=round(time.time() - self.started, 1), generation=pool.gen,
             filter=str(cfg.filter), hooks=pool.hello().hooks,
             workers=pool.worker_status(time.monotonic(), procinfo.rss),
-            queue_depth=len(pool.queue), queue_size=cfg.queue_size,
+            queue={"depth": len(pool.queue), "size": cfg.queue_size},
             pool={"min_workers": cfg.min_workers, "max_workers": cfg.max_workers, "min_spare": cfg.min_spare},
             spawn_failures=pool.spawn_failures, last_load_error=pool.last_load_error or None,
-            stats=pool.stats.snapshot())  # fmt: skip
+            **pool.stats.snapshot())  # fmt: skip
 
     def _send_client(self, client: Client, frame: bytes) -> None:
         try:

@@ -16,6 +16,10 @@ from typing import Any
 from defang.core.config import ReplySpec
 from defang.core.wire import ControlResult
 
+#: a worker's states, as ``defangctl status`` shows them: spawn asked for, ready for a
+#: job, on a job, told to go
+BOOTING, IDLE, BUSY, STOPPING = "booting", "idle", "busy", "stopping"
+
 
 @dataclass(eq=False)
 class Job:

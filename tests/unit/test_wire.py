@@ -19,8 +19,8 @@ MESSAGES = [
     (wire.REQUESTS, wire.Connect(CONN)),
     (wire.REQUESTS, wire.Helo(CONN)),
     (wire.REQUESTS, wire.Mail(CONN, "a@example.org", ["SIZE=100", "BODY=8BITMIME"])),
-    (wire.REQUESTS, wire.Rcpt(CONN, "a@example.org", "b@example.org", ["SIZE=100"], ["NOTIFY=NEVER"])),
-    (wire.REQUESTS, wire.EndOfMessage(CONN, "", ["b@example.org", "c@example.org"], "/run/defang/spool/1.eml",
+    (wire.REQUESTS, wire.Rcpt(CONN, "b@example.org", "a@example.org", ["SIZE=100"], ["NOTIFY=NEVER"])),
+    (wire.REQUESTS, wire.EndOfMessage(CONN, "/run/defang/spool/1.eml", "", ["b@example.org", "c@example.org"],
                                       "4Xyz", 2048, ["BODY=8BITMIME"])),  # fmt: skip
     (wire.TO_FRONT_END, wire.Reply(reject("No", "554", "5.7.1"), [["add_header", "X-A", "1"],
                                    ["change_sender", "x@example.org", None], ["delete_header", "X-B", 2]],
@@ -39,13 +39,13 @@ MESSAGES = [
     (wire.TO_CONTROL, wire.ControlRequest("reload")),
     (wire.FROM_CONTROL, wire.ControlResult(True, gen=3, hooks=["filter_end"])),
     (wire.FROM_CONTROL, wire.ControlResult(False, error="x.py:1: SyntaxError")),
-    (wire.FROM_CONTROL, wire.Status(7, 12.5, 2, "/etc/defang/filter.py", ["filter_end"],
-                                    [wire.WorkerStatus(1, 4242, 2, "busy", 10, 9_000_000, "4Xyz", "eom",
-                                                       0.25)],
-                                    0, 200, {"min_workers": 2, "max_workers": 10, "min_spare": 1}, 0, None,
-                                    {"verdicts": {"accept": 3}, "requests": {"eom": 3}, "events": {},
-                                     "messages_per_second": {"1m": 0.05}, "latency_ms": {"p50": 1.0},
-                                     "histogram": {"bounds_ms": [1.0], "counts": [3, 0]}})),  # fmt: skip
+    (wire.FROM_CONTROL, wire.Status(
+        7, 12.5, 2, "/etc/defang/filter.py", ["filter_end"],
+        [wire.WorkerStatus(1, 4242, 2, "busy", 10, 9_000_000, "4Xyz", "eom", 0.25),
+         wire.WorkerStatus(2, 0, 2, "booting", 0)],
+        {"depth": 0, "size": 200}, {"min_workers": 2, "max_workers": 10, "min_spare": 1}, 0, None,
+        verdicts={"accept": 3}, requests={"eom": 3}, events={}, messages_per_second={"1m": 0.05},
+        latency_ms={"p50": 1.0}, histogram={"bounds_ms": [1.0], "counts": [3, 0]})),
 ]
 
 
@@ -116,20 +116,21 @@ def test_version_and_op_are_checked():
         wire.decode(wire.encode_body(wire.Reply(Verdict("accept"))), wire.REQUESTS)
 
 
-CONN_OBJ = CONN.to_wire()
+CONN_OBJ = wire.to_wire(wire.Connect(CONN))["conn"]
 
 
 @pytest.mark.parametrize(("table", "obj", "why"), [
-    (wire.REQUESTS, {"op": "eom", "conn": CONN_OBJ, "recipients": []}, "field 'spool' is missing"),
-    (wire.REQUESTS, {"op": "eom", "conn": CONN_OBJ, "spool": ""}, "'spool' is empty"),
+    (wire.REQUESTS, {"op": "eom", "conn": CONN_OBJ, "sender": ""}, "field 'spool' is missing"),
+    (wire.REQUESTS, {"op": "eom", "conn": CONN_OBJ, "spool": ""}, "spool path is empty"),
     (wire.REQUESTS, {"op": "eom", "conn": CONN_OBJ, "spool": "/x", "size": "big"}, "'size' is a str"),
+    (wire.REQUESTS, {"op": "rcpt", "conn": CONN_OBJ, "sender": "a@b"}, "field 'recipient' is missing"),
     (wire.REQUESTS, {"op": "mail", "conn": CONN_OBJ, "sender": 7}, "'sender' is a int"),
     (wire.REQUESTS, {"op": "mail", "conn": CONN_OBJ, "sender": "a", "args": ["x", 1]}, "list of strings"),
-    (wire.REQUESTS, {"op": "connect", "conn": "x"}, "conn is not an object"),
+    (wire.REQUESTS, {"op": "connect", "conn": "x"}, "field 'conn' is not an object"),
     (wire.REQUESTS, {"op": "connect", "conn": dict(CONN_OBJ, macros={"i": 1})}, "not a table of strings"),
     (wire.REQUESTS, {"op": "connect", "conn": dict(CONN_OBJ, notes=[1])}, "'notes' is a list"),
     (wire.TO_FRONT_END, {"op": "reply", "verdict": {"action": "explode"}}, "is not a verdict"),
-    (wire.TO_FRONT_END, {"op": "reply", "verdict": {"action": "reject", "code": 550}}, "code is a int"),
+    (wire.TO_FRONT_END, {"op": "reply", "verdict": {"action": "reject", "code": 550}}, "code that is a int"),
     (wire.TO_FRONT_END, {"op": "reply", "verdict": {"action": "accept"}, "actions": [["add_header", "X"]]},
      "malformed action"),
     (wire.TO_FRONT_END, {"op": "reply", "verdict": {"action": "accept"}, "actions": [["rm_rf", "/"]]},
