@@ -1102,8 +1102,13 @@ def build_stacks(only: list[str] | None, with_md: bool, inet: bool = True) -> li
     if with_md:
         stacks += [MimeDefangStack("minimal"), MimeDefangStack("headers")]
     if only:
+        only = [ALIASES.get(o, o) for o in only]
         stacks = [s for s in stacks if any(s.name == o or s.group == o for o in only)]
     return stacks
+
+
+#: other names --only takes: "pymilter" is the do-nothing pymilter milter
+ALIASES = {"pymilter": "nullmilter"}
 
 
 def turns(stacks: list[Stack], run: int) -> list[Stack]:
@@ -1188,8 +1193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--profile", default="2k,140k,7m", help="comma list of 2k, 140k, 7m (default all)")
     ap.add_argument("--runs", type=int, default=3, help="measured runs per cell (default 3)")
-    ap.add_argument("--only", help="comma list of stacks or groups: postfix, nullmilter, defang, "
-                    "mimedefang, defang-minimal, defang-minimal-inet, ...")  # fmt: skip
+    ap.add_argument("--only", help="comma list of stacks or groups: postfix, nullmilter (or pymilter), "
+                    "defang, mimedefang, defang-minimal, defang-minimal-inet, ...")  # fmt: skip
     ap.add_argument("--scale", type=float, default=1.0, help="multiply message counts (quick checks)")
     ap.add_argument("--with-mimedefang", action="store_true",
                     help="require MIMEDefang (scripts/bench installs it first)")

@@ -1,7 +1,7 @@
 """``scripts/bench --inet``: why a milter on an inet socket is slower than on a Unix one.
 
-LESSONS.md measured ~87 ms end-of-DATA at one connection over ``inet:`` on loopback
-against ~0.9 ms over ``unix:``, CPU idle.  Suspect: Nagle's algorithm plus delayed ACK
+The first measurements gave ~87 ms end-of-DATA at one connection over ``inet:`` on
+loopback against ~0.9 ms over ``unix:``, CPU idle.  Suspect: Nagle's algorithm plus delayed ACK
 on the small back-to-back writes of the milter protocol (libmilter sets no TCP_NODELAY).
 This mode finds out with evidence and measures the fixes:
 

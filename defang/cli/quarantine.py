@@ -1,6 +1,6 @@
 """``defang quarantine list | show ID | release ID [--to ADDR] | delete ID`` (each ``--json``).
 
-The store and the release live in ``workers.quarantine`` (the workers write entries);
+The store and the release live in ``defang.workers.stores.quarantine`` (the workers write entries);
 this module only turns them into a command line: text for people, ``--json`` for
 scripts.  Exit status: 0 done, 1 the entry or the release failed, 2 bad usage.
 """

@@ -23,7 +23,7 @@ from defang.frontend.session import Session
 log = logging.getLogger("defang.milter")
 
 
-#: malloc arenas for libmilter's threads (see defang.malloc.limit_arenas)
+#: malloc arenas for libmilter's threads (see defang.core.malloc.limit_arenas)
 MILTER_ARENAS = 2
 
 

@@ -1,4 +1,4 @@
-"""Part actions and the body rebuild (workers/rewrite.py), through FilterRunner.handle.
+"""Part actions and the body rebuild (workers/mime/rebuild.py), through FilterRunner.handle.
 
 The helpers here (``spool_form``, ``run``, ``rebuilt``) are imported by the other
 tests/test_mime_*.py modules.

@@ -1,6 +1,6 @@
 """The walk parses a message's structure with its long bodies left in the spool file.
 
-``workers.skeleton`` replaces long runs of body lines by stand-in lines before the
+``defang.workers.mime.skeleton`` replaces long runs of body lines by stand-in lines before the
 stdlib parser sees the message.  What a filter sees must not change: the same parse,
 the same parts, the same payloads, the same rebuilt body -- for every corpus message,
 with the threshold at 1 byte so that every run that may be replaced is replaced.
@@ -238,7 +238,7 @@ def test_a_big_message_is_scanned_without_fresh_pages_per_chunk(tmp_path: Path) 
         import resource, sys
         from defang.core import malloc
         from defang.workers.mime import skeleton
-        malloc.fix_mmap_threshold()  # as workers/zygote.py does
+        malloc.fix_mmap_threshold()  # as the zygote does
         def scan():
             with open(sys.argv[1], "rb") as f:
                 assert skeleton.reduce(f, sys.argv[1]) is not None

@@ -1,4 +1,4 @@
-"""defang.child.fork: what a forked child keeps of its parent, and how it ends."""
+"""defang.core.child.fork: what a forked child keeps of its parent, and how it ends."""
 
 import json
 import os

@@ -31,7 +31,7 @@ class MimeLimits:
 
     @classmethod
     def from_config(cls, cfg: Any) -> MimeLimits:
-        """Take the ``mime_*`` fields of a ``defang.config.Config``."""
+        """Take the ``mime_*`` fields of a ``defang.core.config.Config``."""
         return cls(
             max_parts=cfg.mime_max_parts,
             max_depth=cfg.mime_max_depth,

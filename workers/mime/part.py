@@ -154,7 +154,7 @@ class Part:
     @property
     def head(self) -> EmailMessage:
         """The stdlib entity for reading its headers only: unlike ``email`` it does not
-        read bodies in, so its payload may still be a stand-in (``workers.skeleton``)."""
+        read bodies in, so its payload may still be a stand-in (``defang.workers.mime.skeleton``)."""
         return self._entity
 
     @property
@@ -245,7 +245,7 @@ class Part:
 
     def has_extension(self, exts: Iterable[str], *, anywhere: bool = False) -> bool:
         """True when any name of the part ends in one of ``exts`` (or has one
-        anywhere); see ``workers.filenames.has_extension``."""
+        anywhere); see ``defang.workers.mime.filenames.has_extension``."""
         exts = list(exts)
         return any(_names.has_extension(n, exts, anywhere=anywhere) for n in self.filenames)
 

@@ -471,7 +471,7 @@ class Rebuild:
 
 def body_offset(spool: bytes) -> int:
     """Where the body starts in a spool file: after the header section and its empty
-    line, found as ``workers.message.read_header_section`` finds it."""
+    line, found as ``defang.workers.api.headers.read_header_section`` finds it."""
     if spool[:2] == CRLF:
         return 2
     if spool[:1] == b"\n":

@@ -129,7 +129,7 @@ def walk(
     ``max_depth`` or ``max_decoded_size`` (estimated from the encoded sizes) raises
     ``MimeLimitError`` and ends the walk.  ``owner`` is the message whose actions
     the parts record (None: parts without actions).  ``spans``: the bodies of ``root``
-    still in the spool file (``workers.skeleton``), read in when a part's body is read.
+    still in the spool file (``defang.workers.mime.skeleton``), read in when a part's body is read.
     """
     index = 0
     decoded_total = 0

@@ -16,7 +16,7 @@ An ID is ``YYYYMMDDTHHMMSSZ-xxxxxx``: the UTC time (IDs sort by time, and the ID
 finds the directory) and 24 random bits.  One message has at most one entry: every
 ``quarantine()`` call of its hooks adds a reason (and a part) to the same entry.
 
-Writes are atomic (DESIGN rule 1): the entry is written into ``.tmp-<id>`` in the day
+Writes are atomic (no mail is lost): the entry is written into ``.tmp-<id>`` in the day
 directory, every file fsync'ed, the directory fsync'ed, renamed to ``<id>``, and the
 day directory fsync'ed.  A crash leaves either nothing or a ``.tmp-`` directory that
 listing ignores, never half an entry.  Entries are readable by the owner and group
@@ -159,7 +159,7 @@ class QuarantineStore:
     # --- writing
 
     def write(self, msg: Any, pending: Pending, now: float | None = None) -> Path:
-        """Store ``msg`` (a ``workers.message.Message``) and the pending parts atomically."""
+        """Store ``msg`` (a ``defang.workers.api.message.Message``) and the pending parts atomically."""
         final = self.entry_dir(pending.id)
         day = final.parent
         _makedirs(day)

@@ -1,0 +1,5 @@
+import sys
+
+from defang.cli.main import main
+
+sys.exit(main())

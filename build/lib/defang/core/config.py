@@ -1,0 +1,353 @@
+"""Configuration: one TOML file (``etc/defang.toml``), command-line overrides on top.
+
+Every option has a default here and a documented line in ``etc/defang.toml``; an
+unknown key is an error (a typo must not silently leave a default in force).
+Relative paths are taken relative to the directory of the config file, so the
+default ``etc/defang.toml`` finds ``filters/filter.py`` wherever it is run from.
+
+Where the defaults are (``DEFAULTS``): an installed defang carries ``etc/`` and
+``filters/`` as package data, ``<site-packages>/defang/etc`` and ``defang/filters``; a
+source tree has them beside ``defang/``.  Both keep the two folders side by side, so the
+default config's ``filter = "../filters/filter.py"`` holds in either.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from defang.core.verdicts import Verdict, for_reply
+
+_PACKAGE = Path(__file__).resolve().parent.parent  # .../defang
+
+
+def _defaults_dir() -> Path:
+    """The folder holding ``etc/`` and ``filters/``: the installed package, else the source tree."""
+    if (_PACKAGE / "etc" / "defang.toml").is_file():
+        return _PACKAGE
+    return _PACKAGE.parent
+
+
+DEFAULTS = _defaults_dir()
+DEFAULT_CONFIG = DEFAULTS / "etc" / "defang.toml"
+DEFAULT_FILTER = DEFAULTS / "filters" / "filter.py"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the text says which key and why."""
+
+
+@dataclass(frozen=True)
+class ReplySpec:
+    """An SMTP reply the daemons give on their own (not decided by the filter)."""
+
+    code: str
+    dsn: str
+    text: str
+
+    @property
+    def verdict(self) -> Verdict:
+        return for_reply(self.code, self.dsn, self.text)
+
+
+@dataclass(frozen=True)
+class Config:
+    # [daemon]
+    runtime_dir: Path = Path()
+    filter: Path = DEFAULT_FILTER
+    log_level: str = "info"
+    # [milter]
+    milter_socket: str = ""
+    socket_mode: int = 0o660
+    socket_group: str = "postfix"
+    spool_dir: Path = Path()
+    milter_io_timeout: int = 600
+    tcp_nodelay: bool = True
+    request_timeout: float = 0.0
+    max_message_size: int = 50 * 1024 * 1024
+    max_header_bytes: int = 1024 * 1024
+    max_headers: int = 1000
+    max_recipients: int = 1000
+    macros: tuple[str, ...] = (
+        "i", "j", "_", "{daemon_name}", "{daemon_addr}", "{daemon_port}",
+        "{if_addr}", "{client_addr}", "{client_port}", "{client_name}",
+        "{auth_type}", "{auth_authen}", "{auth_author}",
+        "{tls_version}", "{cipher}", "{cert_subject}", "{cert_issuer}", "{mail_mailer}",
+    )  # fmt: skip
+    # [multiplexor]
+    multiplexor_socket: Path = Path()
+    control_socket: Path = Path()
+    min_workers: int = 2
+    max_workers: int = 10
+    min_spare: int = 1
+    idle_timeout: float = 300.0
+    max_frame_size: int = 1024 * 1024
+    busy_timeout: float = 60.0
+    busy_grace: float = 5.0
+    queue_size: int = 200
+    queue_timeout: float = 30.0
+    max_requests: int = 500
+    max_requests_jitter: int = 50
+    max_rss: int = 0
+    # [filter]
+    max_notes_bytes: int = 64 * 1024
+    on_filter_error: ReplySpec = ReplySpec("451", "4.3.0", "Temporary filter error, try again later")
+    on_internal_error: ReplySpec = ReplySpec(
+        "451", "4.3.0", "Mail filter unavailable, try again later"
+    )
+    on_busy: ReplySpec = ReplySpec("451", "4.3.2", "defang busy, try again later")
+    on_message_too_large: ReplySpec = ReplySpec("552", "5.3.4", "Message size exceeds limit")
+    on_header_too_large: ReplySpec = ReplySpec("552", "5.3.4", "Message header exceeds limit")
+    on_too_many_recipients: ReplySpec = ReplySpec("452", "4.5.3", "Too many recipients")
+    # [mime]
+    mime_max_parts: int = 5000
+    mime_max_depth: int = 50
+    mime_max_decoded_size: int = 100 * 1024 * 1024
+    mime_max_archive_members: int = 5000
+    mime_max_archive_depth: int = 3
+    mime_max_archive_expansion: int = 100 * 1024 * 1024
+    mime_on_limit: ReplySpec = ReplySpec("554", "5.6.0", "Message structure exceeds local limits")
+    # [quarantine]
+    quarantine_dir: Path = Path()
+    quarantine_release_method: str = "sendmail"
+    quarantine_sendmail_path: Path = Path("/usr/sbin/sendmail")
+    quarantine_smtp_host: str = "127.0.0.1"
+    quarantine_smtp_port: int = 25
+    source: Path | None = field(default=None, compare=False)
+
+    def effective_request_timeout(self) -> float:
+        """How long the front end waits for a decision before it tempfails.
+
+        Longer than anything the multiplexor itself may take (queue wait, then a hung
+        worker's deadline), so that normally the multiplexor answers first and says why.
+        """
+        if self.request_timeout > 0:
+            return self.request_timeout
+        return self.queue_timeout + self.busy_timeout + self.busy_grace + 5.0
+
+
+# (section, key) -> (Config attribute, converter)
+def _path(v: Any) -> Path:
+    if not isinstance(v, str):
+        raise TypeError("expected a path string")
+    return Path(v)
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise TypeError("expected a non-negative integer")
+    return v
+
+
+def _pos_int(v: Any) -> int:
+    if _int(v) == 0:
+        raise TypeError("expected a positive integer")
+    return v
+
+
+def _num(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        raise TypeError("expected a non-negative number")
+    return float(v)
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError("expected true or false")
+    return v
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError("expected a string")
+    return v
+
+
+def _mode(v: Any) -> int:
+    if isinstance(v, str):
+        return int(v, 8)
+    raise TypeError('expected an octal string such as "0660"')
+
+
+def _level(v: Any) -> str:
+    if v not in ("debug", "info", "warning", "error"):
+        raise TypeError("expected debug, info, warning or error")
+    return v
+
+
+def _macros(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(m, str) for m in v):
+        raise TypeError("expected a list of macro names")
+    return tuple(v)
+
+
+def _reply(v: Any) -> ReplySpec:
+    if not isinstance(v, dict) or set(v) - {"code", "dsn", "text"}:
+        raise TypeError("expected a table with code, dsn and text")
+    code, dsn, text = str(v.get("code", "")), str(v.get("dsn", "")), str(v.get("text", ""))
+    if len(code) != 3 or code[0] not in "45" or not code.isdigit():
+        raise TypeError(f"code {code!r} is not a 4xx or 5xx SMTP code")
+    if not dsn.startswith(code[0] + "."):
+        raise TypeError(f"dsn {dsn!r} does not match code {code}")
+    return ReplySpec(code, dsn, text)
+
+
+def _release_method(v: Any) -> str:
+    if v not in ("sendmail", "smtp"):
+        raise TypeError('expected "sendmail" or "smtp"')
+    return v
+
+
+def _port(v: Any) -> int:
+    if _pos_int(v) > 65535:
+        raise TypeError("expected a TCP port (1-65535)")
+    return v
+
+
+KEYS: dict[tuple[str, str], tuple[str, Any]] = {
+    ("daemon", "runtime_dir"): ("runtime_dir", _path),
+    ("daemon", "filter"): ("filter", _path),
+    ("daemon", "log_level"): ("log_level", _level),
+    ("milter", "socket"): ("milter_socket", _str),
+    ("milter", "socket_mode"): ("socket_mode", _mode),
+    ("milter", "socket_group"): ("socket_group", _str),
+    ("milter", "spool_dir"): ("spool_dir", _path),
+    ("milter", "io_timeout"): ("milter_io_timeout", _pos_int),
+    ("milter", "tcp_nodelay"): ("tcp_nodelay", _bool),
+    ("milter", "request_timeout"): ("request_timeout", _num),
+    ("milter", "max_message_size"): ("max_message_size", _pos_int),
+    ("milter", "max_header_bytes"): ("max_header_bytes", _pos_int),
+    ("milter", "max_headers"): ("max_headers", _pos_int),
+    ("milter", "max_recipients"): ("max_recipients", _pos_int),
+    ("milter", "macros"): ("macros", _macros),
+    ("multiplexor", "socket"): ("multiplexor_socket", _path),
+    ("multiplexor", "control_socket"): ("control_socket", _path),
+    ("multiplexor", "min_workers"): ("min_workers", _int),
+    ("multiplexor", "max_workers"): ("max_workers", _pos_int),
+    ("multiplexor", "min_spare"): ("min_spare", _int),
+    ("multiplexor", "idle_timeout"): ("idle_timeout", _num),
+    ("multiplexor", "max_frame_size"): ("max_frame_size", _pos_int),
+    ("multiplexor", "busy_timeout"): ("busy_timeout", _num),
+    ("multiplexor", "busy_grace"): ("busy_grace", _num),
+    ("multiplexor", "queue_size"): ("queue_size", _int),
+    ("multiplexor", "queue_timeout"): ("queue_timeout", _num),
+    ("multiplexor", "max_requests"): ("max_requests", _int),
+    ("multiplexor", "max_requests_jitter"): ("max_requests_jitter", _int),
+    ("multiplexor", "max_rss"): ("max_rss", _int),
+    ("filter", "max_notes_bytes"): ("max_notes_bytes", _pos_int),
+    ("replies", "on_filter_error"): ("on_filter_error", _reply),
+    ("replies", "on_internal_error"): ("on_internal_error", _reply),
+    ("replies", "on_busy"): ("on_busy", _reply),
+    ("replies", "on_message_too_large"): ("on_message_too_large", _reply),
+    ("replies", "on_header_too_large"): ("on_header_too_large", _reply),
+    ("replies", "on_too_many_recipients"): ("on_too_many_recipients", _reply),
+    ("mime", "max_parts"): ("mime_max_parts", _int),
+    ("mime", "max_depth"): ("mime_max_depth", _int),
+    ("mime", "max_decoded_size"): ("mime_max_decoded_size", _int),
+    ("mime", "max_archive_members"): ("mime_max_archive_members", _int),
+    ("mime", "max_archive_depth"): ("mime_max_archive_depth", _int),
+    ("mime", "max_archive_expansion"): ("mime_max_archive_expansion", _int),
+    ("mime", "on_limit"): ("mime_on_limit", _reply),
+    ("quarantine", "dir"): ("quarantine_dir", _path),
+    ("quarantine", "release_method"): ("quarantine_release_method", _release_method),
+    ("quarantine", "sendmail_path"): ("quarantine_sendmail_path", _path),
+    ("quarantine", "smtp_host"): ("quarantine_smtp_host", _str),
+    ("quarantine", "smtp_port"): ("quarantine_smtp_port", _port),
+}
+
+_ATTRS = {f.name for f in fields(Config)}
+assert all(attr in _ATTRS for attr, _ in KEYS.values())
+
+
+def default_runtime_dir() -> Path:
+    """A runtime dir that needs no root: $XDG_RUNTIME_DIR/defang or /tmp/defang-UID."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return Path(xdg) / "defang"
+    return Path(f"/tmp/defang-{os.getuid()}")
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    filter_path: str | None = None,
+    socket: str | None = None,
+    runtime_dir: str | None = None,
+) -> Config:
+    """Read the config file, apply overrides, fill in the derived paths."""
+    cfg_path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        with open(cfg_path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{cfg_path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{cfg_path}: {exc}") from None
+    base = cfg_path.resolve().parent
+    values: dict[str, Any] = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{cfg_path}: [{section}] must be a table")
+        for key, raw in table.items():
+            spec = KEYS.get((section, key))
+            if spec is None:
+                raise ConfigError(f"{cfg_path}: unknown option [{section}] {key}")
+            attr, conv = spec
+            try:
+                value = conv(raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{cfg_path}: [{section}] {key} = {raw!r}: {exc}") from None
+            if isinstance(value, Path) and raw and not value.is_absolute():
+                value = (base / value).resolve()
+            values[attr] = value
+    cfg = replace(Config(), source=cfg_path.resolve(), **values)
+    if filter_path:
+        cfg = replace(cfg, filter=Path(filter_path).resolve())
+    if socket:
+        cfg = replace(cfg, milter_socket=socket)
+    if runtime_dir:
+        cfg = replace(cfg, runtime_dir=Path(runtime_dir).resolve())
+    return finish(cfg)
+
+
+def finish(cfg: Config) -> Config:
+    """Derive the paths left empty from the runtime dir."""
+    run = cfg.runtime_dir if str(cfg.runtime_dir) not in ("", ".") else default_runtime_dir()
+    derived: dict[str, Any] = {"runtime_dir": run}
+    if str(cfg.spool_dir) in ("", "."):
+        derived["spool_dir"] = run / "spool"
+    if str(cfg.multiplexor_socket) in ("", "."):
+        derived["multiplexor_socket"] = run / "multiplexor.sock"
+    if str(cfg.control_socket) in ("", "."):
+        derived["control_socket"] = run / "control.sock"
+    if not cfg.milter_socket:
+        derived["milter_socket"] = f"unix:{run / 'milter.sock'}"
+    cfg = replace(cfg, **derived)
+    check_socket_spec(cfg.milter_socket)
+    if cfg.min_workers > cfg.max_workers:
+        raise ConfigError(f"[multiplexor] min_workers {cfg.min_workers} > max_workers {cfg.max_workers}")
+    if cfg.min_spare > cfg.max_workers:
+        raise ConfigError(f"[multiplexor] min_spare {cfg.min_spare} > max_workers {cfg.max_workers}")
+    return cfg
+
+
+def check_socket_spec(spec: str) -> None:
+    """Accept the forms Postfix and Sendmail write: unix:/path, local:/path, inet:PORT@HOST."""
+    kind, _, rest = spec.partition(":")
+    if kind in ("unix", "local") and rest.startswith("/"):
+        return
+    if kind in ("inet", "inet6"):
+        port, _, host = rest.partition("@")
+        if port.isdigit() and 0 < int(port) < 65536:
+            return
+    raise ConfigError(
+        f"milter socket {spec!r}: expected unix:/absolute/path or inet:PORT@HOST"
+    )
+
+
+def unix_socket_path(spec: str) -> Path | None:
+    kind, _, rest = spec.partition(":")
+    return Path(rest) if kind in ("unix", "local") else None

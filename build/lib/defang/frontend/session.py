@@ -1,0 +1,392 @@
+"""One SMTP connection as the MTA reports it: libmilter callbacks in, decisions out.
+
+Thin by rule: every Python callback holds the GIL, so across all SMTP connections only
+one callback runs at a time.  Callbacks here only record envelope data, append header
+and body bytes to the spool file, and at decision points make one blocking request to
+the multiplexor (a blocking recv releases the GIL).  No MIME parsing, no regexes, no
+admin code.
+
+State lives on the ``Session`` attached to libmilter's context (one per SMTP
+connection), never in thread-locals: libmilter runs one connection's callbacks on
+several OS threads.  What belongs to one transaction (MAIL FROM to end of message) is
+an ``Envelope`` (aiosmtpd's split): a new one at MAIL FROM, thrown away at end of
+message, abort and close, all in ``_end_transaction``.
+
+What the MTA is asked for follows the hooks filter.py defines (``defang.core.hooks``):
+stages with no hook are negotiated "no reply" (the MTA does not wait), and without
+message hooks the MTA does not send headers or body at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import milter
+
+from defang.core import hooks, wire
+from defang.core.config import ReplySpec
+from defang.core.verdicts import Verdict
+from defang.frontend.service import FrontEnd
+from defang.frontend.spool import SpoolError, SpoolFile
+
+log = logging.getLogger("defang.milter")
+
+# Actions defang may apply at end of message; asked for only if the MTA offers them.
+WANTED_ACTIONS = (
+    milter.ADDHDRS | milter.CHGHDRS | milter.ADDRCPT | milter.DELRCPT | milter.CHGFROM
+    | milter.CHGBODY | milter.QUARANTINE
+)  # fmt: skip
+# The "no reply" bit of each stage whose hook may be missing (hooks.Hook.skippable).
+NO_REPLY = {"connect": milter.P_NR_CONN, "helo": milter.P_NR_HELO, "mail": milter.P_NR_MAIL}
+_RC = {"continue": milter.CONTINUE, "accept": milter.ACCEPT, "discard": milter.DISCARD}
+
+
+class Envelope:
+    """One transaction: MAIL FROM, RCPT TO, the message's size and limits, its spool file."""
+
+    __slots__ = ("sender", "sender_args", "recipients", "size", "header_bytes", "header_count", "in_body",
+                 "overflow", "spool")  # fmt: skip
+
+    def __init__(self, spool: SpoolFile, sender: str = "", sender_args: list[str] | None = None) -> None:
+        self.sender = sender
+        self.sender_args = sender_args or []
+        self.recipients: list[str] = []
+        self.size = self.header_bytes = self.header_count = 0
+        self.in_body = False
+        self.overflow: ReplySpec | None = None  # past a limit: the reply at end of message
+        self.spool = spool
+
+
+class Session:
+    """One SMTP connection."""
+
+    __slots__ = ("fe", "ctx", "id", "hooks", "protocol", "leadspc", "ip", "port", "hostname", "helo",
+                 "macros", "notes", "hdr_rc", "body_rc", "env", "in_txn")  # fmt: skip
+
+    def __init__(self, fe: FrontEnd, ctx: Any) -> None:
+        self.fe = fe
+        self.ctx = ctx
+        self.id = fe.next_id()
+        self.hooks: frozenset[str] = fe.hooks.current()
+        self.protocol = 0
+        self.leadspc = False
+        self.ip = self.hostname = self.helo = ""
+        self.port = 0
+        self.macros: dict[str, str] = {}
+        self.notes: dict[str, Any] = {}
+        # What header() and body() return: set by negotiate (an MTA that skips
+        # negotiation gets a reply to everything).
+        self.hdr_rc = self.body_rc = milter.CONTINUE
+        self.env = Envelope(SpoolFile(fe.spool))
+        self.in_txn = False
+
+    # ------------------------------------------------------------ negotiation
+    def negotiate(self, opts: list[int]) -> int:
+        offered_actions, offered_proto = opts[0], opts[1]
+        names = self.hooks
+        with_message = bool(names & hooks.MESSAGE_SET)
+        want = milter.P_NOUNKNOWN | milter.P_NOEOH | milter.P_HDR_LEADSPC
+        if not (self.fe.inet and with_message):
+            want |= milter.P_NODATA
+        for stage, bit in NO_REPLY.items():
+            if hooks.ENVELOPE[stage].name not in names:
+                want |= bit
+        if with_message:
+            want |= milter.P_NR_HDR | milter.P_NR_BODY
+        else:
+            want |= milter.P_NOHDRS | milter.P_NOBODY
+        self.protocol = offered_proto & want
+        self.leadspc = bool(self.protocol & milter.P_HDR_LEADSPC)
+        self.hdr_rc = self._reply_or_none(milter.P_NR_HDR, milter.CONTINUE)
+        self.body_rc = self._reply_or_none(milter.P_NR_BODY, milter.CONTINUE)
+        opts[0] = offered_actions & WANTED_ACTIONS
+        opts[1] = self.protocol
+        opts[2] = opts[3] = 0
+        key = (self.fe.hooks.gen, opts[0], opts[1])
+        if self.fe.hooks.logged != key:
+            self.fe.hooks.logged = key
+            log.info("negotiated with the MTA: actions 0x%x, protocol 0x%x (%s)", opts[0],
+                     opts[1], describe_protocol(self.protocol))  # fmt: skip
+        return milter.CONTINUE
+
+    def _reply_or_none(self, nr_bit: int, rc: int) -> int:
+        if self.protocol & nr_bit:
+            return milter.NOREPLY
+        return rc
+
+    # ------------------------------------------------------------ envelope
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        self.hostname = hostname or ""
+        if isinstance(hostaddr, tuple):
+            self.ip, self.port = str(hostaddr[0]), int(hostaddr[1])
+        elif hostaddr:
+            self.ip = str(hostaddr)
+        if "filter_relay" in self.hooks:
+            return self._decide_envelope(wire.Connect(self._conn()))
+        return self._reply_or_none(milter.P_NR_CONN, milter.CONTINUE)
+
+    def hello(self, helo: Any) -> int:
+        self.helo = _text(helo)
+        if "filter_helo" in self.hooks:
+            return self._decide_envelope(wire.Helo(self._conn()))
+        return self._reply_or_none(milter.P_NR_HELO, milter.CONTINUE)
+
+    def envfrom(self, sender: bytes, *args: bytes) -> int:
+        self._end_transaction(another=True)
+        env = self.env
+        env.sender = _strip_brackets(_text(sender))
+        env.sender_args = [_text(a) for a in args]
+        if "filter_sender" in self.hooks:
+            return self._decide_envelope(wire.Mail(self._conn(), env.sender, env.sender_args))
+        return self._reply_or_none(milter.P_NR_MAIL, milter.CONTINUE)
+
+    def envrcpt(self, rcpt: bytes, *args: bytes) -> int:
+        env = self.env
+        recipient = _strip_brackets(_text(rcpt))
+        cfg = self.fe.cfg
+        if len(env.recipients) >= cfg.max_recipients:
+            log.warning("conn %s: recipient %s over max_recipients %d", self.id, recipient,
+                        cfg.max_recipients)  # fmt: skip
+            return self._answer(cfg.on_too_many_recipients.verdict)
+        rc = milter.CONTINUE
+        if "filter_recipient" in self.hooks:
+            rc = self._decide_envelope(wire.Rcpt(self._conn(), recipient, env.sender, env.sender_args,
+                                                 [_text(a) for a in args]))  # fmt: skip
+        if rc in (milter.CONTINUE, milter.ACCEPT):
+            env.recipients.append(recipient)
+        return rc
+
+    def _decide_envelope(self, request: wire.DecisionRequest) -> int:
+        reply = self.fe.decide(request, f"conn {self.id} {request.OP}")
+        self._take_notes(reply)
+        return self._answer(reply.verdict)
+
+    def data(self) -> int:
+        """DATA, asked for only on TCP milter sockets, where it saves ~40 ms per message.
+
+        At DATA Postfix sends that stage's macros and flushes, then writes the whole
+        message once the client has sent it.  Without a reply to wait for, that second
+        write waits (Nagle, on Postfix's socket) for our kernel's delayed ACK of the
+        first: ~40 ms.  Answering DATA makes the ACK ride on our reply at once.
+        """
+        return milter.CONTINUE
+
+    # ------------------------------------------------------------ content
+    def header(self, name: str, value: bytes) -> int:
+        env = self.env
+        if env.overflow is None:
+            if b"\n" in value:
+                value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            line = name.encode("ascii", "surrogateescape") + (
+                b":" if self.leadspc else b": ") + value + b"\r\n"  # fmt: skip
+            env.header_count += 1
+            env.header_bytes += len(line)
+            env.size += len(line)
+            cfg = self.fe.cfg
+            if env.header_count > cfg.max_headers or env.header_bytes > cfg.max_header_bytes:
+                self._overflow(cfg.on_header_too_large, "header limit")
+            else:
+                self._write(line)
+        return self.hdr_rc
+
+    def body(self, chunk: bytes) -> int:
+        env = self.env
+        if env.overflow is None:
+            if not env.in_body:
+                env.in_body = True
+                self._write(b"\r\n")
+                env.size += 2
+            env.size += len(chunk)
+            if env.size > self.fe.cfg.max_message_size:
+                self._overflow(self.fe.cfg.on_message_too_large, "max_message_size")
+            elif env.overflow is None:
+                self._write(chunk)
+        return self.body_rc
+
+    def eom(self) -> int:
+        try:
+            return self._eom()
+        finally:
+            self._end_transaction()
+
+    def _eom(self) -> int:
+        env = self.env
+        if env.overflow is None and not (self.hooks & hooks.MESSAGE_SET):
+            return milter.CONTINUE  # nothing to decide: no macros to read either
+        self._collect_macros()
+        queue_id = self.macros.get("i", "")
+        if env.overflow is None and not env.in_body:
+            self._write(b"\r\n")
+            env.size += 2
+        if env.overflow is None:
+            try:
+                path = env.spool.finish()
+            except SpoolError as exc:
+                self._overflow(self.fe.cfg.on_internal_error, str(exc))
+        if env.overflow is not None:
+            spec = env.overflow
+            log.warning("%s: conn %s: message over a limit: %s %s", queue_id or "-", self.id, spec.code,
+                        spec.dsn)  # fmt: skip
+            return self._answer(spec.verdict)
+        request = wire.EndOfMessage(self._conn(collect=False), path, env.sender, env.recipients, queue_id,
+                                    env.size, env.sender_args)  # fmt: skip
+        spool = env.spool
+        spool.reusable, spool.new_body = False, True  # until a worker's reply says otherwise
+        reply = self.fe.decide(request, f"{queue_id or '-'}: conn {self.id} eom")
+        self._take_notes(reply)
+        verdict, actions = reply.verdict, reply.actions
+        # A worker's own reply comes once it is done with the spool file, and it writes
+        # <spool>.new only for a replace_body action.  Any error (its own, or no reply
+        # from it: it may still be at work) and the file may be in use, .new half written.
+        spool.reusable = not reply.error
+        spool.new_body = bool(reply.error) or any(a[0] == "replace_body" for a in actions)
+        applied = 0
+        if verdict.action in ("continue", "accept"):
+            try:
+                applied = self._apply(actions)
+            except Exception as exc:  # an MTA that refused an action
+                spec = self.fe.cfg.on_internal_error
+                log.error("%s: conn %s: could not apply the filter's actions (%s): answering %s %s",
+                          queue_id or "-", self.id, exc, spec.code, spec.dsn)  # fmt: skip
+                return self._answer(spec.verdict)
+        log.info("%s: conn %s from=<%s> rcpts=%d size=%d verdict=%s%s actions=%d", queue_id or "-", self.id,
+                 env.sender, len(env.recipients), env.size, verdict.action, _reply_suffix(verdict),
+                 applied)  # fmt: skip
+        return self._answer(verdict)
+
+    def _apply(self, actions: list[list[Any]]) -> int:
+        ctx = self.ctx
+        for action in actions:
+            name, args = action[0], action[1:]
+            if name == "add_header":
+                ctx.addheader(args[0], self._value(args[1]), -1)
+            elif name == "insert_header":
+                ctx.addheader(args[1], self._value(args[2]), int(args[0]))
+            elif name == "change_header":
+                ctx.chgheader(args[0], int(args[2]), self._value(args[1]))
+            elif name == "delete_header":
+                ctx.chgheader(args[0], int(args[1]), None)
+            elif name == "add_recipient":
+                ctx.addrcpt(f"<{args[0]}>", args[1])
+            elif name == "delete_recipient":
+                ctx.delrcpt(f"<{args[0]}>")
+            elif name == "change_sender":
+                ctx.chgfrom(f"<{args[0]}>", args[1])
+            elif name == "hold":
+                ctx.quarantine(args[0] or "held by defang")
+            elif name == "replace_body":
+                with open(args[0], "rb") as f:
+                    while chunk := f.read(65536):
+                        ctx.replacebody(chunk)
+        return len(actions)
+
+    def _value(self, value: str) -> str:
+        """A header value as libmilter wants it: LF line breaks, and with leading-space
+        preservation negotiated, the space after the colon is ours to send."""
+        value = value.replace("\r\n", "\n")
+        if self.leadspc and not value.startswith((" ", "\t")):
+            value = " " + value
+        return value
+
+    # ------------------------------------------------------------ end
+    def abort(self) -> int:
+        self._end_transaction()
+        return milter.CONTINUE
+
+    def close(self) -> int:
+        self._end_transaction()
+        self.ctx = None
+        return milter.CONTINUE
+
+    def _end_transaction(self, *, another: bool = False) -> None:
+        """The one place a transaction ends (end of message, abort, close, the next MAIL
+        FROM): its spool file goes, a new envelope takes its place.  With ``another``
+        (MAIL FROM) the next transaction begins at once and the count never drops."""
+        self.env.spool.discard(self.id, self.in_txn)
+        self._txn(another)
+        self.env = Envelope(SpoolFile(self.fe.spool))
+
+    def _txn(self, started: bool) -> None:
+        """Count this connection's transaction in the spool's count (for reuse and drain)."""
+        if started != self.in_txn:
+            self.in_txn = started
+            self.fe.spool.transaction(started)
+
+    # ------------------------------------------------------------ helpers
+    def _write(self, data: bytes) -> None:
+        try:
+            self.env.spool.write(data)
+        except SpoolError as exc:
+            self._overflow(self.fe.cfg.on_internal_error, str(exc))
+
+    def _overflow(self, spec: ReplySpec, what: str) -> None:
+        """Stop spooling at once; the reply comes at end of message."""
+        self.env.overflow = spec
+        self.env.spool.discard(self.id, self.in_txn)
+        log.info("conn %s: message passed its %s; it will get %s %s", self.id, what, spec.code, spec.dsn)
+
+    def _collect_macros(self) -> None:
+        getsymval = self.ctx.getsymval
+        for name in self.fe.cfg.macros:
+            value = getsymval(name)
+            if value is not None:
+                self.macros[name.strip("{}")] = value
+
+    def _conn(self, collect: bool = True) -> wire.ConnInfo:
+        if collect:
+            self._collect_macros()
+        return wire.ConnInfo(self.id, self.ip, self.hostname, self.port, self.helo, self.macros, self.notes)
+
+    def _take_notes(self, reply: wire.Reply) -> None:
+        if reply.notes is not None:
+            self.notes = reply.notes
+
+    def _answer(self, verdict: Verdict) -> int:
+        rc = _RC.get(verdict.action)
+        if rc is not None:
+            return rc
+        reject = verdict.action == "reject"
+        code = verdict.code or ("550" if reject else "451")
+        dsn = verdict.dsn or ("5.7.1" if reject else "4.7.1")
+        self._setreply(code, dsn, verdict.text or "")
+        return milter.TEMPFAIL if code.startswith("4") else milter.REJECT
+
+    def _setreply(self, code: str, dsn: str, text: str) -> None:
+        # libmilter treats '%' as a format character: it must be doubled.
+        lines = [line.replace("%", "%%") for line in text.split("\n")][:32] or [""]
+        try:
+            self.ctx.setreply(code, dsn, *lines)
+        except Exception as exc:  # the reply code still goes out, with the MTA's text
+            log.error("conn %s: MTA refused reply text %r: %s", self.id, text[:200], exc)
+
+
+def describe_protocol(p: int) -> str:
+    names = []
+    for label, bit in (("no-connect-reply", milter.P_NR_CONN), ("no-helo-reply", milter.P_NR_HELO),
+                       ("no-mail-reply", milter.P_NR_MAIL), ("no-header-reply", milter.P_NR_HDR),
+                       ("no-body-reply", milter.P_NR_BODY), ("no-headers", milter.P_NOHDRS),
+                       ("no-body", milter.P_NOBODY), ("no-eoh", milter.P_NOEOH),
+                       ("no-data", milter.P_NODATA), ("leading-space", milter.P_HDR_LEADSPC)):
+        if p & bit:
+            names.append(label)
+    return ", ".join(names) or "every stage with a reply"  # fmt: skip
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return value or ""
+
+
+def _strip_brackets(addr: str) -> str:
+    addr = addr.strip()
+    if addr.startswith("<") and addr.endswith(">"):
+        return addr[1:-1]
+    return addr
+
+
+def _reply_suffix(verdict: Verdict) -> str:
+    if verdict.code:
+        return f" ({verdict.code} {verdict.dsn or ''} {verdict.text or ''})"
+    return ""

@@ -1,0 +1,152 @@
+"""The pool's rules for filter generations: load, promote, abandon, retire (see the
+theory of operation in ``defang.multiplexor.pool``, which mixes these in).
+
+A generation is one version of filter.py, loaded by its own zygote.  A reload starts a
+new one; it serves only once one of its workers booted (filter_initialize ran), and an
+old generation's zygote leaves only once its last worker has exited.  Like the rest of
+the pool: state and commands, no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from defang.core import wire
+from defang.core.config import Config
+from defang.multiplexor import events as ev
+from defang.multiplexor.events import BOOTING
+
+log = logging.getLogger("defang.multiplexor")
+
+
+@dataclass(eq=False)
+class Generation:
+    gen: int
+    hooks: list[str] | None = None  # None until its zygote loaded the filter
+    waiters: list[Any] = field(default_factory=list)  # control clients awaiting the reload
+    abandoned: bool = False  # a reload that failed: closed once its workers have exited
+
+
+class GenerationRules:
+    """Mixed into ``Pool``, whose state it shares."""
+
+    cfg: Config
+    gen: int
+    generations: dict[int, Generation]
+    workers: dict[int, Any]
+    idle: list[Any]
+    children: dict[int, tuple[int, int]]
+    stopping: float
+    next_spawn: float
+    last_load_error: str
+    _out: list[ev.Command]
+
+    def _spawn(self, gen: int) -> None: ...
+    def _forget(self, w: Any) -> None: ...
+    def _stop_worker(self, w: Any) -> None: ...
+    def _spawn_failed(self, why: str) -> None: ...
+
+    def _start_zygote(self) -> int:
+        gen = max(self.generations, default=self.gen) + 1
+        self.generations[gen] = Generation(gen)
+        self._out.append(ev.StartZygote(gen))
+        return gen
+
+    def _close_zygote(self, z: Generation) -> None:
+        self.generations.pop(z.gen, None)
+        self._out.append(ev.CloseZygote(z.gen))
+
+    def _zygote_loaded(self, e: ev.ZygoteLoaded) -> None:
+        z = self.generations.get(e.gen)
+        if z is None:
+            return
+        z.hooks = list(e.hooks)
+        hooks = ", ".join(z.hooks) or "none"
+        if self.gen == 0:  # the first: nothing served before it
+            self.gen = e.gen
+            log.info("filter %s loaded (gen %d), hooks: %s", self.cfg.filter, e.gen, hooks)
+            return
+        # It takes over only once one of its workers has booted (filter_initialize
+        # ran): until then the old pool serves as before.
+        log.info("reload: filter %s loaded (gen %d), hooks: %s; starting its workers", self.cfg.filter,
+                 e.gen, hooks)  # fmt: skip
+        for _ in range(max(1, min(self.cfg.min_workers, self.cfg.max_workers))):
+            self._spawn(e.gen)
+
+    def _zygote_load_failed(self, e: ev.ZygoteLoadFailed) -> None:
+        z = self.generations.get(e.gen)
+        if z is None:
+            return
+        self.last_load_error = e.error
+        log.error("reload failed, the running filter stays in place: %s", e.error)
+        self._answer_waiters(z, wire.ControlResult(False, error=e.error))
+        self._close_zygote(z)
+
+    def _zygote_lost(self, e: ev.ZygoteLost) -> None:
+        if self.generations.pop(e.gen, None) is None:
+            return
+        for pid in [p for p, (_, g) in self.children.items() if g == e.gen]:
+            del self.children[pid]  # nobody left to report those exits
+        if e.gen == self.gen and not self.stopping:
+            log.error("zygote of gen %d exited unexpectedly (%s); starting a new one", e.gen, e.status)
+            self._spawn_failed("zygote lost")
+            self._start_zygote()
+
+    def _reload_requested(self, e: ev.ReloadRequested) -> None:
+        gen = self._start_zygote()
+        if e.waiter is not None:
+            self.generations[gen].waiters.append(e.waiter)
+
+    def _answer_waiters(self, z: Generation, result: wire.ControlResult) -> None:
+        for waiter in z.waiters:
+            self._out.append(ev.AnswerControl(waiter, result))
+        z.waiters.clear()
+
+    def _promote(self, gen: int) -> None:
+        """A worker of the new generation booted: new workers come from it from now on."""
+        old, self.gen = self.gen, gen
+        log.info("reload: generation %d serving; generation %d workers retire as they finish", gen, old)
+        self.next_spawn = 0.0
+        for older in [g for g in self.generations if old <= g < gen]:
+            z = self.generations[older]  # a reload superseded by a newer one
+            self.generations[gen].waiters.extend(z.waiters)
+            z.waiters.clear()
+
+    def _abandon_reload(self, gen: int, why: str) -> None:
+        self.last_load_error = why
+        log.error("reload abandoned, the running filter stays in place: %s", why)
+        z = self.generations.get(gen)
+        if z is not None:
+            z.abandoned = True  # closed by _retire_zygotes once its workers have exited
+            self._answer_waiters(z, wire.ControlResult(False, error=why))
+        for w in [w for w in self.workers.values() if w.gen == gen]:
+            if w.pid:
+                self._out.append(ev.Signal(w.pid, signal.SIGTERM))
+            self._forget(w)
+        self._retire_zygotes()
+
+    def _reload_progress(self) -> None:
+        """Retire old workers once the new generation is in; answer reload waiters."""
+        z = self.generations.get(self.gen)
+        if z is None or not any(w.gen == self.gen and w.state != BOOTING for w in self.workers.values()):
+            return
+        for w in [w for w in self.idle if w.gen < self.gen]:
+            self._stop_worker(w)
+        self._answer_waiters(z, wire.ControlResult(True, gen=self.gen, hooks=z.hooks))
+
+    def _retire_zygotes(self) -> None:
+        """An old (or abandoned) generation's zygote leaves once its last worker has exited.
+
+        Not merely once we stopped talking to the workers: the zygote is their parent; it
+        reaps them and reports each exit ("exited 0 (retired)", the counters).  Closed any
+        earlier, it would exit first, the exits would go unreported and the workers would
+        be orphans (zombies where PID 1 does not reap).
+        """
+        for gen, z in list(self.generations.items()):
+            done = z.abandoned or (gen < self.gen and z.hooks is not None)
+            if (done and not any(w.gen == gen for w in self.workers.values())
+                    and all(g != gen for _, g in self.children.values())):  # fmt: skip
+                self._close_zygote(z)

@@ -1,0 +1,45 @@
+"""Reading /proc for the test bed, the tests and the benchmarks: who is whose child, CPU."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+
+def stat_of(pid: int) -> list[bytes]:
+    """The fields of /proc/PID/stat after the command name; raises OSError.
+
+    The command name is cut at its last ")" (it may hold spaces and parentheses), so
+    fields[0] is the state, fields[1] the ppid, fields[7] the minor page faults,
+    fields[11:15] utime, stime, cutime, cstime in clock ticks.
+    """
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()
+
+
+def stat_fields() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, ``stat_of(pid)``) for every process; those that exit while being read are
+    skipped."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = stat_of(int(entry))
+        except OSError:
+            continue
+        yield int(entry), fields
+
+
+def titled(pids: Iterable[int], prefix: str) -> list[int]:
+    """Those of ``pids`` whose title (command line) starts with ``prefix``, e.g.
+    "defang-worker"; processes that exit while being read are skipped."""
+    out = []
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if cmd.startswith(prefix):
+            out.append(pid)
+    return out

@@ -1,0 +1,82 @@
+"""The ``conn`` object a filter's hooks receive, and the check that keeps notes JSON.
+
+A worker sees one decision of a connection at a time, and the next decision of the
+same connection may go to another worker.  So everything a filter wants to carry from
+``filter_relay`` to ``filter_end`` travels in ``conn.notes`` inside the requests and
+replies.  That is why notes must survive ``json.dumps`` and stay small: they are sent
+back and forth with every decision of the connection.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from defang.core import wire
+
+DEFAULT_MAX_NOTES_BYTES = 64 * 1024
+
+
+class NotesError(ValueError):
+    """``conn.notes`` cannot be sent back: not a dict, not JSON, or too big."""
+
+
+class Connection:
+    """One SMTP connection as the MTA described it.
+
+    ``esmtp_args`` are the MAIL FROM ESMTP arguments (e.g. ``["SIZE=1234",
+    "BODY=8BITMIME"]``); ``rcpt_args`` are the RCPT TO arguments of the recipient
+    being decided in ``filter_recipient`` (empty elsewhere).
+    """
+
+    __slots__ = ("id", "ip", "hostname", "port", "helo", "macros", "notes", "esmtp_args", "rcpt_args")
+
+    def __init__(
+        self,
+        id: Any = None,
+        ip: str | None = None,
+        hostname: str | None = None,
+        port: int | None = None,
+        helo: str | None = None,
+        macros: dict[str, str] | None = None,
+        notes: dict[str, Any] | None = None,
+        esmtp_args: list[str] | None = None,
+        rcpt_args: list[str] | None = None,
+    ) -> None:
+        self.id = id
+        self.ip = ip
+        self.hostname = hostname
+        self.port = port
+        self.helo = helo
+        self.macros = macros if macros is not None else {}
+        self.notes = notes if notes is not None else {}
+        self.esmtp_args = esmtp_args if esmtp_args is not None else []
+        self.rcpt_args = rcpt_args if rcpt_args is not None else []
+
+    @classmethod
+    def from_request(cls, request: wire.DecisionRequest) -> Connection:
+        """Build from a decision request: its ``conn``, and the ESMTP args its op carries."""
+        c = request.conn
+        return cls(id=c.id, ip=c.ip, hostname=c.hostname, port=c.port, helo=c.helo,
+                   macros=dict(c.macros), notes=c.notes, esmtp_args=list(request.esmtp_args),
+                   rcpt_args=list(request.rcpt_args))  # fmt: skip
+
+    def __repr__(self) -> str:
+        return (
+            f"Connection(id={self.id!r}, ip={self.ip!r}, hostname={self.hostname!r}, "
+            f"port={self.port!r}, helo={self.helo!r})"
+        )
+
+
+def encode_notes(notes: Any, max_bytes: int = DEFAULT_MAX_NOTES_BYTES) -> str:
+    """The JSON text of ``notes``; ``NotesError`` saying why it cannot be sent back."""
+    if not isinstance(notes, dict):
+        raise NotesError(f"conn.notes must be a dict, not {type(notes).__name__}")
+    try:
+        text = json.dumps(notes, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise NotesError(f"conn.notes is not JSON-safe: {exc}") from None
+    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise NotesError(f"conn.notes is {size} bytes as JSON; the limit is {max_bytes}")
+    return text

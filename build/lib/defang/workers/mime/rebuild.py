@@ -1,0 +1,498 @@
+"""Rebuilding a message body after the filter dropped, replaced or added parts.
+
+Why not just flatten the stdlib tree again: the stdlib generator rewrites what it
+did not need to touch (header spacing and folding, a blank line after a header-only
+enclosed message, line ends), and bytes matter.  A nested multipart/signed entity
+that the filter did not change must keep every byte, or its signature breaks.  So
+the body is rebuilt from the spooled bytes:
+
+* an entity nobody changed is copied byte for byte from the spool;
+* a container with a change inside keeps its own header bytes, its preamble, its
+  delimiter lines and its epilogue, and only the changed children are written anew;
+* new and changed leaves are generated with the stdlib (CRLF line ends).
+
+To copy a container's children, its body is split on its boundary exactly as the
+stdlib's feedparser splits it (same delimiter regex, repeated delimiters merged, the
+line end before a delimiter belonging to the delimiter), and the split is used only
+if it yields the children the walk saw.  Where it does not (a multipart whose parts
+the walk found hidden in an epilogue, or any other disagreement), that container is
+generated from the parsed tree instead ("generated mode"): hidden parts become
+regular parts and a boundary that repeats an enclosing one gets a fresh value, so
+that the result parses the same for every reader.
+
+Only the body goes into the new file (the MTA's replacebody replaces only the body).
+Top-level headers that must change with it -- Content-Type when a new multipart
+wraps the message or the root part is replaced, Content-Transfer-Encoding,
+Content-Disposition, a missing MIME-Version -- come back as header actions.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterator
+from email.message import MIMEPart
+from typing import Any, Protocol
+
+from defang.workers.mime.newparts import (
+    CRLF,
+    POLICY,
+    crlf_lines,
+    encode_body,
+    flatten,
+    flatten_body,
+    header_bytes,
+    header_value,
+    new_boundary,
+    placeholder_part,
+    warning_part,
+)
+from defang.workers.mime.part import Part
+from defang.workers.mime.text import boundary_bytes
+
+TOP_MIME_HEADERS = ("Content-Type", "Content-Transfer-Encoding", "Content-Disposition")
+_HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")  # feedparser's headerRE
+_EOL = re.compile(rb"\r\n|\r|\n")
+_MESSAGE_TYPES = frozenset({"message/rfc822", "message/global"})
+
+
+# --- splitting spooled bytes as the stdlib parser does ------------------------------------
+
+
+def split_headers(buf: bytes, start: int, end: int) -> int:
+    """Offset where the body of the entity in ``buf[start:end]`` starts.
+
+    As the feedparser reads it: header lines are those that look like a field or a
+    continuation; an empty line ends them (and is not part of the body); any other
+    line ends them and starts the body.
+    """
+    pos = start
+    while pos < end:
+        m = _EOL.search(buf, pos, end)
+        line_end = m.start() if m else end
+        if line_end == pos:  # an empty line: the separator
+            return m.end() if m else end
+        if not _HEADER_LINE.match(buf, pos, line_end):
+            return pos
+        pos = m.end() if m else end
+    return end
+
+
+class Layout:
+    """Where the parts of one multipart body lie in the spooled bytes.
+
+    ``segments``: (delimiter start, part start, part end, segment end) per part;
+    the bytes from part end to segment end are the line end that belongs to the
+    next delimiter.  ``tail``: start of the close delimiter (the close delimiter
+    and the epilogue run to the end), or None when it is missing.
+    """
+
+    __slots__ = ("segments", "tail")
+
+    def __init__(self, segments: list[tuple[int, int, int, int]], tail: int | None) -> None:
+        self.segments = segments
+        self.tail = tail
+
+
+def _eol_before(buf: bytes, pos: int, floor: int) -> int:
+    if pos - 2 >= floor and buf[pos - 2 : pos] == CRLF:
+        return 2
+    if pos - 1 >= floor and buf[pos - 1 : pos] in (b"\r", b"\n"):
+        return 1
+    return 0
+
+
+_DELIMITER_TAIL = re.compile(rb"(--)?[ \t]*(?:\r\n|\r|\n|\Z)")
+
+
+def _delimiters(buf: bytes, start: int, end: int, boundary: bytes) -> Iterator[tuple[int, int, bool]]:
+    """(line start, line end, is close) of each delimiter line in ``buf[start:end]``.
+
+    The feedparser's test: a line that is ``--boundary``, optionally ``--``, then
+    blanks.  Found with ``bytes.find`` on the literal (a regex with a look-behind
+    first would scan a 5 MB body a hundred times slower).
+    """
+    needle = b"--" + boundary
+    pos = start
+    while (i := buf.find(needle, pos, end)) >= 0:
+        if i == 0 or buf[i - 1] in (10, 13):  # at the start of a line
+            m = _DELIMITER_TAIL.match(buf, i + len(needle), end)
+            if m:
+                yield i, m.end(), m.group(1) is not None
+        pos = i + 1
+
+
+def split_multipart(buf: bytes, start: int, end: int, boundary: bytes) -> Layout | None:
+    """The parts of the multipart body ``buf[start:end]``; None without a start delimiter."""
+    segments: list[tuple[int, int, int, int]] = []
+    seg_start = part_start = -1
+    for line_start, line_end, close in _delimiters(buf, start, end, boundary):
+        if seg_start < 0:  # still in the preamble
+            if close:
+                return None  # a close delimiter before any delimiter: the stdlib sees no parts
+            seg_start, part_start = line_start, line_end
+            continue
+        if line_start == part_start:  # repeated delimiter lines are one delimiter
+            part_start = line_end
+            continue
+        part_end = line_start - _eol_before(buf, line_start, part_start)
+        segments.append((seg_start, part_start, part_end, line_start))
+        if close:
+            return Layout(segments, line_start)
+        seg_start, part_start = line_start, line_end
+    if seg_start < 0:
+        return None
+    trailing = _eol_before(buf, end, part_start) if end > part_start else 0
+    segments.append((seg_start, part_start, end - trailing, end))
+    return Layout(segments, None)
+
+
+def _keeps_eol(entity: Any) -> bool:
+    """True when the stdlib would keep, inside ``entity``, the line end that precedes
+    the next delimiter (so none may be added).
+
+    The feedparser strips that line end from the last entity it created: a leaf's
+    payload loses it (so one must be added after a leaf), a multipart's epilogue
+    takes it, and an enclosed message passes it on to its own last entity; header
+    blocks (message/delivery-status) and a multipart without parts keep it.
+    """
+    while True:
+        payload = entity.get_payload()
+        ctype = entity.get_content_type()
+        if ctype.startswith("multipart/"):
+            return True
+        if ctype in _MESSAGE_TYPES and isinstance(payload, list) and payload:
+            entity = payload[0]
+            continue
+        return isinstance(payload, list)
+
+
+def _with_eol(chunk: bytes, entity: Any) -> bytes:
+    """``chunk`` (the bytes of ``entity``) ready to be followed by a delimiter line."""
+    if chunk.endswith((b"\n", b"\r")) and _keeps_eol(entity):
+        return chunk
+    return chunk + CRLF
+
+
+class _Writer:
+    """A file-like sink that remembers whether the output ends at a line end."""
+
+    __slots__ = ("f", "at_line_start")
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.at_line_start = True
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.f.write(data)
+            self.at_line_start = data[-1:] in (b"\n", b"\r")
+
+
+# --- the rebuild ------------------------------------------------------------------------------
+
+
+class Edits(Protocol):
+    """What the rebuild needs of a message: the spool file, the walked parts (with the
+    edits the part actions recorded on them), the parts added at the end, the warnings
+    for the warning part, and the header section as received.
+    ``defang.workers.api.message.Message`` is one."""
+
+    path: str
+    parts: list[Part]
+    added_parts: list[Any]
+    warnings: list[str]
+    raw_headers: list[tuple[str, bytes]]
+
+    def get_all_headers(self, name: str) -> list[str]: ...
+
+
+class Rebuild:
+    """One message's edits applied to its spooled bytes.
+
+    ``write_body(f)`` writes the new body; ``header_actions`` are the top-level header
+    changes it needs.  Used once, after the hooks (see ``rebuild``).
+    """
+
+    def __init__(self, edits: Edits, spool: bytes, body_start: int) -> None:
+        self.msg = edits
+        self.buf = spool
+        self.body_start = body_start
+        self.parts: list[Part] = edits.parts
+        self.root = self.parts[0]
+        self.header_actions: list[list[Any]] = []
+        self.dropped: set[Part] = set()
+        self.new: dict[Part, Any] = {}  # part -> entity that takes its place
+        self.changed_headers: dict[Part, set[str]] = {}
+        self.dirty: set[Part] = set()
+        self._boundaries: dict[Part, bytes] = {}
+        self.added = list(edits.added_parts)
+        if edits.warnings:
+            self.added.append(warning_part(edits.warnings))
+        self._resolve()
+
+    # --- what happens to which part
+
+    def _resolve(self) -> None:
+        for part in self.parts:  # document order: a container's edit comes first
+            if self._removed(part.parent):
+                continue
+            edit = part._edit
+            if edit is None:
+                continue
+            target = part
+            parent = part.parent
+            # an enclosed message is replaced or dropped together with its container
+            if parent is not None and parent.is_multipart and parent.content_type in _MESSAGE_TYPES:
+                target = parent
+            if edit[0] == "drop":
+                self.dropped.add(target)
+            else:
+                self.new[target] = edit[1]
+                if edit[0] == "modify" and target is part:
+                    self.changed_headers[target] = edit[2]
+        # a multipart left without parts goes too (the message itself gets a placeholder)
+        for part in reversed(self.parts):
+            if part.is_multipart and part.children and part is not self.root and not self._removed(part):
+                if all(c in self.dropped for c in part.children):
+                    self.dropped.add(part)
+        if self.root in self.dropped:
+            self.dropped.discard(self.root)
+            self.new[self.root] = placeholder_part()
+        for part in list(self.dropped) + list(self.new):
+            node: Part | None = part
+            while node is not None:
+                self.dirty.add(node)
+                node = node.parent
+        if self.added:
+            self.dirty.add(self.root)
+
+    def _removed(self, part: Part | None) -> bool:
+        """True when ``part`` or a container around it is dropped or replaced."""
+        while part is not None:
+            if part in self.dropped or part in self.new:
+                return True
+            part = part.parent
+        return False
+
+    # --- the top level
+
+    def write_body(self, f: Any) -> None:
+        out = _Writer(f)
+        root, buf = self.root, self.buf
+        replacement = self.new.get(root)
+        mixed = root.content_type == "multipart/mixed" and root.is_multipart
+        if replacement is not None and not self.added:
+            out.write(flatten_body(replacement))
+            names = self.changed_headers.get(root, set(TOP_MIME_HEADERS))
+            self._top_headers(replacement, names)
+        elif replacement is not None:
+            self._wrap(out, flatten(replacement), replacement)
+        elif self.added and mixed:
+            self._body(root, buf, self.body_start, len(buf), out, self.added)
+        elif self.added:
+            head = b"".join(name.encode("latin-1") + b": " + value + CRLF
+                            for name, value in self.msg.raw_headers
+                            if name.lower().startswith("content-"))  # fmt: skip
+            first = io.BytesIO()
+            first.write(head + CRLF)
+            self._body(root, buf, self.body_start, len(buf), _Writer(first))
+            self._wrap(out, first.getvalue(), root.email)
+        else:
+            self._body(root, buf, self.body_start, len(buf), out)
+
+    def _wrap(self, out: _Writer, first: bytes, first_entity: Any) -> None:
+        """A new multipart/mixed around the old body (``first``) and the added parts."""
+        boundary = new_boundary().encode()
+        out.write(b"This is a multi-part message in MIME format." + CRLF)
+        chunks = [_with_eol(first, first_entity)] + [flatten(e) + CRLF for e in self.added]
+        for chunk in chunks:
+            out.write(b"--" + boundary + CRLF)
+            out.write(chunk)
+        out.write(b"--" + boundary + b"--" + CRLF)
+        wrapper = MIMEPart(policy=POLICY)
+        wrapper["Content-Type"] = "multipart/mixed"
+        wrapper.set_param("boundary", boundary.decode())
+        self._top_headers(wrapper, set(TOP_MIME_HEADERS))
+
+    def _top_headers(self, entity: Any, names: set[str]) -> None:
+        """Header actions that make the top-level headers match ``entity``'s.
+
+        A header that is new goes to the top of the header section (insert_header 0),
+        not the end: a reader that stops at a malformed header line (the stdlib
+        does) must still see it.
+        """
+        msg = self.msg
+        inserts: list[tuple[str, str]] = []
+        if "Content-Type" in names and not msg.get_all_headers("MIME-Version"):
+            inserts.append(("MIME-Version", "1.0"))
+        for name in TOP_MIME_HEADERS:
+            if name not in names:
+                continue
+            had = msg.get_all_headers(name)
+            if name in entity:
+                value = header_value(entity, name)
+                if not had:
+                    inserts.append((name, value))
+                elif had[0] != value:
+                    self.header_actions.append(["change_header", name, value, 1])
+            elif had:
+                self.header_actions.extend(["delete_header", name, i] for i in range(len(had), 0, -1))
+        for name, value in reversed(inserts):  # each goes on top: reversed keeps the order
+            self.header_actions.append(["insert_header", 0, name, value])
+
+    # --- copying what can be copied
+
+    def _entity(self, part: Part, buf: bytes, start: int, end: int, out: _Writer) -> None:
+        """A whole entity (headers and body) that lies at ``buf[start:end]``."""
+        if part not in self.dirty:
+            out.write(buf[start:end])
+            return
+        replacement = self.new.get(part)
+        if replacement is not None:
+            out.write(flatten(replacement))
+            return
+        body = split_headers(buf, start, end)
+        out.write(buf[start:body])
+        self._body(part, buf, body, end, out)
+
+    def _body(self, part: Part, buf: bytes, start: int, end: int, out: _Writer,
+              added: list[Any] | tuple[Any, ...] = ()) -> None:  # fmt: skip
+        """The body of a container (or of an untouched leaf) at ``buf[start:end]``."""
+        if part not in self.dirty:
+            out.write(buf[start:end])
+            return
+        if part.is_multipart and part.content_type.startswith("multipart/"):
+            boundary = boundary_bytes(part.head)
+            layout = split_multipart(buf, start, end, boundary) if boundary else None
+            if layout is None or any(c.hidden for c in part.children) or \
+                    len(layout.segments) != len(part.children):  # fmt: skip
+                out.write(self._gen_body(part, added))
+                return
+            out.write(buf[start : layout.segments[0][0]])
+            kept = 0
+            for child, (seg, cstart, cend, seg_end) in zip(part.children, layout.segments, strict=True):
+                if child in self.dropped:
+                    continue
+                out.write(buf[seg:cstart])
+                self._entity(child, buf, cstart, cend, out)
+                out.write(buf[cend:seg_end])
+                kept += 1
+            extra = list(added) or ([] if kept else [placeholder_part()])
+            if extra and not out.at_line_start:
+                out.write(CRLF)
+            for entity in extra:
+                out.write(b"--" + boundary + CRLF + flatten(entity) + CRLF)
+            if layout.tail is not None:
+                out.write(buf[layout.tail : end])
+            elif extra or part.children[-1] in self.dropped:
+                # No close delimiter, and what ran to the end is gone: close it now, so
+                # that the part before keeps its bytes.
+                out.write(b"--" + boundary + b"--" + CRLF)
+            return
+        if part.is_multipart and part.children:  # an enclosed message
+            inner = part.children[0]
+            if part._inner_raw is not None:
+                sub = io.BytesIO()
+                self._entity(inner, part._inner_raw, 0, len(part._inner_raw), _Writer(sub))
+                out.write(crlf_lines(encode_body(sub.getvalue(), part._inner_cte or "base64")))
+            else:
+                self._entity(inner, buf, start, end, out)
+            return
+        out.write(buf[start:end])
+
+    # --- generating what cannot be copied
+
+    def _boundary(self, part: Part) -> bytes:
+        """The boundary to write for ``part``: its own, unless it is missing or repeats
+        the boundary of a multipart around it (then a new one)."""
+        if part in self._boundaries:
+            return self._boundaries[part]
+        own = boundary_bytes(part.head)
+        outer: set[bytes] = set()
+        node = part.parent
+        while node is not None:
+            if node.content_type.startswith("multipart/"):
+                outer.add(self._boundaries.get(node) or boundary_bytes(node.head) or b"")
+            node = node.parent
+        if not own or own in outer:
+            own = new_boundary().encode()
+        self._boundaries[part] = own
+        return own
+
+    def _gen_entity(self, part: Part) -> bytes:
+        if part not in self.dirty:
+            return flatten(part.email)
+        replacement = self.new.get(part)
+        if replacement is not None:
+            return flatten(replacement)
+        if part.is_multipart and part.content_type.startswith("multipart/"):
+            boundary = self._boundary(part)
+            head = part.email
+            if boundary_bytes(head) != boundary:
+                head = MIMEPart(policy=POLICY)
+                head._headers = list(part.email._headers)
+                head.set_param("boundary", boundary.decode())
+            return header_bytes(head) + self._gen_body(part)
+        return header_bytes(part.email) + self._gen_body(part)
+
+    def _gen_body(self, part: Part, added: list[Any] | tuple[Any, ...] = ()) -> bytes:
+        if part not in self.dirty:
+            return flatten_body(part.email)
+        if part.is_multipart and part.content_type.startswith("multipart/"):
+            boundary = self._boundary(part)
+            if part is self.root and boundary_bytes(part.head) != boundary:
+                head = MIMEPart(policy=POLICY)
+                head._headers = list(part.email._headers)
+                head.set_param("boundary", boundary.decode())
+                self._top_headers(head, {"Content-Type"})
+            out = bytearray()
+            if part.email.preamble is not None:
+                out += crlf_lines(part.email.preamble) + CRLF
+            chunks = [_with_eol(self._gen_entity(c), self.new.get(c) or c.email) for c in part.children
+                      if c not in self.dropped]  # fmt: skip
+            chunks += [flatten(e) + CRLF for e in added]
+            if not chunks:
+                chunks = [flatten(placeholder_part()) + CRLF]
+            for chunk in chunks:
+                out += b"--" + boundary + CRLF + chunk
+            out += b"--" + boundary + b"--" + CRLF
+            hidden = any(c.hidden for c in part.children)
+            if part.email.epilogue and not hidden:  # an epilogue that held parts is not kept
+                out += crlf_lines(part.email.epilogue)
+            return bytes(out)
+        if part.is_multipart and part.children:
+            data = self._gen_entity(part.children[0])
+            if part._inner_raw is not None:
+                return crlf_lines(encode_body(data, part._inner_cte or "base64"))
+            return data
+        return flatten_body(part.email)
+
+
+def body_offset(spool: bytes) -> int:
+    """Where the body starts in a spool file: after the header section and its empty
+    line, found as ``defang.workers.api.headers.read_header_section`` finds it."""
+    if spool[:2] == CRLF:
+        return 2
+    if spool[:1] == b"\n":
+        return 1
+    found = [(i, n) for i, n in ((spool.find(b"\n\r\n"), 3), (spool.find(b"\n\n"), 2)) if i >= 0]
+    if not found:
+        return len(spool)
+    at, n = min(found)
+    return at + n
+
+
+def rebuild(msg: Edits, path: str) -> list[list[Any]]:
+    """Write ``msg``'s new body to ``path``; return the actions for the reply.
+
+    The actions are the top-level header changes the new body needs, then
+    ``["replace_body", path]``.  The file is written completely (and flushed)
+    before the reply names it.
+    """
+    with open(msg.path, "rb") as f:
+        spool = f.read()
+    job = Rebuild(msg, spool, body_offset(spool))
+    with open(path, "wb") as f:
+        job.write_body(f)
+    return [*job.header_actions, ["replace_body", path]]

@@ -1,0 +1,306 @@
+"""Run one decision request through the admin's hooks and build the reply.
+
+All of the worker's error handling for admin code is here, in one mapping: an
+exception in a hook, a hook returning something that is not a verdict, notes that
+cannot be sent back, a reply that is not JSON -- each becomes the configured
+``on_filter_error`` verdict with the actions dropped, the notes as they arrived,
+an ``error`` text in the reply, and one ERROR log line with the hook, the queue ID
+and the connection, followed by the traceback.  ``handle`` itself never raises
+(``KeyboardInterrupt`` excepted), so the worker loop stays a loop.
+
+A request the worker cannot make sense of (not a decision request of this protocol:
+``handle_body``) is not the admin's fault: it gets a fixed tempfail and a
+``bad request`` error instead.
+
+A message past a ``[mime]`` limit (``MimeLimitError``, from the walk or an archive
+helper) is not a filter error either: it gets ``[mime] on_limit`` and a WARNING line
+with its queue ID.  After the hooks, the message's quarantine entry is written and,
+if the filter changed parts, the body rebuilt (``defang.workers.mime.rebuild``); a failure there
+is a local problem and gets a fixed tempfail, so no mail is lost.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from defang.core import hooks, wire
+from defang.core.config import default_runtime_dir
+from defang.core.verdicts import ACTIONS as VERDICT_ACTIONS
+from defang.core.verdicts import CONTINUE, Verdict, reject, tempfail
+from defang.workers.api.conn import DEFAULT_MAX_NOTES_BYTES, Connection, NotesError, encode_notes
+from defang.workers.api.message import Message
+from defang.workers.loader import LoadedFilter
+from defang.workers.mime.limits import MimeLimitError, MimeLimits
+from defang.workers.mime.rebuild import rebuild
+from defang.workers.stores.quarantine import QuarantineStore, quarantine_dir
+
+log = logging.getLogger("defang.worker")
+
+BAD_REQUEST = tempfail("Temporary local problem, please try again later", "451", "4.3.0")
+LOCAL_PROBLEM = tempfail("Temporary local problem, please try again later", "451", "4.3.0")
+DEFAULT_ON_LIMIT = reject("Message structure exceeds local limits", "554", "5.6.0")
+_EXPECTED = "expected a verdict (accept(), reject(...), tempfail(...), discard()) or None"
+
+
+class FilterError(Exception):
+    """Admin code did something the contract does not allow (no traceback to show)."""
+
+
+class FilterRunner:
+    """The hooks of one loaded filter, applied to one request at a time."""
+
+    def __init__(
+        self,
+        loaded: LoadedFilter,
+        *,
+        on_filter_error: Verdict,
+        max_notes_bytes: int = DEFAULT_MAX_NOTES_BYTES,
+        config: Any = None,
+    ) -> None:
+        if not isinstance(on_filter_error, Verdict):
+            raise TypeError("on_filter_error must be a Verdict")
+        self.loaded = loaded
+        self.on_filter_error = on_filter_error
+        self.max_notes_bytes = max_notes_bytes
+        cfg = config
+        if cfg is not None:
+            self.limits = MimeLimits.from_config(cfg)
+            self.on_limit = cfg.mime_on_limit.verdict
+            self.quarantine_store = QuarantineStore(quarantine_dir(cfg))
+        else:
+            self.limits = MimeLimits()
+            self.on_limit = DEFAULT_ON_LIMIT
+            self.quarantine_store = QuarantineStore(default_runtime_dir() / "quarantine")
+        self._hooks: dict[str, Callable[..., Any]] = dict(loaded.hooks)
+        self.hooks: frozenset[str] = frozenset(self._hooks)
+        self._walks = "filter_part" in self._hooks or "filter_multipart" in self._hooks
+
+    @classmethod
+    def from_config(cls, loaded: LoadedFilter, cfg: Any) -> FilterRunner:
+        """The runner as the daemons configure it ([replies], [filter], [mime], [quarantine])."""
+        return cls(loaded, on_filter_error=cfg.on_filter_error.verdict,
+                   max_notes_bytes=cfg.max_notes_bytes, config=cfg)  # fmt: skip
+
+    def initialize(self) -> None:
+        """Run ``filter_initialize``; an exception means the worker must not boot."""
+        fn = self._hooks.get("filter_initialize")
+        if fn is not None:
+            fn()
+
+    def cleanup(self) -> None:
+        """Run ``filter_cleanup``; the worker is exiting anyway, so only log failures."""
+        fn = self._hooks.get("filter_cleanup")
+        if fn is None:
+            return
+        try:
+            fn()
+        except Exception:
+            log.error("filter error in filter_cleanup: %s", traceback.format_exc())
+
+    # --- requests ---
+
+    def read(self, body: bytes) -> wire.DecisionRequest | wire.Reply:
+        """The decision request in a frame's ``body``, or (logged) the reply to a bad one."""
+        try:
+            request = wire.decode(body, wire.REQUESTS)
+            if isinstance(request, wire.Hello):
+                raise wire.ProtocolError("hello is for the multiplexor")
+        except wire.ProtocolError as exc:
+            return self._bad_request(body, exc)
+        return request
+
+    def handle_body(self, body: bytes) -> wire.Reply:
+        """The reply to the request in a frame's ``body``; never raises."""
+        request = self.read(body)
+        return request if isinstance(request, wire.Reply) else self.handle(request)
+
+    def handle(self, request: wire.DecisionRequest) -> wire.Reply:
+        """The reply to one decision request; never raises."""
+        conn = Connection.from_request(request)
+        received_notes = conn.notes
+        if isinstance(request, wire.EndOfMessage):
+            return self._message(request, conn, received_notes)
+        hook = hooks.FOR_REQUEST[type(request)]
+        fn = self._hooks.get(hook.name)
+        if fn is None:
+            return self._reply(CONTINUE, [], conn, received_notes, hook.name, None)
+        _own_notes(conn)
+        try:
+            if hook.argument is None:
+                result = fn(conn)
+            else:
+                result = fn(conn, getattr(request, hook.argument))
+            verdict = _as_verdict(hook.name, result)
+        except (Exception, SystemExit) as exc:
+            return self._failed(hook.name, exc, conn, received_notes, None)
+        return self._reply(verdict, [], conn, received_notes, hook.name, None)
+
+    def _message(self, request: wire.EndOfMessage, conn: Connection,
+                 received_notes: dict[str, Any]) -> wire.Reply:  # fmt: skip
+        msg = Message.from_request(request, conn)
+        msg.limits = self.limits
+        _own_notes(conn)
+        hooks = self._hooks
+        hook = ran = "message hooks"  # hook: what is running; ran: the last hook that returned
+        try:
+            fn = hooks.get("filter_begin")
+            if fn is not None:
+                hook = "filter_begin"
+                _set_verdict(msg, hook, fn(msg))
+                ran = hook
+            if self._walks:
+                on_part = hooks.get("filter_part")
+                on_multipart = hooks.get("filter_multipart")
+                hook = "part walk"
+                for part in msg.parts:
+                    if part.is_multipart:
+                        if on_multipart is not None:
+                            hook = "filter_multipart"
+                            _set_verdict(msg, hook, on_multipart(msg, part))
+                            ran = hook
+                    elif on_part is not None:
+                        hook = "filter_part"
+                        _set_verdict(msg, hook, on_part(msg, part))
+                        ran = hook
+                    hook = "part walk"
+            fn = hooks.get("filter_end")
+            if fn is not None:
+                hook = "filter_end"
+                _set_verdict(msg, hook, fn(msg))
+                ran = hook
+            hook = ran
+            verdict = _as_verdict("msg.verdict", msg.verdict)
+        except MimeLimitError as exc:
+            return self._over_limit(msg, exc, hook, conn, received_notes)
+        except (Exception, SystemExit) as exc:
+            return self._failed(hook, exc, conn, received_notes, msg.queue_id)
+        try:
+            actions = self._commit(msg, verdict)
+        except Exception as exc:
+            return self._local_problem(msg, exc, conn, received_notes)
+        return self._reply(verdict, actions, conn, received_notes, ran, msg.queue_id)
+
+    def _commit(self, msg: Message, verdict: Verdict) -> list[Any]:
+        """What the hooks asked for beyond actions: the new body, the quarantine entry.
+
+        The body first: if the quarantine write fails after it, the message gets a
+        4xx and nothing was stored, so its retry does not leave a second entry.
+        """
+        actions = msg.actions
+        if msg.changed and verdict.action in ("continue", "accept"):
+            new_body = str(msg.path) + wire.NEW_BODY_SUFFIX
+            actions = actions + rebuild(msg, new_body)
+        if msg._quarantine is not None:
+            path = self.quarantine_store.write(msg, msg._quarantine)
+            log.info("%s: quarantined as %s (%s)", msg.queue_id or "-", msg._quarantine.id, path)
+        return actions
+
+    def _over_limit(self, msg: Message, exc: MimeLimitError, hook: str, conn: Connection,
+                    received_notes: dict[str, Any]) -> wire.Reply:  # fmt: skip
+        """A message past a [mime] limit: on_limit, the filter's actions dropped."""
+        v = self.on_limit
+        log.warning("%s: conn %s: message passed a MIME limit in %s: %s; answering %s %s",
+                    msg.queue_id or "-", conn.id, hook, exc, v.code, v.dsn)  # fmt: skip
+        try:
+            if msg._quarantine is not None:  # asked for before the limit was hit
+                self.quarantine_store.write(msg, msg._quarantine)
+        except Exception as qexc:
+            return self._local_problem(msg, qexc, conn, received_notes)
+        return self._reply(v, [], conn, received_notes, hook, msg.queue_id)
+
+    def _local_problem(self, msg: Message, exc: Exception, conn: Connection,
+                       received_notes: dict[str, Any]) -> wire.Reply:  # fmt: skip
+        """Quarantine or rewrite failed (disk full, a bug): tempfail, the sender retries."""
+        detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+        log.error("%s: conn %s: could not store or rewrite the message: %s", msg.queue_id or "-", conn.id,
+                  detail)  # fmt: skip
+        return wire.Reply(LOCAL_PROBLEM, [], received_notes,
+                          f"local problem after the hooks: {type(exc).__name__}: {exc}"[:1000])
+
+    # --- replies ---
+
+    def _reply(
+        self,
+        verdict: Verdict,
+        actions: list[Any],
+        conn: Connection,
+        received_notes: dict[str, Any],
+        hook: str,
+        queue_id: str | None,
+    ) -> wire.Reply:
+        """The reply, proven JSON-encodable here rather than failing in the frame encoder."""
+        notes = conn.notes
+        try:
+            # What arrived was JSON already, and so is an empty dict: no encoding to prove it.
+            if notes is not received_notes and not (type(notes) is dict and not notes):
+                encode_notes(notes, self.max_notes_bytes)
+            # Nor for a verdict of plain strings and no actions (the common reply).
+            fields = (verdict.action, verdict.code, verdict.dsn, verdict.text)
+            if actions or not all(v is None or type(v) is str for v in fields):
+                json.dumps([fields, actions], ensure_ascii=False, allow_nan=False)
+        except NotesError as exc:
+            return self._failed(hook, exc, conn, received_notes, queue_id, show_tb=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            error = FilterError(f"the reply is not JSON-encodable: {exc}")
+            return self._failed(hook, error, conn, received_notes, queue_id, show_tb=False)
+        return wire.Reply(verdict, actions, notes)
+
+    def _failed(
+        self,
+        hook: str,
+        exc: BaseException,
+        conn: Connection,
+        received_notes: dict[str, Any],
+        queue_id: str | None,
+        show_tb: bool | None = None,
+    ) -> wire.Reply:
+        if queue_id is None:
+            queue_id = conn.macros.get("i")
+        where = f"queue {queue_id}, conn {conn.id}" if queue_id else f"conn {conn.id}"
+        contract = isinstance(exc, FilterError | NotesError)  # no traceback worth showing
+        summary = str(exc) if contract else f"{type(exc).__name__}: {exc}"
+        if show_tb is None:
+            show_tb = not contract
+        if show_tb:
+            tb = exc.__traceback__
+            # the first frame is this module calling the hook: not the admin's business
+            if tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            detail = "".join(traceback.format_exception(type(exc), exc, tb)).rstrip()
+        else:
+            detail = summary
+        log.error("filter error in %s (%s): %s", hook, where, detail)
+        error = f"filter error in {hook}: {summary}"[:1000]
+        return wire.Reply(self.on_filter_error, [], received_notes, error)
+
+    def _bad_request(self, body: bytes, exc: Exception) -> wire.Reply:
+        """Not a request of this protocol: a tempfail, the notes left as they were."""
+        log.error("bad request (%d bytes: %r): %s: %s", len(body), body[:60], type(exc).__name__, exc)
+        return wire.Reply(BAD_REQUEST, [], None, f"bad request: {type(exc).__name__}: {exc}"[:1000])
+
+
+def _own_notes(conn: Connection) -> None:
+    """Give the hooks a copy of the notes, so a failing hook cannot leave half an edit."""
+    conn.notes = copy.deepcopy(conn.notes) if conn.notes else {}
+
+
+def _as_verdict(hook: str, result: Any) -> Verdict:
+    if result is None:
+        return CONTINUE
+    if isinstance(result, Verdict) and result.action in VERDICT_ACTIONS:
+        return result
+    shown = repr(result)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    raise FilterError(f"{hook} returned {shown}; {_EXPECTED}")
+
+
+def _set_verdict(msg: Message, hook: str, result: Any) -> None:
+    if result is not None:
+        msg.verdict = _as_verdict(hook, result)
+

@@ -1,0 +1,340 @@
+"""defang's quarantine: messages (and parts) kept aside, with what is known about them.
+
+Layout (documented in the README; the CLI and the workers share it)::
+
+    <dir>/YYYY/MM/DD/<id>/
+        message.eml   the message as received (header section as the MTA passed it,
+                      CRLF line ends, then the body): what "release" sends
+        meta.json     id, time, queue_id, sender, recipients, conn (ip, hostname,
+                      port, helo), reasons, subject, headers, whether the whole
+                      message was asked for, the parts, sizes and SHA-256 sums,
+                      and one record per release
+        part-N.bin    the decoded body of part N (N = the part's index in the walk),
+                      one per part quarantined with part.quarantine()
+
+An ID is ``YYYYMMDDTHHMMSSZ-xxxxxx``: the UTC time (IDs sort by time, and the ID alone
+finds the directory) and 24 random bits.  One message has at most one entry: every
+``quarantine()`` call of its hooks adds a reason (and a part) to the same entry.
+
+Writes are atomic (no mail is lost): the entry is written into ``.tmp-<id>`` in the day
+directory, every file fsync'ed, the directory fsync'ed, renamed to ``<id>``, and the
+day directory fsync'ed.  A crash leaves either nothing or a ``.tmp-`` directory that
+listing ignores, never half an entry.  Entries are readable by the owner and group
+only: they hold mail.
+
+``hashlib`` and ``smtplib`` are imported where they are used, not at the top: this module
+is imported by ``defang run`` before it forks the daemons, and either one loads OpenSSL's
+libcrypto (``smtplib`` through ``ssl``), whose pages a process touching them pays for
+alone (measured: 3.1 MB of PSS in the ``defang run`` process, with no use there).  IDs
+take their random bits from ``os.urandom`` (what ``secrets.token_hex`` does), as
+``secrets`` imports ``hmac`` and with it libcrypto too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ID_RE = re.compile(r"^(\d{4})(\d{2})(\d{2})T\d{6}Z-[0-9a-f]{6}$")
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+META = "meta.json"
+MESSAGE = "message.eml"
+_COPY = 1 << 20
+
+
+class QuarantineError(Exception):
+    """A quarantine entry cannot be found, written, read or released; the text says why."""
+
+
+def new_id(now: float | None = None) -> str:
+    """A fresh, time-sortable entry ID (no I/O)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    return f"{stamp}-{os.urandom(3).hex()}"
+
+
+def quarantine_dir(cfg: Any) -> Path:
+    """``[quarantine] dir`` of a Config; empty means ``<runtime_dir>/quarantine``.
+
+    Deterministic on purpose: the daemons and ``defang quarantine`` must agree on
+    the directory whichever user runs them.  Production configs set a persistent
+    path (``/var/spool/defang/quarantine``); runtime dirs are often a tmpfs.
+    """
+    value = getattr(cfg, "quarantine_dir", None)
+    if value is None or str(value) in ("", "."):
+        return Path(cfg.runtime_dir) / "quarantine"
+    return Path(value)
+
+
+@dataclass
+class Pending:
+    """What the hooks of one message asked to quarantine (written after the hooks)."""
+
+    id: str
+    reasons: list[str] = field(default_factory=list)
+    whole: bool = False
+    parts: list[tuple[Any, str]] = field(default_factory=list)  # (Part, reason)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs(path: Path) -> None:
+    """Create ``path`` and missing parents, each made durable in its parent."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, DIR_MODE)
+        except FileExistsError:
+            continue
+        _fsync_dir(d.parent)
+
+
+def _write_file(path: Path, chunks: Any) -> tuple[int, str]:
+    """Write, fsync; return (size, sha256)."""
+    import hashlib  # here, not at the top: see the module docstring
+
+    digest = hashlib.sha256()
+    size = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    with os.fdopen(fd, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return size, digest.hexdigest()
+
+
+def _file_chunks(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(_COPY):
+            yield chunk
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+
+
+class QuarantineStore:
+    """The quarantine directory: write entries (workers), list/read/delete them (CLI)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"<QuarantineStore {self.root}>"
+
+    # --- paths
+
+    def entry_dir(self, qid: str) -> Path:
+        """The directory of entry ``qid``; ValueError for a malformed ID (never a path
+        outside the store)."""
+        m = ID_RE.match(qid or "")
+        if not m:
+            raise QuarantineError(f"{qid!r} is not a quarantine ID (YYYYMMDDTHHMMSSZ-xxxxxx)")
+        return self.root / m.group(1) / m.group(2) / m.group(3) / qid
+
+    def message_path(self, qid: str) -> Path:
+        return self.entry_dir(qid) / MESSAGE
+
+    # --- writing
+
+    def write(self, msg: Any, pending: Pending, now: float | None = None) -> Path:
+        """Store ``msg`` (a ``defang.workers.api.message.Message``) and the pending parts atomically."""
+        final = self.entry_dir(pending.id)
+        day = final.parent
+        _makedirs(day)
+        tmp = day / f".tmp-{pending.id}"
+        os.mkdir(tmp, DIR_MODE)
+        try:
+            size, digest = _write_file(tmp / MESSAGE, _file_chunks(msg.path))
+            parts_meta = []
+            for part, reason in pending.parts:
+                name = f"part-{part.index}.bin"
+                psize, pdigest = _write_file(tmp / name, [part.payload])
+                parts_meta.append({
+                    "index": part.index, "file": name, "content_type": part.content_type,
+                    "filename": part.filename, "size": psize, "sha256": pdigest, "reason": reason,
+                })  # fmt: skip
+            conn = msg.conn
+            stamp = time.time() if now is None else now
+            meta = {
+                "version": 1,
+                "id": pending.id,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp)),
+                "queue_id": msg.queue_id,
+                "sender": msg.sender,
+                "recipients": list(msg.recipients),
+                "conn": {"id": conn.id, "ip": conn.ip, "hostname": conn.hostname, "port": conn.port,
+                         "helo": conn.helo},  # fmt: skip
+                "reasons": list(pending.reasons),
+                "whole_message": pending.whole,
+                "subject": msg.subject,
+                "message": {"file": MESSAGE, "size": size, "sha256": digest},
+                "parts": parts_meta,
+                "headers": [[k, v] for k, v in msg.headers],
+                "releases": [],
+            }
+            _write_file(tmp / META, [_json_bytes(meta)])
+            _fsync_dir(tmp)
+            if final.exists():
+                raise QuarantineError(f"quarantine entry {pending.id} exists already")
+            os.rename(tmp, final)
+            _fsync_dir(day)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    # --- reading
+
+    def get(self, qid: str) -> dict[str, Any]:
+        """The metadata of entry ``qid``."""
+        path = self.entry_dir(qid) / META
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise QuarantineError(f"no quarantine entry {qid} in {self.root}") from None
+        except (OSError, ValueError) as exc:
+            raise QuarantineError(f"quarantine entry {qid}: unreadable metadata: {exc}") from None
+
+    def ids(self) -> list[str]:
+        """Every complete entry, oldest first."""
+        out: list[str] = []
+        if not self.root.is_dir():
+            return out
+        for year in sorted(self.root.iterdir()):
+            if not (year.is_dir() and year.name.isdigit()):
+                continue
+            for month in sorted(year.iterdir()):
+                if not month.is_dir():
+                    continue
+                for day in sorted(month.iterdir()):
+                    if not day.is_dir():
+                        continue
+                    out += sorted(e.name for e in day.iterdir() if ID_RE.match(e.name) and e.is_dir())
+        return out
+
+    def entries(self) -> Iterator[dict[str, Any]]:
+        for qid in self.ids():
+            try:
+                yield self.get(qid)
+            except QuarantineError as exc:
+                yield {"id": qid, "error": str(exc)}
+
+    def delete(self, qid: str) -> None:
+        """Remove entry ``qid``: renamed away first (atomic), then deleted."""
+        path = self.entry_dir(qid)
+        if not path.is_dir():
+            raise QuarantineError(f"no quarantine entry {qid} in {self.root}")
+        doomed = path.parent / f".del-{qid}"
+        os.rename(path, doomed)
+        _fsync_dir(path.parent)
+        shutil.rmtree(doomed)
+
+    def add_release(self, qid: str, record: dict[str, Any]) -> None:
+        """Append a release record to the entry's metadata (replaced atomically)."""
+        meta = self.get(qid)
+        meta.setdefault("releases", []).append(record)
+        entry = self.entry_dir(qid)
+        tmp = entry / f".{META}.tmp"
+        tmp.unlink(missing_ok=True)
+        _write_file(tmp, [_json_bytes(meta)])
+        os.replace(tmp, entry / META)
+        _fsync_dir(entry)
+
+
+# --- release -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReleaseSettings:
+    """``[quarantine]`` release options."""
+
+    method: str = "sendmail"
+    sendmail_path: str = "/usr/sbin/sendmail"
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 25
+    timeout: float = 120.0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ReleaseSettings:
+        return cls(method=cfg.quarantine_release_method, sendmail_path=str(cfg.quarantine_sendmail_path),
+                   smtp_host=cfg.quarantine_smtp_host, smtp_port=cfg.quarantine_smtp_port)  # fmt: skip
+
+
+def release(store: QuarantineStore, qid: str, settings: ReleaseSettings,
+            to: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Send the original message of ``qid`` again, through the local MTA.
+
+    The envelope is the original one (sender, recipients), or the recipients in
+    ``to``.  The message bytes are sent unchanged.  The release path must not pass
+    through defang again (see the README): a sendmail whose mail skips the milter
+    (Postfix without ``non_smtpd_milters``), or an SMTP listener without milters.
+    """
+    meta = store.get(qid)
+    path = store.message_path(qid)
+    sender = meta.get("sender") or ""
+    rcpts = list(to) if to else list(meta.get("recipients") or [])
+    if not rcpts:
+        raise QuarantineError(f"quarantine entry {qid} has no recipients; use --to")
+    for addr in [sender, *rcpts]:
+        if any(c in addr for c in "\r\n\0") or addr.startswith("<"):
+            raise QuarantineError(f"refusing the address {addr!r}")
+    if settings.method == "sendmail":
+        argv = [settings.sendmail_path, "-i", "-f", sender or "<>", "--", *rcpts]
+        try:
+            with open(path, "rb") as f:
+                done = subprocess.run(argv, stdin=f, capture_output=True, timeout=settings.timeout)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise QuarantineError(f"release of {qid} with {settings.sendmail_path} failed: {exc}") from None
+        if done.returncode != 0:
+            err = done.stderr.decode("utf-8", "replace").strip() or done.stdout.decode("utf-8", "replace")
+            raise QuarantineError(f"release of {qid}: {settings.sendmail_path} exited {done.returncode}: "
+                                  f"{err.strip()[:500]}")  # fmt: skip
+        via = settings.sendmail_path
+    elif settings.method == "smtp":
+        import smtplib  # here, not at the top: see the module docstring
+
+        data = path.read_bytes()
+        try:
+            with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=settings.timeout) as smtp:
+                smtp.ehlo_or_helo_if_needed()
+                options = []
+                if smtp.has_extn("8bitmime") and not data.isascii():
+                    options.append("BODY=8BITMIME")
+                if smtp.has_extn("smtputf8") and not all(a.isascii() for a in [sender, *rcpts]):
+                    options.append("SMTPUTF8")
+                refused = smtp.sendmail(sender, rcpts, data, mail_options=options)
+        except (OSError, smtplib.SMTPException) as exc:
+            raise QuarantineError(f"release of {qid} to {settings.smtp_host}:{settings.smtp_port} "
+                                  f"failed: {exc}") from None  # fmt: skip
+        if refused:
+            raise QuarantineError(f"release of {qid}: recipients refused: {refused}")
+        via = f"smtp:{settings.smtp_host}:{settings.smtp_port}"
+    else:
+        raise QuarantineError(f"unknown release method {settings.method!r} (sendmail or smtp)")
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "via": via,
+              "sender": sender, "recipients": rcpts}  # fmt: skip
+    store.add_release(qid, record)
+    return record
