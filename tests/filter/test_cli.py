@@ -47,3 +47,11 @@ def test_test_command_rejects_an_executable_from_the_corpus():
         pytest.skip("corpus not found")
     r = defang("test", str(eml))
     assert "end of message  reject 554 5.7.1 Executable attachments are not accepted (scr)" in r.stdout
+
+
+def test_check_prints_a_deprecated_import_with_the_filter_s_line():
+    r = defang("check", "--filter", "tests/filters/old_helpers_import.py")
+    assert r.returncode == 0
+    assert r.stderr == (f"{REPO}/tests/filters/old_helpers_import.py:3: DeprecationWarning: "
+                        "workers.helpers is deprecated and goes in the next release: import the same names "
+                        "from defang (from defang import DANGEROUS_EXTENSIONS, ...)\n")  # fmt: skip

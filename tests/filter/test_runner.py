@@ -761,3 +761,30 @@ def test_filename_helpers() -> None:
     assert decode_words("=?x-nonexistent?q?caf=E9?=") == "café"
     assert decode_words("a =?utf-8?q?b?= c") == "a b c"
     assert decode_words("not =? an encoded word") == "not =? an encoded word"
+
+
+# --- the helpers' old address ------------------------------------------------------------
+
+
+def test_the_old_helpers_import_works_and_warns_at_the_filter_s_line(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delitem(sys.modules, "workers.helpers", raising=False)  # as in a fresh zygote
+    loaded = load_filter(str(FILTERS / "old_helpers_import.py"))
+    import defang
+
+    assert loaded.module.DANGEROUS_EXTENSIONS is defang.DANGEROUS_EXTENSIONS
+    (warning,) = loaded.warnings
+    where = FILTERS / "old_helpers_import.py"
+    assert warning.startswith(f"{where}:3: DeprecationWarning: workers.helpers is deprecated")
+    assert "from defang import DANGEROUS_EXTENSIONS" in warning
+    head = [("MIME-Version", "1.0"), ("Content-Type", "multipart/mixed; boundary=b")]
+    body = b"--b\r\nContent-Type: application/octet-stream; name=x.exe\r\n\r\nMZ\r\n--b--\r\n"
+    reply = handled(runner_for("old_helpers_import.py"), eom(spool(tmp_path, head, body)))
+    assert action_of(reply) == "reject"
+
+
+def test_other_old_worker_modules_are_a_clear_load_error(tmp_path: Path) -> None:
+    f = tmp_path / "filter.py"
+    f.write_text("from workers.parts import Part\n")
+    error = check_filter(str(f))
+    assert error is not None and error.startswith(f"{f}:1: ImportError: no module named 'workers.parts'")
+    assert "a filter imports what it needs from defang" in error
