@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import inspect
@@ -53,8 +52,12 @@ class LoadedFilter:
     warnings: tuple[str, ...] = ()
 
 
-class OldNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+class OldNames:
     """``workers.helpers`` -> ``defang.workers.helpers``, which warns that it is deprecated.
+
+    A finder and loader by their protocol (``find_spec``; ``create_module``,
+    ``exec_module``), without the ``importlib.abc`` bases: importing that module pulls in
+    ``importlib.resources`` and more, into every defang process.
 
     First on ``sys.meta_path``, so that a ``workers/`` folder on ``sys.path`` (a source
     tree as the working directory) is never imported a second time under its old name.

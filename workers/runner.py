@@ -36,7 +36,6 @@ from defang.workers.api.conn import DEFAULT_MAX_NOTES_BYTES, Connection, NotesEr
 from defang.workers.api.message import Message
 from defang.workers.loader import LoadedFilter
 from defang.workers.mime.limits import MimeLimitError, MimeLimits
-from defang.workers.mime.rebuild import rebuild
 from defang.workers.stores.quarantine import QuarantineStore, quarantine_dir
 
 log = logging.getLogger("defang.worker")
@@ -193,6 +192,8 @@ class FilterRunner:
         """
         actions = msg.actions
         if msg.changed and verdict.action in ("continue", "accept"):
+            from defang.workers.mime.rebuild import rebuild  # lazily: as the part actions (mime.part)
+
             new_body = str(msg.path) + wire.NEW_BODY_SUFFIX
             actions = actions + rebuild(msg, new_body)
         if msg._quarantine is not None:

@@ -17,6 +17,8 @@ import base64
 import os
 import tempfile
 
+from defang.core import wire
+from defang.core.verdicts import CONTINUE
 from defang.workers.api.conn import Connection
 from defang.workers.api.message import Message
 from defang.workers.mime import mailpolicy
@@ -69,8 +71,12 @@ def warm_up() -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(_SAMPLE.format(b64=blob).encode("ascii"))
-        msg = Message(Connection(), sender="warm@example.org", recipients=["up@example.org"],
-                      queue_id=None, path=path)  # fmt: skip
+        # a request and a reply through the wire, as a worker reads and answers one
+        conn = wire.ConnInfo("warm", "192.0.2.1", "warm.example", 25, "warm.example", {"i": "W"}, {})
+        body = wire.encode_body(wire.EndOfMessage(conn, path, "warm@example.org", ["up@example.org"], "W"))
+        request = wire.decode(body, wire.REQUESTS)
+        msg = Message.from_request(request, Connection.from_request(request))
+        wire.encode(wire.Reply(CONTINUE, [["add_header", "X-Warm", "up"]], {}))
         seen: list[object] = [msg.subject, msg.get_header("From")]
         for part in msg.parts:
             seen += (part.content_type, part.filename, part.charset, part.disposition,

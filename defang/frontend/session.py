@@ -303,9 +303,10 @@ class Session:
         """The one place a transaction ends (end of message, abort, close, the next MAIL
         FROM): its spool file goes, a new envelope takes its place.  With ``another``
         (MAIL FROM) the next transaction begins at once and the count never drops."""
-        self.env.spool.discard(self.id, self.in_txn)
+        spool = self.env.spool
+        spool.discard(self.id, self.in_txn)  # and ready for the next transaction
         self._txn(another)
-        self.env = Envelope(SpoolFile(self.fe.spool))
+        self.env = Envelope(spool)
 
     def _txn(self, started: bool) -> None:
         """Count this connection's transaction in the spool's count (for reuse and drain)."""

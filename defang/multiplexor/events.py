@@ -21,7 +21,7 @@ from defang.core.wire import ControlResult
 BOOTING, IDLE, BUSY, STOPPING = "booting", "idle", "busy", "stopping"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Job:
     """A decision request from the front end, from arrival to answer.
 
@@ -41,24 +41,24 @@ class Job:
 # --- events ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestReceived:
     job: Job
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ZygoteLoaded:
     gen: int
     hooks: list[str]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ZygoteLoadFailed:
     gen: int
     error: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ZygoteLost:
     """The zygote's socket closed without being asked to; ``status``: its exit, if known."""
 
@@ -66,14 +66,14 @@ class ZygoteLost:
     status: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WorkerSpawned:
     gen: int
     wid: int
     pid: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SpawnFailed:
     """The zygote did not take the spawn request for ``wid`` (its socket broke)."""
 
@@ -81,27 +81,27 @@ class SpawnFailed:
     why: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WorkerExited:
     pid: int
     status: int  # as waitpid gives it
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WorkerReady:
     wid: int
     pid: int
     rss: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WorkerBootFailed:
     wid: int
     pid: int
     error: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WorkerReplied:
     """A worker's reply: ``body`` goes to the client as it is; the rest is what the pool
     reads of it."""
@@ -113,7 +113,7 @@ class WorkerReplied:
     rss: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WorkerLost:
     """The worker's socket closed, broke, or carried garbage (then ``kill``: it is KILLed)."""
 
@@ -122,17 +122,17 @@ class WorkerLost:
     kill: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ReloadRequested:
     waiter: Any = None  # a control client waiting for the reload's outcome, or None (SIGHUP)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StopRequested:
     fast: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Tick:
     """Time passed: queue and busy deadlines, kills past their grace, the pool's size."""
 
@@ -145,21 +145,21 @@ Event = (RequestReceived | ZygoteLoaded | ZygoteLoadFailed | ZygoteLost | Worker
 # --- commands ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StartZygote:
     """Fork a zygote for generation ``gen``; its report comes back as ZygoteLoaded/-LoadFailed."""
 
     gen: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CloseZygote:
     """Close the zygote's socket: it exits once its workers have (it reaps them)."""
 
     gen: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Spawn:
     """Ask zygote ``gen`` for worker ``wid``, handing it one end of a new socketpair."""
 
@@ -167,7 +167,7 @@ class Spawn:
     wid: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Send:
     """Send the job's request to worker ``wid``."""
 
@@ -175,14 +175,14 @@ class Send:
     job: Job
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CloseWorker:
     """Close the worker's socket: an idle worker exits on EOF (after filter_cleanup)."""
 
     wid: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Signal:
     """Send ``signal`` to the worker's process group."""
 
@@ -190,7 +190,7 @@ class Signal:
     signal: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Answer:
     """Send the client a worker's reply (``body``), or ``spec`` with ``error`` if none."""
 
@@ -200,18 +200,18 @@ class Answer:
     error: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AnswerControl:
     waiter: Any
     result: ControlResult
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CloseListeners:
     """Stop accepting connections (a graceful stop has begun)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Stopped:
     """Everything is answered and told to go: the loop may wait for its zygotes and exit."""
 

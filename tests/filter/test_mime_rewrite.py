@@ -758,12 +758,12 @@ def test_bad_arguments_raise_in_the_filters_call(tmp_path: Path) -> None:
 
 
 def test_a_failing_rebuild_is_a_tempfail_not_a_lost_message(tmp_path: Path, monkeypatch, caplog) -> None:
-    from defang.workers import runner
+    from defang.workers.mime import rebuild
 
     def broken(msg, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(runner, "rebuild", broken)
+    monkeypatch.setattr(rebuild, "rebuild", broken)
     f = inline_filter(tmp_path, """
         def filter_end(msg):
             msg.add_header("X-A", "1")

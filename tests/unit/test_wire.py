@@ -63,6 +63,25 @@ def test_every_channel_table_is_covered():
     assert {(id(t), cls) for t in tables for cls in t.values()} == covered
 
 
+@pytest.mark.parametrize(("table", "msg"), [m for m in MESSAGES if m[0] in (wire.REQUESTS, wire.FROM_WORKER)],
+                         ids=lambda m: getattr(type(m), "OP", ""))  # fmt: skip
+def test_what_the_multiplexor_reads_of_what_it_forwards(table, msg):
+    body = wire.encode_body(msg)
+    routed = wire.decode(body, wire.ROUTED_FROM_WORKER if table is wire.FROM_WORKER else wire.ROUTED_REQUESTS)
+    if isinstance(msg, wire.Reply):
+        assert (routed.verdict.action, routed.error, routed.rss) == (msg.verdict.action, msg.error, msg.rss)
+    elif isinstance(msg, wire.DecisionRequest):
+        assert (routed.op, routed.queue_id, routed.conn.id) == (msg.OP, msg.queue_id, msg.conn.id)
+    else:
+        assert routed == msg
+
+
+def test_the_multiplexor_refuses_what_is_no_request_at_all():
+    for bad in (b"[]", _body(op="eom"), _body(op="eom", conn={"id": []}), _body(op="reply", verdict={})):
+        with pytest.raises(ProtocolError):
+            wire.decode(bad, wire.ROUTED_REQUESTS)
+
+
 def test_decision_ops_are_the_hook_table_s():
     from defang.core import hooks
 

@@ -6,6 +6,7 @@ take?  The message is spooled exactly as the front end would spool it.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,10 @@ def spool_message(raw: bytes, dest: Path) -> int:
 
 def run_trial(cfg: Config, message: str, *, sender: str, recipients: list[str], ip: str,
               helo: str) -> dict[str, Any]:  # fmt: skip
-    runner = FilterRunner.from_config(load_filter(str(cfg.filter)), cfg)
+    loaded = load_filter(str(cfg.filter))
+    for line in loaded.warnings:
+        print(line, file=sys.stderr)
+    runner = FilterRunner.from_config(loaded, cfg)
     runner.initialize()
     notes: dict[str, Any] = {}
 

@@ -204,11 +204,11 @@ class Multiplexor:
         if client.control:
             self._on_control(client, body)
             return
-        request = wire.decode(body, wire.REQUESTS)
+        request = wire.decode(body, wire.ROUTED_REQUESTS)
         if isinstance(request, wire.Hello):
             self._send_client(client, wire.encode(self.pool.hello()))
             return
-        job = ev.Job(client, body, request.OP, request.queue_id, str(request.conn.id), time.monotonic())
+        job = ev.Job(client, body, request.op, request.queue_id, str(request.conn.id), time.monotonic())
         client.job = job
         self._feed(ev.RequestReceived(job))
 
@@ -269,8 +269,8 @@ class Multiplexor:
         return handle
 
     def _on_worker_message(self, wid: int, body: bytes) -> None:
-        msg = wire.decode(body, wire.FROM_WORKER)
-        if isinstance(msg, wire.Reply):
+        msg = wire.decode(body, wire.ROUTED_FROM_WORKER)
+        if isinstance(msg, wire.RoutedReply):
             self._feed(ev.WorkerReplied(wid, body, msg.verdict.action, msg.error, msg.rss))
         elif isinstance(msg, wire.WorkerReady):
             self._feed(ev.WorkerReady(wid, msg.pid, msg.rss))

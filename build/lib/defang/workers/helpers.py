@@ -3,11 +3,9 @@
     from defang import DANGEROUS_EXTENSIONS, MimeLimitError, SignedMessageError
 
 Filters written for defang 0.1 imported them as ``workers.helpers``; the filter loader
-still finds that name (``defang.workers.loader``), and importing it warns with the line
-of the filter that did.  It goes in the next release.
+still finds that name (``defang.workers.loader.OldNames``) and warns with the line of the
+filter that imported it.  It goes in the next release.
 """
-
-import warnings
 
 from defang.workers.mime.archives import ArchiveListing, ArchiveMember, archive_kind, list_archive
 from defang.workers.mime.filenames import (
@@ -45,9 +43,3 @@ __all__ = [
     "safe_filename",
     "suspicious_filename",
 ]
-
-# stacklevel 2: the import machinery's frames are skipped, so the warning names the
-# filter's own import line
-warnings.warn("workers.helpers is deprecated and goes in the next release: import the same names "
-              "from defang (from defang import DANGEROUS_EXTENSIONS, ...)", DeprecationWarning,
-              stacklevel=2)  # fmt: skip

@@ -11,8 +11,9 @@ caught at load time because they would otherwise fail on every message: a hook t
 cannot take the arguments defang passes (``defang.core.hooks`` has each one's arity),
 and an ``async def`` hook.
 
-Warnings raised while the filter imports (a deprecated import) are logged with the
-filter's line and kept in ``LoadedFilter.warnings`` for ``defang check``.  The name
+Warnings raised while the filter imports (a deprecated import) are kept, one
+``file:line: Category: message`` line each, in ``LoadedFilter.warnings``: the zygote logs
+them, ``defang check`` and ``defang test`` print them.  The name
 ``workers.helpers`` (the helpers' address before they moved under ``defang``) is still
 found, for one release: ``OldNames``.
 """
@@ -21,11 +22,9 @@ from __future__ import annotations
 
 import ast
 import importlib
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import inspect
-import logging
 import os
 import sys
 import traceback
@@ -37,8 +36,6 @@ from typing import Any
 
 from defang.core.hooks import BY_NAME as HOOKS
 from defang.core.hooks import NAMES as HOOK_NAMES
-
-log = logging.getLogger("defang.filter")
 
 MODULE_NAME = "defang_filter"
 
@@ -55,8 +52,12 @@ class LoadedFilter:
     warnings: tuple[str, ...] = ()
 
 
-class OldNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+class OldNames:
     """``workers.helpers`` -> ``defang.workers.helpers``, which warns that it is deprecated.
+
+    A finder and loader by their protocol (``find_spec``; ``create_module``,
+    ``exec_module``), without the ``importlib.abc`` bases: importing that module pulls in
+    ``importlib.resources`` and more, into every defang process.
 
     First on ``sys.meta_path``, so that a ``workers/`` folder on ``sys.path`` (a source
     tree as the working directory) is never imported a second time under its old name.
@@ -72,6 +73,14 @@ class OldNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(fullname, self)
 
     def create_module(self, spec: Any) -> ModuleType:
+        if spec.name == "workers.helpers":
+            # at the line that imports it: the first frame that is not the import machinery
+            caller = next(f for f in reversed(traceback.extract_stack())
+                          if "importlib" not in f.filename and f.filename != __file__)  # fmt: skip
+            warnings.warn_explicit(
+                "workers.helpers is deprecated and goes in the next release: import the same names "
+                "from defang (from defang import DANGEROUS_EXTENSIONS, ...)",
+                DeprecationWarning, caller.filename, caller.lineno or 0)  # fmt: skip
         return importlib.import_module("defang." + spec.name)
 
     def exec_module(self, module: ModuleType) -> None:
@@ -112,8 +121,6 @@ def load_filter(path: str) -> LoadedFilter:
         _restore(previous)
         raise
     said = tuple(f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught)
-    for line in said:
-        log.warning("%s", line)
     return LoadedFilter(path=path, module=module, hooks=hooks, warnings=said)
 
 

@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     except FilterLoadError as exc:
         send(chan, wire.LoadFailed(str(exc)))
         return 2
+    for line in loaded.warnings:
+        log.warning("%s", line)
     runner = FilterRunner.from_config(loaded, cfg)
     warm_up()
     # Everything imported so far is shared with the workers copy-on-write.  A garbage

@@ -20,7 +20,8 @@ Body actions (``part.drop()``, ``part.replace()``, ``msg.add_part()``,
 ``msg.append_boilerplate()``...) are recorded here and carried out once, after the
 hooks, by ``defang.workers.mime.rebuild``: a message nobody changed is never rebuilt.  On a
 signed or encrypted message (or a part inside a signed entity) they raise
-``SignedMessageError`` unless called with ``force=True``.
+``SignedMessageError`` unless called with ``force=True``.  Like the part actions, they
+import the code that builds new parts when first called (see ``defang.workers.mime.part``).
 """
 
 from __future__ import annotations
@@ -49,9 +50,7 @@ from defang.workers.api.headers import (
 from defang.workers.mime import mailpolicy, skeleton
 from defang.workers.mime.limits import MimeLimitError, MimeLimits, PartActionError, SignedMessageError
 from defang.workers.mime.mailpolicy import POLICY
-from defang.workers.mime.newparts import html_snippet, make_part, with_boilerplate
 from defang.workers.mime.part import SIGNED_TYPES, Part
-from defang.workers.mime.rebuild import body_offset
 from defang.workers.mime.text import b64_lenient, decode_words
 from defang.workers.mime.walk import walk
 from defang.workers.stores import quarantine as quarantine_mod
@@ -253,6 +252,8 @@ class Message:
         A multipart/mixed message gets it as its last part; any other message is
         wrapped in a new multipart/mixed whose first part is the old body.
         """
+        from defang.workers.mime.newparts import make_part  # lazily: see the module docstring
+
         self._check_signed(None, force)
         self._added.append(make_part(content, content_type, filename=filename, charset=charset,
                                      disposition=disposition))  # fmt: skip
@@ -269,6 +270,8 @@ class Message:
         transfer encoding where the text fits.  On a signed message (``is_signed``)
         it raises ``SignedMessageError`` unless ``force``.
         """
+        from defang.workers.mime.newparts import html_snippet, with_boilerplate  # lazily: as above
+
         if not isinstance(text, str) or (html is not None and not isinstance(html, str)):
             raise TypeError("boilerplate text and html must be str")
         self._check_signed(None, force)
@@ -314,6 +317,8 @@ class Message:
         """
         if not any(isinstance(d, MissingHeaderBodySeparatorDefect) for d in root.email.defects):
             return root.payload  # both read the same header section
+        from defang.workers.mime.rebuild import body_offset  # lazily: as above
+
         with open(self.path, "rb") as f:
             spool = f.read()
         body = spool[body_offset(spool) :]
