@@ -43,7 +43,7 @@ strace and tcpdump evidence, LD_PRELOAD shim on each side, the Python fix) and
 
 Run as root (Postfix's master): ``scripts/bench``, ``scripts/bench --profile 2k --runs 1
 --only defang,postfix`` for a one-minute check.  Results: stdout, and with ``--out`` a
-Markdown and a JSON file (``scripts/bench_table.py`` renders the README table from it).
+Markdown and a JSON file (``scripts/bench_table.py`` renders bench/README.md's table from it).
 """
 
 from __future__ import annotations

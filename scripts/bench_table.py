@@ -1,10 +1,10 @@
-"""Render the README's performance table from a ``scripts/bench --out`` JSON file.
+"""Render the performance table (bench/README.md) from a ``scripts/bench --out`` JSON file.
 
-Why a script: the README must show measured numbers, and only numbers from one
+Why a script: the docs must show measured numbers, and only numbers from one
 results file (one machine, one run, its commit and load stated), never hand-copied.
 
     .venv/bin/python scripts/bench_table.py bench/results/2026-01-01-host.json
-    .venv/bin/python scripts/bench_table.py RESULTS.json --update README.md
+    .venv/bin/python scripts/bench_table.py RESULTS.json --update bench/README.md
 
 ``--update`` replaces the text between ``<!-- bench-table:start -->`` and
 ``<!-- bench-table:end -->`` in the given file.
@@ -21,7 +21,7 @@ from typing import Any
 
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 
-#: (stack name in the results, label in the README), in table order
+#: (stack name in the results, label in the table), in table order
 ROWS = [
     ("postfix", "Postfix alone (no milter)"),
     ("nullmilter", "do-nothing pymilter milter"),
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     """Print the table, or write it into a file's marked region with --update."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", help="a JSON file written by scripts/bench --out")
-    ap.add_argument("--update", metavar="FILE", help="replace the marked table in FILE (e.g. README.md)")
+    ap.add_argument("--update", metavar="FILE",
+                    help="replace the marked table in FILE (e.g. bench/README.md)")  # fmt: skip
     args = ap.parse_args(argv)
     doc = json.loads(Path(args.results).read_text())
     block = render(doc, args.results)

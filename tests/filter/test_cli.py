@@ -55,3 +55,19 @@ def test_check_prints_a_deprecated_import_with_the_filter_s_line():
     assert r.stderr == (f"{REPO}/tests/filters/old_helpers_import.py:3: DeprecationWarning: "
                         "workers.helpers is deprecated and goes in the next release: import the same names "
                         "from defang (from defang import DANGEROUS_EXTENSIONS, ...)\n")  # fmt: skip
+
+
+def test_the_readme_s_example_filter_loads_and_rejects_a_hidden_executable(tmp_path: Path):
+    import re
+
+    code = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    (tmp_path / "filter.py").write_text(code)
+    r = defang("check", "--filter", str(tmp_path / "filter.py"))
+    assert r.returncode == 0 and "hooks: filter_end, filter_part, filter_recipient, filter_sender" in r.stdout
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(b"From: a@example.org\r\nMIME-Version: 1.0\r\n"
+                    b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+                    b"Content-Type: application/octet-stream; name=\"invoice.pdf.exe\"\r\n\r\nMZ\r\n"
+                    b"--b--\r\n")
+    r = defang("test", str(msg), "--filter", str(tmp_path / "filter.py"))
+    assert "end of message  reject 550 5.7.1 No executables (invoice.pdf.exe)" in r.stdout

@@ -45,3 +45,10 @@ def test_overrides_and_socket_specs(tmp_path):
     assert cfg.milter_socket == "inet:9999@127.0.0.1"
     with pytest.raises(config.ConfigError, match="expected unix:/absolute/path"):
         config.load(p, socket="tcp:localhost")
+
+
+def test_a_reply_text_with_cr_is_refused(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[replies]\non_busy = { code = "451", dsn = "4.3.2", text = "busy\\r\\n250 OK" }\n')
+    with pytest.raises(config.ConfigError, match="text may not contain CR or NUL"):
+        config.load(p)
