@@ -187,7 +187,10 @@ class Session:
             if env.header_count > cfg.max_headers or env.header_bytes > cfg.max_header_bytes:
                 self._overflow(cfg.on_header_too_large, "header limit")
             else:
-                self._write(line)
+                try:  # no method of our own between: this runs for every header of every message
+                    env.spool.write(line)
+                except SpoolError as exc:
+                    self._overflow(cfg.on_internal_error, str(exc))
         return self.hdr_rc
 
     def body(self, chunk: bytes) -> int:
@@ -201,7 +204,10 @@ class Session:
             if env.size > self.fe.cfg.max_message_size:
                 self._overflow(self.fe.cfg.on_message_too_large, "max_message_size")
             elif env.overflow is None:
-                self._write(chunk)
+                try:
+                    env.spool.write(chunk)
+                except SpoolError as exc:
+                    self._overflow(self.fe.cfg.on_internal_error, str(exc))
         return self.body_rc
 
     def eom(self) -> int:

@@ -192,6 +192,8 @@ def _reply(v: Any) -> ReplySpec:
         raise TypeError(f"code {code!r} is not a 4xx or 5xx SMTP code")
     if not dsn.startswith(code[0] + "."):
         raise TypeError(f"dsn {dsn!r} does not match code {code}")
+    if "\r" in text or "\0" in text:
+        raise TypeError("text may not contain CR or NUL (an SMTP reply is lines of text)")
     return ReplySpec(code, dsn, text)
 
 

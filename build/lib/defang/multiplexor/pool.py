@@ -61,7 +61,7 @@ BOOT_TIMEOUT = 30.0
 STOP_GRACE = 5.0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Worker:
     wid: int
     gen: int
