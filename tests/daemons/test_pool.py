@@ -226,15 +226,19 @@ def test_the_multiplexor_and_the_workers_map_no_memory_per_message(tmp_path):
     """A read from a socket must not make a mapping of its own.  ``recv(256 KiB)`` did,
     in the multiplexor and in every worker: a new 256 KiB bytes object per read, which
     glibc gave a mapping of its own (mmap, page faults, munmap) whenever its heap had no
-    such block free.  Here the workers took 555-582 faults for these 500 messages
-    (44-56 with one buffer reused); the multiplexor, with another history of its heap,
-    4 per message under scripts/bench_frontend.py.  ~0.05 ms of CPU per message in each."""
+    such block free.  Here the workers took 555-582 faults for 500 messages, over one a
+    message; the multiplexor, with another history of its heap, 4 per message under
+    scripts/bench_frontend.py.  ~0.05 ms of CPU per message in each.  With one buffer
+    reused, the workers take 0-370 faults after the first 2000 messages, whatever the
+    count (a burst now and then: the first writes to pages they share with the zygote),
+    measured on this tree and on the one before the restructure alike: 2000 messages,
+    not 500, so that a fault a message stands out from that burst."""
     import threading
 
     path = tmp_path / "filter.py"
     path.write_text(tagged("one"))
-    sessions, per_session = 20, 25
-    with Defang(path, settings={"multiplexor": {"min_workers": 10, "max_workers": 10},
+    sessions, per_session = 20, 100
+    with Defang(path, settings={"multiplexor": {"min_workers": 10, "max_workers": 10, "max_requests": 0},
                                 "daemon": {"log_level": "info"}}) as d:  # fmt: skip
 
         def load(tag: str) -> None:
