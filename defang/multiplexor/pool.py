@@ -201,15 +201,23 @@ class Pool(GenerationRules):
         return ""
 
     # ------------------------------------------------------------------ workers
+    def _booted(self, wid: int, pid: int, said: str) -> Worker | None:
+        """The worker that said ``said`` (ready, or failed to boot), now that its pid is
+        known; None if it is gone, or lost for saying it while not booting."""
+        w = self.workers.get(wid)
+        if w is not None and w.state != BOOTING:
+            self._worker_lost(ev.WorkerLost(wid, f"it said {said!r} while {w.state}"))
+            return None
+        if w is not None:
+            w.pid = pid
+            self.children[pid] = (wid, w.gen)
+        return w
+
     def _worker_ready(self, e: ev.WorkerReady) -> None:
-        w = self.workers.get(e.wid)
+        w = self._booted(e.wid, e.pid, "ready")
         if w is None:
             return
-        if w.state != BOOTING:
-            self._worker_lost(ev.WorkerLost(w.wid, f"it said 'ready' while {w.state}"))
-            return
-        w.pid, w.rss = e.pid, e.rss
-        self.children[w.pid] = (w.wid, w.gen)
+        w.rss = e.rss
         self.spawn_failures = 0
         if self.cfg.max_rss and e.rss >= self.cfg.max_rss:
             log.warning("worker %d (pid %d): RSS after boot is %d KiB, at or above max_rss %d KiB: it will "
@@ -222,14 +230,9 @@ class Pool(GenerationRules):
         self._reload_progress()
 
     def _worker_boot_failed(self, e: ev.WorkerBootFailed) -> None:
-        w = self.workers.get(e.wid)
+        w = self._booted(e.wid, e.pid, "boot_failed")
         if w is None:
             return
-        if w.state != BOOTING:
-            self._worker_lost(ev.WorkerLost(w.wid, f"it said 'boot_failed' while {w.state}"))
-            return
-        w.pid = e.pid
-        self.children[w.pid] = (w.wid, w.gen)
         self._forget(w)
         if w.gen > self.gen:
             self._abandon_reload(w.gen, f"a worker of the new filter failed to boot: {e.error} "

@@ -213,6 +213,13 @@ def test_a_reply_from_a_worker_that_has_no_job_loses_the_worker():
     assert ev.CloseWorker(wid) in h.reply(wid)
 
 
+def test_a_worker_that_says_ready_twice_is_lost():
+    h = Harness()
+    (wid,) = h.boot(h.tick())
+    assert ev.CloseWorker(wid) in h.send(ev.WorkerReady(wid, h.pid(wid), 1))
+    assert wid not in h.pool.workers
+
+
 def test_workers_that_cannot_boot_back_off_exponentially_and_a_ready_one_resets():
     h = Harness(min_workers=1)
     delays = []

@@ -1,5 +1,0 @@
-import sys
-
-from defang.cli.main import main
-
-sys.exit(main())
