@@ -15,8 +15,9 @@ import importlib
 from typing import Any
 
 from defang.core.verdicts import Verdict, accept, discard, reject, tempfail
+from defang.core.version import VERSION
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 _FILENAMES = "defang.workers.mime.filenames"
 _ARCHIVES = "defang.workers.mime.archives"
@@ -45,6 +46,8 @@ _LAZY: dict[str, str] = {
     "Message": "defang.workers.api.message",
     "Connection": "defang.workers.api.conn",
     "NotesError": "defang.workers.api.conn",
+    "Chain": "defang.workers.api.chain",
+    "Rule": "defang.workers.api.chain",
 }
 
 __all__ = ["Verdict", "accept", "discard", "reject", "tempfail", *sorted(_LAZY)]

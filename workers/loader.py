@@ -11,9 +11,10 @@ caught at load time because they would otherwise fail on every message: a hook t
 cannot take the arguments defang passes (``defang.core.hooks`` has each one's arity),
 and an ``async def`` hook.
 
-Warnings raised while the filter imports (a deprecated import) are kept, one
-``file:line: Category: message`` line each, in ``LoadedFilter.warnings``: the zygote logs
-them, ``defang check`` and ``defang test`` print them.  The name
+Warnings raised while the filter imports (a deprecated import), and one for each
+top-level callable named ``filter_*`` that is no hook (a misspelt hook never runs), are
+kept, one ``file:line: ...`` line each, in ``LoadedFilter.warnings``: the zygote logs
+them, ``defang check`` and ``defang test`` print them (``check --strict`` fails on them).  The name
 ``workers.helpers`` (the helpers' address before they moved under ``defang``) is still
 found, for one release: ``OldNames``.
 """
@@ -24,7 +25,6 @@ import ast
 import importlib
 import importlib.machinery
 import importlib.util
-import inspect
 import os
 import sys
 import traceback
@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from defang.core.hooks import BY_NAME as HOOKS
 from defang.core.hooks import NAMES as HOOK_NAMES
+from defang.core.hooks import misnamed, signature_problem
 
 MODULE_NAME = "defang_filter"
 
@@ -121,6 +121,7 @@ def load_filter(path: str) -> LoadedFilter:
         _restore(previous)
         raise
     said = tuple(f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught)
+    said += tuple(misnamed(vars(module), path))
     return LoadedFilter(path=path, module=module, hooks=hooks, warnings=said)
 
 
@@ -179,22 +180,11 @@ def _resolve_hooks(module: ModuleType, path: str) -> dict[str, Callable[..., Any
 
 
 def _check_signature(name: str, fn: Callable[..., Any], path: str) -> None:
-    code = getattr(fn, "__code__", None)
-    where = f"{code.co_filename}:{code.co_firstlineno}" if code else f"{path}:0"
-    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
-        raise FilterLoadError(f"{where}: TypeError: {name} must be a plain def, not async def")
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return  # a builtin or C callable: nothing to check
-    arity = HOOKS[name].arity
-    try:
-        signature.bind(*([None] * arity))
-    except TypeError as exc:
-        raise FilterLoadError(
-            f"{where}: TypeError: {name}{signature} cannot be called with {arity} "
-            f"argument{'s' if arity != 1 else ''} ({exc})"
-        ) from None
+    problem = signature_problem(name, fn)
+    if problem:
+        code = getattr(fn, "__code__", None)
+        where = f"{code.co_filename}:{code.co_firstlineno}" if code else f"{path}:0"
+        raise FilterLoadError(f"{where}: TypeError: {problem}")
 
 
 def _assignment_line(path: str, name: str) -> int:

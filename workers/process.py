@@ -16,7 +16,7 @@ import os
 import socket
 import time
 
-from defang.core import malloc, procinfo, wire
+from defang.core import exits, malloc, procinfo, wire
 from defang.core.framing import RECV_SIZE, FrameDecoder, ProtocolError
 from defang.core.proctitle import set_title
 from defang.workers.runner import FilterRunner
@@ -38,7 +38,7 @@ def serve(sock: socket.socket, runner: FilterRunner, *, worker_id: int, generati
     except Exception:
         log.exception("worker %d (pid %d): filter_initialize failed", worker_id, pid)
         sock.sendall(wire.encode(wire.WorkerBootFailed(pid, "filter_initialize raised")))
-        return wire.EXIT_BOOT_FAILED
+        return exits.BOOT_FAILED
     sock.sendall(wire.encode(wire.WorkerReady(pid, generation, procinfo.rss() or 0)))
     idle_title = "defang-worker: idle (%d served)"
     served = 0
@@ -52,12 +52,12 @@ def serve(sock: socket.socket, runner: FilterRunner, *, worker_id: int, generati
             continue
         if not n:  # the multiplexor is done with us
             runner.cleanup()
-            return wire.EXIT_RETIRED
+            return exits.RETIRED
         try:
             bodies = decoder.feed(received[:n])
         except ProtocolError as exc:
             log.error("worker %d (pid %d): bad frame from multiplexor: %s", worker_id, pid, exc)
-            return wire.EXIT_PROTOCOL
+            return exits.PROTOCOL
         for body in bodies:
             request = runner.read(body)
             if isinstance(request, wire.Reply):  # not a request: the reply says so

@@ -30,9 +30,9 @@ from typing import Any
 
 from defang.core import hooks, wire
 from defang.core.config import default_runtime_dir
-from defang.core.verdicts import ACTIONS as VERDICT_ACTIONS
 from defang.core.verdicts import CONTINUE, Verdict, reject, tempfail
 from defang.workers.api.conn import DEFAULT_MAX_NOTES_BYTES, Connection, NotesError, encode_notes
+from defang.workers.api.decision import Decision, FilterError
 from defang.workers.api.message import Message
 from defang.workers.loader import LoadedFilter
 from defang.workers.mime.limits import MimeLimitError, MimeLimits
@@ -43,11 +43,6 @@ log = logging.getLogger("defang.worker")
 BAD_REQUEST = tempfail("Temporary local problem, please try again later", "451", "4.3.0")
 LOCAL_PROBLEM = tempfail("Temporary local problem, please try again later", "451", "4.3.0")
 DEFAULT_ON_LIMIT = reject("Message structure exceeds local limits", "554", "5.6.0")
-_EXPECTED = "expected a verdict (accept(), reject(...), tempfail(...), discard()) or None"
-
-
-class FilterError(Exception):
-    """Admin code did something the contract does not allow (no traceback to show)."""
 
 
 class FilterRunner:
@@ -71,10 +66,13 @@ class FilterRunner:
             self.limits = MimeLimits.from_config(cfg)
             self.on_limit = cfg.mime_on_limit.verdict
             self.quarantine_store = QuarantineStore(quarantine_dir(cfg))
+            self.monitor_all = cfg.filter_mode == "monitor"
+            self.monitor_rules = frozenset(cfg.monitor_rules)
         else:
             self.limits = MimeLimits()
             self.on_limit = DEFAULT_ON_LIMIT
             self.quarantine_store = QuarantineStore(default_runtime_dir() / "quarantine")
+            self.monitor_all, self.monitor_rules = False, frozenset()
         self._hooks: dict[str, Callable[..., Any]] = dict(loaded.hooks)
         self.hooks: frozenset[str] = frozenset(self._hooks)
         self._walks = "filter_part" in self._hooks or "filter_multipart" in self._hooks
@@ -128,52 +126,58 @@ class FilterRunner:
         fn = self._hooks.get(hook.name)
         if fn is None:
             return self._reply(CONTINUE, [], conn, received_notes, hook.name, None)
+        decision = conn.decision = self._decision(conn.macros.get("i", ""))
+        decision.where = hook.name if hook.argument != "recipient" else f"{hook.name} <{request.recipient}>"
         _own_notes(conn)
         try:
             if hook.argument is None:
                 result = fn(conn)
             else:
                 result = fn(conn, getattr(request, hook.argument))
-            verdict = _as_verdict(hook.name, result)
+            _decide(decision, hook.name, result)
         except (Exception, SystemExit) as exc:
             return self._failed(hook.name, exc, conn, received_notes, None)
-        return self._reply(verdict, [], conn, received_notes, hook.name, None)
+        return self._reply(decision.verdict, [], conn, received_notes, hook.name, None, decision)
+
+    def _decision(self, queue_id: str) -> Decision:
+        return Decision(monitor_all=self.monitor_all, monitor_rules=self.monitor_rules, queue_id=queue_id)
 
     def _message(self, request: wire.EndOfMessage, conn: Connection,
                  received_notes: dict[str, Any]) -> wire.Reply:  # fmt: skip
         msg = Message.from_request(request, conn)
         msg.limits = self.limits
+        decision = msg.decision = conn.decision = self._decision(msg.queue_id or "")
         _own_notes(conn)
         hooks = self._hooks
         hook = ran = "message hooks"  # hook: what is running; ran: the last hook that returned
         try:
             fn = hooks.get("filter_begin")
             if fn is not None:
-                hook = "filter_begin"
-                _set_verdict(msg, hook, fn(msg))
+                hook = decision.where = "filter_begin"
+                _decide(decision, hook, fn(msg))
                 ran = hook
-            if self._walks:
+            if self._walks and not decision.decided:  # the first decision stands: no more hooks
                 on_part = hooks.get("filter_part")
                 on_multipart = hooks.get("filter_multipart")
                 hook = "part walk"
                 for part in msg.parts:
-                    if part.is_multipart:
-                        if on_multipart is not None:
-                            hook = "filter_multipart"
-                            _set_verdict(msg, hook, on_multipart(msg, part))
-                            ran = hook
-                    elif on_part is not None:
-                        hook = "filter_part"
-                        _set_verdict(msg, hook, on_part(msg, part))
-                        ran = hook
+                    fn = on_multipart if part.is_multipart else on_part
+                    if fn is None:
+                        continue
+                    hook = "filter_multipart" if part.is_multipart else "filter_part"
+                    decision.where = f"{hook}, part {part.index}"
+                    _decide(decision, hook, fn(msg, part))
+                    ran = hook
+                    if decision.decided:
+                        break
                     hook = "part walk"
             fn = hooks.get("filter_end")
-            if fn is not None:
-                hook = "filter_end"
-                _set_verdict(msg, hook, fn(msg))
+            if fn is not None and not decision.decided:
+                hook = decision.where = "filter_end"
+                _decide(decision, hook, fn(msg))
                 ran = hook
             hook = ran
-            verdict = _as_verdict("msg.verdict", msg.verdict)
+            verdict = decision.verdict
         except MimeLimitError as exc:
             return self._over_limit(msg, exc, hook, conn, received_notes)
         except (Exception, SystemExit) as exc:
@@ -182,7 +186,7 @@ class FilterRunner:
             actions = self._commit(msg, verdict)
         except Exception as exc:
             return self._local_problem(msg, exc, conn, received_notes)
-        return self._reply(verdict, actions, conn, received_notes, ran, msg.queue_id)
+        return self._reply(verdict, actions, conn, received_notes, ran, msg.queue_id, decision)
 
     def _commit(self, msg: Message, verdict: Verdict) -> list[Any]:
         """What the hooks asked for beyond actions: the new body, the quarantine entry.
@@ -233,6 +237,7 @@ class FilterRunner:
         received_notes: dict[str, Any],
         hook: str,
         queue_id: str | None,
+        decision: Decision | None = None,
     ) -> wire.Reply:
         """The reply, proven JSON-encodable here rather than failing in the frame encoder."""
         notes = conn.notes
@@ -249,7 +254,9 @@ class FilterRunner:
         except (TypeError, ValueError, RecursionError) as exc:
             error = FilterError(f"the reply is not JSON-encodable: {exc}")
             return self._failed(hook, error, conn, received_notes, queue_id, show_tb=False)
-        return wire.Reply(verdict, actions, notes)
+        if decision is None:
+            return wire.Reply(verdict, actions, notes)
+        return wire.Reply(verdict, actions, notes, would=decision.would, tags=decision.tags)
 
     def _failed(
         self,
@@ -290,18 +297,6 @@ def _own_notes(conn: Connection) -> None:
     conn.notes = copy.deepcopy(conn.notes) if conn.notes else {}
 
 
-def _as_verdict(hook: str, result: Any) -> Verdict:
-    if result is None:
-        return CONTINUE
-    if isinstance(result, Verdict) and result.action in VERDICT_ACTIONS:
-        return result
-    shown = repr(result)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    raise FilterError(f"{hook} returned {shown}; {_EXPECTED}")
-
-
-def _set_verdict(msg: Message, hook: str, result: Any) -> None:
-    if result is not None:
-        msg.verdict = _as_verdict(hook, result)
+def _decide(decision: Decision, hook: str, result: Any) -> None:
+    decision.take_result(hook, result)
 

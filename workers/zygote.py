@@ -37,7 +37,7 @@ import sys
 import time
 
 from defang.core import config as configmod
-from defang.core import logsetup, malloc, wire
+from defang.core import exits, logsetup, malloc, wire
 from defang.core.proctitle import set_title
 from defang.workers import process
 from defang.workers.loader import FilterLoadError, load_filter
@@ -196,7 +196,7 @@ def _end_children(children: set[int]) -> None:
 
 def _child(fd: int, chan: socket.socket, pipe: tuple[int, int], runner, cfg, wid, gen) -> int:
     """In the forked worker: drop the zygote's state, then serve."""
-    code = wire.EXIT_CRASHED
+    code = exits.CRASHED
     try:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):

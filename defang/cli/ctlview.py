@@ -22,6 +22,8 @@ def _status(r: dict[str, Any]) -> str:
     rates = r.get("messages_per_second", {})
     verdicts = ", ".join(f"{k} {v}" for k, v in sorted(r.get("verdicts", {}).items())) or "none yet"
     events = ", ".join(f"{k} {v}" for k, v in sorted(r.get("events", {}).items())) or "none"
+    would = ", ".join(f"{k} {v}" for k, v in sorted(r.get("would", {}).items()))
+    tags = ", ".join(f"{k} {v}" for k, v in sorted(r.get("tags", {}).items(), key=lambda kv: -kv[1])[:20])
     q = r.get("queue", {})
     lines = [
         f"multiplexor pid {r.get('pid')}, up {r.get('uptime')}s, filter {r.get('filter')} "
@@ -30,6 +32,8 @@ def _status(r: dict[str, Any]) -> str:
         f"queue:     {q.get('depth')}/{q.get('size')}",
         f"messages:  {verdicts}",
         f"events:    {events}",
+        *([f"would:     {would} (monitor mode: not carried out)"] if would else []),
+        *([f"tags:      {tags}"] if tags else []),
         f"rate:      {rates.get('1m')}/s 1m, {rates.get('5m')}/s 5m, {rates.get('15m')}/s 15m",
         f"latency:   p50 {lat.get('p50')} ms, p95 {lat.get('p95')} ms, p99 {lat.get('p99')} ms",
     ]

@@ -1,20 +1,246 @@
-"""``defang test MESSAGE``: run the filter on one message in this process, no MTA.
+"""``defang test MESSAGE``: what defang would do with one message, without an MTA.
 
-For an admin editing filter.py: what would defang decide, and which actions would it
-take?  The message is spooled exactly as the front end would spool it.
+The trial plays the MTA and the front end: it asks the filter at each SMTP stage as the
+milter would (and only for the hooks the filter defines), and stops where the MTA would
+stop, so that it never shows an answer production would not give:
+
+- ``accept()`` at connect or HELO accepts the connection, at MAIL FROM or RCPT TO the
+  message, without further filtering: nothing later runs;
+- a reject or tempfail at connect or HELO ends the connection, at MAIL FROM the
+  transaction; at RCPT TO it refuses that recipient, which the message then lacks
+  (``msg.recipients``); with no recipient left there is no DATA;
+- ``discard()`` anywhere throws the message away: nothing later runs;
+- the front end's limits apply (``max_recipients``, ``max_headers``, ``max_header_bytes``,
+  ``max_message_size``), with their configured replies.
+
+The message is spooled as the front end spools it.  ``Trial`` loads the filter once and
+runs any number of messages (``defang replay`` runs one per worker process).
 """
 
 from __future__ import annotations
 
+import argparse
+import errno
+import hashlib
+import ipaddress
+import json
+import os
+import signal
 import sys
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from defang.core import wire
-from defang.core.config import Config
-from defang.workers.loader import load_filter
+from defang.core.config import Config, ReplySpec
+from defang.core.verdicts import CONTINUE, Verdict
+from defang.workers.loader import FilterLoadError, load_filter
 from defang.workers.runner import FilterRunner
+
+#: exit codes of ``defang test``, by how the message ended
+EXIT = {"continue": 0, "accept": 0, "reject": 1, "tempfail": 2, "discard": 3}
+EXIT_ERROR = 4
+
+
+@dataclass
+class Envelope:
+    """What the trial's MTA says about the message: the client, the envelope, macros."""
+
+    sender: str = "sender@example.org"
+    recipients: list[str] = field(default_factory=lambda: ["postmaster@example.org"])
+    ip: str = "192.0.2.1"
+    hostname: str = ""
+    helo: str = "client.example.org"
+    macros: dict[str, str] = field(default_factory=dict)
+    mail_args: list[str] = field(default_factory=list)
+    rcpt_args: list[str] = field(default_factory=list)
+    queue_id: str = "TEST"
+
+    def __post_init__(self) -> None:
+        ipaddress.ip_address(self.ip)  # ValueError: "... does not appear to be an IPv4 or IPv6 address"
+        self.hostname = self.hostname or f"[{self.ip}]"
+
+
+@dataclass
+class Result:
+    """One message's trial: each stage asked, where it ended, what the MTA would do."""
+
+    filter: str
+    hooks: list[str]
+    file: str = ""
+    stages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (stage, verdict)
+    outcome: dict[str, Any] = field(default_factory=lambda: wire.verdict_to_wire(CONTINUE))
+    ended: str = "end of message"  # the stage that decided
+    why: str = ""  # what the MTA does at that stage
+    recipients: list[str] = field(default_factory=list)  # those the message went to
+    actions: list[list[Any]] = field(default_factory=list)
+    would: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    quarantine: list[str] = field(default_factory=list)  # the reasons, had the filter run for real
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_ERROR if self.error else EXIT[self.outcome["action"]]
+
+
+class Trial:
+    """The filter loaded once; ``run`` a message through it as an MTA and the front end would."""
+
+    def __init__(self, cfg: Config, spool_dir: str | None = None) -> None:
+        self.cfg = cfg
+        loaded = load_filter(str(cfg.filter))  # FilterLoadError: the caller says it in one line
+        self.warnings = loaded.warnings
+        self.runner = FilterRunner.from_config(loaded, cfg)
+        self.quarantined = self.runner.quarantine_store = DryRunQuarantine()
+        try:
+            self.runner.initialize()
+        except Exception as exc:
+            raise FilterLoadError(f"{cfg.filter}: filter_initialize raised {type(exc).__name__}: {exc}"
+                                  ) from None  # fmt: skip
+        # A replay's processes share its directory (and it removes it: a pool's process
+        # ends without running finalizers); ``defang test`` has its own.
+        self._dir = None if spool_dir else tempfile.TemporaryDirectory(prefix="defang-trial-")
+        base = Path(spool_dir) if spool_dir else Path(self._dir.name)
+        self._spool = base / f"{os.getpid()}.{id(self):x}.eml"
+
+    def close(self) -> None:
+        self.runner.cleanup()
+        if self._dir is not None:
+            self._dir.cleanup()
+
+    def run(self, raw: bytes, env: Envelope, name: str = "", body_out: str | None = None) -> Result:
+        """The trial of one message; never raises (but for KeyboardInterrupt).
+
+        A rewritten body is described in the ``replace_body`` action by its size and
+        SHA-256 (two trials of one message compare equal) and saved to ``body_out``.
+        """
+        start = time.monotonic()
+        result = Result(str(self.cfg.filter), sorted(self.runner.hooks), name)
+        self.quarantined.reasons = []
+        timeout = self.cfg.busy_timeout
+        previous = signal.signal(signal.SIGALRM, _timed_out) if timeout else None
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            self._run(raw, env, result, body_out)
+        except TrialTimeout:
+            v = self.cfg.on_internal_error
+            result.outcome, result.ended = wire.verdict_to_wire(v.verdict), "busy_timeout"
+            result.error = (f"the filter ran past [multiplexor] busy_timeout ({timeout:g}s): in production "
+                            f"the worker is killed and the MTA gets {v.code} {v.dsn}")  # fmt: skip
+        except OSError as exc:  # the spool file
+            result.error = f"{self._spool}: {exc.strerror or exc}"
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            if previous is not None:
+                signal.signal(signal.SIGALRM, previous)
+            result.seconds = time.monotonic() - start
+        result.quarantine = self.quarantined.reasons
+        return result
+
+    def _run(self, raw: bytes, env: Envelope, r: Result, body_out: str | None) -> None:
+        notes: dict[str, Any] = {}
+        hooks = self.runner.hooks
+
+        def ask(stage: str, request: wire.DecisionRequest) -> Verdict:
+            nonlocal notes
+            reply = self.runner.handle(request)
+            notes = reply.notes if reply.notes is not None else notes
+            r.stages.append((stage, wire.verdict_to_wire(reply.verdict)))
+            r.would += reply.would
+            r.tags += reply.tags
+            if reply.error and reply.error.startswith("filter error"):
+                r.error = reply.error
+            return reply.verdict
+
+        def conn() -> wire.ConnInfo:
+            return wire.ConnInfo("test", env.ip, env.hostname, 0, env.helo, env.macros, notes)
+
+        def end(stage: str, verdict: Verdict, why: str) -> None:
+            r.outcome, r.ended, r.why = wire.verdict_to_wire(verdict), stage, why
+
+        for stage, hook, request in (("connect", "filter_relay", lambda: wire.Connect(conn())),
+                                     ("helo", "filter_helo", lambda: wire.Helo(conn()))):  # fmt: skip
+            if hook in hooks:
+                v = ask(stage, request())
+                if v.action != "continue":
+                    return end(stage, v, f"the {'connection' if v.action != 'discard' else 'mail'} is "
+                                         f"{_done(v)} at {stage}")  # fmt: skip
+        if "filter_sender" in hooks:
+            v = ask("mail", wire.Mail(conn(), env.sender, env.mail_args))
+            if v.action != "continue":
+                return end("mail", v, f"the message is {_done(v)} at MAIL FROM")
+        for rcpt in env.recipients:
+            if len(r.recipients) >= self.cfg.max_recipients:
+                r.stages.append((f"rcpt {rcpt}", _spec(self.cfg.on_too_many_recipients)))
+                continue
+            if "filter_recipient" in hooks:
+                v = ask(f"rcpt {rcpt}", wire.Rcpt(conn(), rcpt, env.sender, env.mail_args, env.rcpt_args))
+                if v.action in ("accept", "discard"):
+                    r.recipients += env.recipients[env.recipients.index(rcpt):]
+                    return end(f"rcpt {rcpt}", v, f"the message is {_done(v)} at RCPT TO")
+                if v.action != "continue":
+                    continue  # this recipient refused; the message goes on without it
+            r.recipients.append(rcpt)
+        if not r.recipients:
+            return end("rcpt", Verdict("reject", "554", "5.5.1", "No valid recipients"),
+                       "no recipient was accepted: the MTA refuses DATA")  # fmt: skip
+        size = spool_message(raw, self._spool)
+        over = self._over_limit(self._spool, size)
+        if over is not None:
+            return end("end of message", over.verdict, "the message passed a front-end limit")
+        if hooks & {"filter_begin", "filter_part", "filter_multipart", "filter_end"}:
+            request = wire.EndOfMessage(conn(), str(self._spool), env.sender, r.recipients, env.queue_id,
+                                        size, env.mail_args)  # fmt: skip
+            reply = self.runner.handle(request)
+            r.would += reply.would
+            r.tags += reply.tags
+            r.error = reply.error if reply.error and not r.error else r.error
+            r.stages.append(("end of message", wire.verdict_to_wire(reply.verdict)))
+            end("end of message", reply.verdict, _at_eom(reply.verdict, len(r.recipients)))
+            r.actions = [self._body(a, body_out) if a[0] == "replace_body" else a for a in reply.actions]
+        if r.outcome["action"] in ("continue", "accept"):
+            r.actions += [["add_header", wire.WOULD_HEADER, entry] for entry in r.would]
+
+    @staticmethod
+    def _body(action: list[Any], body_out: str | None) -> list[Any]:
+        path = action[1]
+        try:
+            data = Path(path).read_bytes()
+            if body_out:
+                Path(body_out).write_bytes(data)
+        finally:
+            os.unlink(path)
+        return ["replace_body", f"{len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()[:16]}"]
+
+    def _over_limit(self, path: Path, size: int) -> ReplySpec | None:
+        cfg = self.cfg
+        if size > cfg.max_message_size:
+            return cfg.on_message_too_large
+        with open(path, "rb") as f:
+            head = f.read(cfg.max_header_bytes + 1).split(b"\r\n\r\n", 1)[0]
+        fields = sum(1 for line in head.split(b"\r\n") if line[:1] not in (b" ", b"\t"))
+        if fields > cfg.max_headers or len(head) + 2 > cfg.max_header_bytes:
+            return cfg.on_header_too_large
+        return None
+
+
+def _done(v: Verdict) -> str:
+    return {"accept": "accepted without further filtering", "reject": "refused", "tempfail": "deferred",
+            "discard": "thrown away"}[v.action]  # fmt: skip
+
+
+def _at_eom(v: Verdict, recipients: int) -> str:
+    if v.action in ("continue", "accept"):
+        return f"the MTA delivers it to {recipients} recipient{'s' if recipients != 1 else ''}"
+    return f"the message is {_done(v)} at end of message"
+
+
+def _spec(spec: ReplySpec) -> dict[str, Any]:
+    return wire.verdict_to_wire(spec.verdict)
 
 
 def spool_message(raw: bytes, dest: Path) -> int:
@@ -28,61 +254,111 @@ def spool_message(raw: bytes, dest: Path) -> int:
     return len(out)
 
 
-def run_trial(cfg: Config, message: str, *, sender: str, recipients: list[str], ip: str,
-              helo: str) -> dict[str, Any]:  # fmt: skip
-    loaded = load_filter(str(cfg.filter))
-    for line in loaded.warnings:
-        print(line, file=sys.stderr)
-    runner = FilterRunner.from_config(loaded, cfg)
-    runner.initialize()
-    notes: dict[str, Any] = {}
+def read_message(name: str) -> bytes:
+    """The message file named on the command line (``-``: standard input); OSError says why not."""
+    if name == "-":
+        return sys.stdin.buffer.read()
+    if os.path.isdir(name):
+        raise IsADirectoryError(errno.EISDIR, "a directory: defang replay takes a directory")
+    with open(name, "rb") as f:
+        return f.read()
 
-    def conn() -> wire.ConnInfo:
-        return wire.ConnInfo("test", ip, f"[{ip}]", 0, helo, {}, notes)
 
-    def decide(request: wire.DecisionRequest) -> dict[str, Any]:
-        nonlocal notes
-        reply = runner.handle(request)
-        if reply.notes is not None:
-            notes = reply.notes
-        return wire.verdict_to_wire(reply.verdict)
+class TrialTimeout(BaseException):
+    """The filter ran past busy_timeout (BaseException: the runner must not take it for a
+    filter error, as in production the worker is killed, not answered)."""
 
-    out: dict[str, Any] = {"filter": str(cfg.filter), "hooks": sorted(runner.hooks)}
-    out["connect"] = decide(wire.Connect(conn()))
-    out["helo"] = decide(wire.Helo(conn()))
-    out["mail"] = decide(wire.Mail(conn(), sender, []))
-    accepted = []
-    for rcpt in recipients:
-        verdict = decide(wire.Rcpt(conn(), rcpt, sender))
-        out.setdefault("rcpt", {})[rcpt] = verdict
-        if verdict["action"] in ("continue", "accept"):
-            accepted.append(rcpt)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "message"
-        size = spool_message(Path(message).read_bytes(), path)
-        reply = runner.handle(wire.EndOfMessage(conn(), str(path), sender, accepted, "TEST", size))
-    out["eom"] = {"verdict": wire.verdict_to_wire(reply.verdict), "actions": reply.actions}
-    runner.cleanup()
+
+def _timed_out(signum: int, frame: Any) -> None:
+    raise TrialTimeout
+
+
+class DryRunQuarantine:
+    """The quarantine store of a trial: it notes what would be stored and stores nothing
+    (``defang test`` and ``replay`` must not fill the production quarantine)."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def write(self, msg: Any, pending: Any) -> str:
+        self.reasons = list(pending.reasons)
+        return "(not stored: a trial)"
+
+
+def envelope_from_args(args: argparse.Namespace) -> Envelope:
+    return Envelope(sender=args.sender, recipients=args.rcpt or ["postmaster@example.org"], ip=args.ip,
+                    hostname=args.hostname, helo=args.helo, macros=dict(args.macro),
+                    mail_args=args.mail_arg, rcpt_args=args.rcpt_arg, queue_id=args.queue_id)  # fmt: skip
+
+
+def main(cfg: Config, args: argparse.Namespace) -> int:
+    """``defang test``: exit 0 continue/accept, 1 reject, 2 tempfail, 3 discard, 4 error."""
+    try:
+        raw = read_message(args.message)
+    except OSError as exc:
+        print(f"{args.message}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        trial = Trial(cfg)
+    except FilterLoadError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        for line in trial.warnings:
+            print(line, file=sys.stderr)
+        result = trial.run(raw, envelope_from_args(args), args.message, args.body_out)
+    finally:
+        trial.close()
+    print(json.dumps(as_json(result), indent=2, ensure_ascii=False) if args.json else render(result))
+    if result.error:
+        print(f"{args.message}: {result.error.splitlines()[0]}", file=sys.stderr)
+    return result.exit_code
+
+
+def as_json(r: Result) -> dict[str, Any]:
+    """The trial for scripts: each stage asked (``connect``, ``helo``, ``mail``, ``rcpt``
+    by address, ``eom``), the outcome, and what it means."""
+    out: dict[str, Any] = {"file": r.file, "filter": r.filter, "hooks": r.hooks}
+    for stage, verdict in r.stages:
+        if stage.startswith("rcpt "):
+            out.setdefault("rcpt", {})[stage[5:]] = verdict
+        elif stage == "end of message":
+            out["eom"] = {"verdict": verdict, "actions": r.actions}
+        else:
+            out[stage] = verdict
+    out.update(outcome=r.outcome, ended=r.ended, why=r.why, recipients=r.recipients, actions=r.actions,
+               would=r.would, tags=r.tags, quarantine=r.quarantine, error=r.error, exit=r.exit_code,
+               seconds=round(r.seconds, 6))  # fmt: skip
     return out
 
 
-def _verdict_text(v: dict[str, Any]) -> str:
+def verdict_text(v: dict[str, Any]) -> str:
     if v.get("code"):
         return f"{v['action']} {v['code']} {v.get('dsn') or ''} {v.get('text') or ''}".rstrip()
     return v["action"]
 
 
-def render(result: dict[str, Any]) -> str:
-    """The trial as an admin reads it: one line per SMTP stage, then the actions."""
-    lines = [f"filter: {result['filter']} (hooks: {', '.join(result['hooks']) or 'none'})"]
-    for stage in ("connect", "helo", "mail"):
-        lines.append(f"{stage:<15} {_verdict_text(result[stage])}")
-    for rcpt, v in result.get("rcpt", {}).items():
-        lines.append(f"{'rcpt ' + rcpt:<15} {_verdict_text(v)}")
-    eom = result["eom"]
-    lines.append(f"{'end of message':<15} {_verdict_text(eom['verdict'])}")
-    if eom["actions"] and eom["verdict"]["action"] not in ("continue", "accept"):
+def render(r: Result) -> str:
+    """The trial as an admin reads it: one line per SMTP stage asked, the actions, the outcome."""
+    lines = [f"filter: {r.filter} (hooks: {', '.join(r.hooks) or 'none'})"]
+    for stage, verdict in r.stages:
+        lines.append(f"{stage:<15} {verdict_text(verdict)}")
+    if not r.stages:
+        lines.append("(no hook was asked: the filter defines none that applies)")
+    refused = r.outcome["action"] not in ("continue", "accept")
+    if r.actions and refused:
         lines.append("  (the actions below are not applied: the message is refused)")
-    for action in eom["actions"]:
+    for action in r.actions:
         lines.append(f"  {action[0]}: {', '.join(str(a) for a in action[1:])}")
+    for reason in r.quarantine:
+        lines.append(f"  quarantine: {reason}  (a trial stores nothing)")
+    for entry in r.would:
+        lines.append(f"  monitor: would {entry}")
+    if r.tags:
+        lines.append(f"  tags: {', '.join(r.tags)}")
+    lines.append(f"outcome: {verdict_text(r.outcome)}{' (' + r.why + ')' if r.why else ''}")
+    if not refused and r.recipients:
+        lines.append(f"recipients: {', '.join(r.recipients)}")
+    if r.error:
+        lines.append(f"error: {r.error}")
     return "\n".join(lines)

@@ -94,6 +94,8 @@ class Config:
     max_rss: int = 0
     # [filter]
     max_notes_bytes: int = 64 * 1024
+    filter_mode: str = "enforce"
+    monitor_rules: tuple[str, ...] = ()
     on_filter_error: ReplySpec = ReplySpec("451", "4.3.0", "Temporary filter error, try again later")
     on_internal_error: ReplySpec = ReplySpec(
         "451", "4.3.0", "Mail filter unavailable, try again later"
@@ -197,6 +199,18 @@ def _reply(v: Any) -> ReplySpec:
     return ReplySpec(code, dsn, text)
 
 
+def _filter_mode(v: Any) -> str:
+    if v not in ("enforce", "monitor"):
+        raise TypeError('expected "enforce" or "monitor"')
+    return v
+
+
+def _names(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(m, str) and m for m in v):
+        raise TypeError("expected a list of names")
+    return tuple(v)
+
+
 def _release_method(v: Any) -> str:
     if v not in ("sendmail", "smtp"):
         raise TypeError('expected "sendmail" or "smtp"')
@@ -240,6 +254,8 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("multiplexor", "max_requests_jitter"): ("max_requests_jitter", _int),
     ("multiplexor", "max_rss"): ("max_rss", _int),
     ("filter", "max_notes_bytes"): ("max_notes_bytes", _pos_int),
+    ("filter", "mode"): ("filter_mode", _filter_mode),
+    ("filter", "monitor_rules"): ("monitor_rules", _names),
     ("replies", "on_filter_error"): ("on_filter_error", _reply),
     ("replies", "on_internal_error"): ("on_internal_error", _reply),
     ("replies", "on_busy"): ("on_busy", _reply),

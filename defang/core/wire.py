@@ -57,22 +57,13 @@ ACTIONS: dict[str, int] = {
     "replace_body": 1,  # path of a file holding the new body
 }
 
+#: The header the front end adds for each refusal monitor mode noted (``Reply.would``).
+WOULD_HEADER = "X-Defang-Would"
+
 #: A worker that rebuilds a message's body writes it beside the spool file, with this
 #: suffix, and names it in a ``replace_body`` action; the front end streams it to the
 #: MTA and removes it.
 NEW_BODY_SUFFIX = ".new"
-
-#: How a worker process ends, so that the multiplexor's log tells recycling from crashing.
-EXIT_RETIRED = 0
-EXIT_BOOT_FAILED = 3
-EXIT_CRASHED = 4
-EXIT_PROTOCOL = 5
-EXIT_MEANING = {
-    EXIT_RETIRED: "retired",
-    EXIT_BOOT_FAILED: "failed to boot (filter_initialize raised)",
-    EXIT_CRASHED: "crashed",
-    EXIT_PROTOCOL: "protocol error",
-}
 
 
 # --- the messages: shared pieces --------------------------------------------------------
@@ -233,6 +224,8 @@ class RoutedReply:
     verdict: VerdictAction
     error: str | None = None
     rss: int = 0
+    would: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
 
 
 # --- replies ---------------------------------------------------------------------------------
@@ -246,16 +239,21 @@ class Reply:
     ``error`` says why a daemon answered instead of the filter, or what went wrong in
     the filter.  ``gen`` is the filter generation that decided (0 when no worker did);
     ``rss`` the worker's resident size after it, when the multiplexor asked for it.
+    ``would``: the refusals monitor mode noted instead of carrying them out (the front
+    end stamps them on the message, ``WOULD_HEADER``); ``tags``: what the filter named
+    as having fired.
     """
 
     OP: ClassVar[str] = "reply"
-    SPARSE: ClassVar[tuple[str, ...]] = ("error", "rss")  # left out while unset
+    SPARSE: ClassVar[tuple[str, ...]] = ("error", "rss", "would", "tags")  # left out while unset
     verdict: Verdict
     actions: list[list[Any]] = field(default_factory=list)
     notes: dict[str, Any] | None = None
     error: str | None = None
     gen: int = 0
     rss: int = 0
+    would: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -357,7 +355,7 @@ class ControlResult:
 @dataclass(slots=True)
 class Status:
     """``defangctl status``: the pool, the queue, and the multiplexor's counters
-    (``defang.multiplexor.stats.Stats.snapshot`` makes the last six)."""
+    (``defang.multiplexor.stats.Stats.snapshot`` makes those from ``verdicts`` on)."""
 
     OP: ClassVar[str] = "status"
     pid: int
@@ -376,6 +374,8 @@ class Status:
     messages_per_second: dict[str, Any]
     latency_ms: dict[str, Any]
     histogram: dict[str, Any]
+    would: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, Any] = field(default_factory=dict)
     ok: bool = True
 
 

@@ -46,12 +46,13 @@ class Envelope:
     """One transaction: MAIL FROM, RCPT TO, the message's size and limits, its spool file."""
 
     __slots__ = ("sender", "sender_args", "recipients", "size", "header_bytes", "header_count", "in_body",
-                 "overflow", "spool")  # fmt: skip
+                 "overflow", "spool", "would")  # fmt: skip
 
     def __init__(self, spool: SpoolFile, sender: str = "", sender_args: list[str] | None = None) -> None:
         self.sender = sender
         self.sender_args = sender_args or []
         self.recipients: list[str] = []
+        self.would: list[str] = []  # refusals monitor mode noted at MAIL FROM and RCPT TO
         self.size = self.header_bytes = self.header_count = 0
         self.in_body = False
         self.overflow: ReplySpec | None = None  # past a limit: the reply at end of message
@@ -62,7 +63,7 @@ class Session:
     """One SMTP connection."""
 
     __slots__ = ("fe", "ctx", "id", "hooks", "protocol", "leadspc", "ip", "port", "hostname", "helo",
-                 "macros", "notes", "hdr_rc", "body_rc", "env", "in_txn")  # fmt: skip
+                 "macros", "notes", "hdr_rc", "body_rc", "env", "in_txn", "would")  # fmt: skip
 
     def __init__(self, fe: FrontEnd, ctx: Any) -> None:
         self.fe = fe
@@ -80,6 +81,7 @@ class Session:
         self.hdr_rc = self.body_rc = milter.CONTINUE
         self.env = Envelope(SpoolFile(fe.spool))
         self.in_txn = False
+        self.would: list[str] = []  # refusals monitor mode noted at connect and HELO
 
     # ------------------------------------------------------------ negotiation
     def negotiate(self, opts: list[int]) -> int:
@@ -160,6 +162,9 @@ class Session:
     def _decide_envelope(self, request: wire.DecisionRequest) -> int:
         reply = self.fe.decide(request, f"conn {self.id} {request.OP}")
         self._take_notes(reply)
+        if reply.would:  # stamped on the message(s) at end of message: the connection's, or this one's
+            held = self.would if isinstance(request, wire.Connect | wire.Helo) else self.env.would
+            held.extend(reply.would)
         return self._answer(reply.verdict)
 
     def data(self) -> int:
@@ -219,6 +224,8 @@ class Session:
     def _eom(self) -> int:
         env = self.env
         if env.overflow is None and not (self.hooks & hooks.MESSAGE_SET):
+            if self.would or env.would:
+                self._stamp_would([])
             return milter.CONTINUE  # nothing to decide: no macros to read either
         self._collect_macros()
         queue_id = self.macros.get("i", "")
@@ -250,7 +257,7 @@ class Session:
         applied = 0
         if verdict.action in ("continue", "accept"):
             try:
-                applied = self._apply(actions)
+                applied = self._apply(actions) + self._stamp_would(reply.would)
             except Exception as exc:  # an MTA that refused an action
                 spec = self.fe.cfg.on_internal_error
                 log.error("%s: conn %s: could not apply the filter's actions (%s): answering %s %s",
@@ -286,6 +293,14 @@ class Session:
                     while chunk := f.read(65536):
                         ctx.replacebody(chunk)
         return len(actions)
+
+    def _stamp_would(self, more: list[str]) -> int:
+        """An ``X-Defang-Would`` header for each refusal monitor mode noted, from connect to
+        end of message; how many."""
+        would = [*self.would, *self.env.would, *more]
+        for entry in would:
+            self.ctx.addheader(wire.WOULD_HEADER, self._value(entry), -1)
+        return len(would)
 
     def _value(self, value: str) -> str:
         """A header value as libmilter wants it: LF line breaks, and with leading-space

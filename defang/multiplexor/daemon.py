@@ -271,7 +271,8 @@ class Multiplexor:
     def _on_worker_message(self, wid: int, body: bytes) -> None:
         msg = wire.decode(body, wire.ROUTED_FROM_WORKER)
         if isinstance(msg, wire.RoutedReply):
-            self._feed(ev.WorkerReplied(wid, body, msg.verdict.action, msg.error, msg.rss))
+            self._feed(ev.WorkerReplied(wid, body, msg.verdict.action, msg.error, msg.rss, msg.would,
+                                        msg.tags))  # fmt: skip
         elif isinstance(msg, wire.WorkerReady):
             self._feed(ev.WorkerReady(wid, msg.pid, msg.rss))
         else:

@@ -111,6 +111,8 @@ class WorkerReplied:
     action: str
     error: str | None = None
     rss: int = 0
+    would: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)

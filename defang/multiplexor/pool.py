@@ -48,7 +48,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from defang.core import wire
+from defang.core import exits, wire
 from defang.core.config import Config, ReplySpec
 from defang.multiplexor import events as ev
 from defang.multiplexor.events import BOOTING, BUSY, IDLE, STOPPING, Job
@@ -183,7 +183,7 @@ class Pool(GenerationRules):
             return
         w.job = None
         w.served += 1
-        self.stats.record(job.op, e.action, self._now - job.started, e.error)
+        self.stats.record(job.op, e.action, self._now - job.started, e.error, e.would, e.tags)
         if job.client is not None:
             self._out.append(ev.Answer(job, body=e.body))
         why = self._retire_reason(w, e.rss)
@@ -278,7 +278,7 @@ class Pool(GenerationRules):
             self.stats.count("worker_killed")
         else:
             code = os.WEXITSTATUS(e.status)
-            how = f"exited {code} ({wire.EXIT_MEANING.get(code, 'unexpected exit code')})"
+            how = f"exited {code} ({exits.MEANING.get(code, 'unexpected exit code')})"
             self.stats.count("worker_retired" if code == 0 else "worker_crashed")
         log.log(logging.INFO if how.startswith("exited 0") else logging.WARNING,
                 "worker %d (pid %d) %s", wid, e.pid, how)  # fmt: skip

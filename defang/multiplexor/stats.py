@@ -12,6 +12,7 @@ from collections import Counter, deque
 from typing import Any
 
 RING = 10000
+MAX_TAGS = 1000  # distinct tags counted; more are counted as "(other)" (a filter may make names)
 HORIZON = 900  # seconds of per-second buckets (15 minutes)
 # Histogram bucket upper bounds in seconds (the last is +inf).
 BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -21,15 +22,22 @@ class Stats:
     def __init__(self) -> None:
         self.verdicts: Counter[str] = Counter()  # eom verdicts: accept, reject, ...
         self.requests: Counter[str] = Counter()  # per op
-        self.events: Counter[str] = Counter()  # busy, worker_lost, filter_error, ...
+        self.events: Counter[str] = Counter()  # busy, worker_lost, filter error in ..., ...
+        self.would: Counter[str] = Counter()  # monitor mode's refusals, by kind: reject, drop, ...
+        self.tags: Counter[str] = Counter()  # what the filter named as having fired
         self.latencies: deque[float] = deque(maxlen=RING)
         self.histogram = [0] * (len(BUCKETS) + 1)
         self._seconds: deque[list[int]] = deque()  # [epoch second, messages]
 
-    def record(self, op: str, verdict: str, latency: float, error: str | None) -> None:
+    def record(self, op: str, verdict: str, latency: float, error: str | None,
+               would: list[str] = (), tags: list[str] = ()) -> None:  # type: ignore[assignment]  # fmt: skip
         self.requests[op] += 1
-        if error:
-            self.events[error] += 1
+        if error:  # by kind ("filter error in filter_end"), not by text: the keys stay few
+            self.events[error.split(":", 1)[0]] += 1
+        for entry in would:
+            self.would[entry.split(" ", 1)[0]] += 1
+        for tag in tags:
+            self.tags[tag if tag in self.tags or len(self.tags) < MAX_TAGS else "(other)"] += 1
         if op != "eom":
             return
         # at end of message "continue" means the message is accepted
@@ -76,6 +84,8 @@ class Stats:
             "verdicts": dict(self.verdicts),
             "requests": dict(self.requests),
             "events": dict(self.events),
+            "would": dict(self.would),
+            "tags": dict(self.tags),
             "messages_per_second": self.rates(),
             "latency_ms": self.percentiles(),
             "histogram": {

@@ -65,3 +65,17 @@ def test_run_with_a_config_serves_and_stops(venv, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     assert "defang stopped" in log.read_text()
+
+
+def test_the_packaged_examples_load_and_replay_runs(venv, tmp_path):
+    probe = "import defang, os; print(os.path.dirname(defang.__file__))"
+    site = subprocess.run([str(venv / "bin/python"), "-c", probe], capture_output=True, text=True, check=True,
+                          cwd="/").stdout.strip()  # fmt: skip
+    modular = Path(site) / "filters" / "examples" / "modular" / "filter.py"
+    r = subprocess.run([str(venv / "bin/defang"), "check", "--strict", "--filter", str(modular)],
+                       capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0 and "hooks: filter_begin, filter_helo" in r.stdout, r.stderr
+    (tmp_path / "m.eml").write_bytes(b"From: a@example.org\r\nSubject: =?euc-kr?B?x5GxuQ==?=\r\n\r\nhi\r\n")
+    r = subprocess.run([str(venv / "bin/defang"), "replay", str(tmp_path), "--filter", str(modular)],
+                       capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0 and "reject 554 5.7.1 Mail in the charset euc-kr" in r.stdout, r.stderr

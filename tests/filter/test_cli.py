@@ -71,3 +71,70 @@ def test_the_readme_s_example_filter_loads_and_rejects_a_hidden_executable(tmp_p
                     b"--b--\r\n")
     r = defang("test", str(msg), "--filter", str(tmp_path / "filter.py"))
     assert "end of message  reject 550 5.7.1 No executables (invoice.pdf.exe)" in r.stdout
+
+
+def test_test_exit_codes_follow_the_outcome(tmp_path: Path):
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(b"From: a@example.org\r\nSubject: hi\r\n\r\nhello\r\n")
+    assert defang("test", str(msg)).returncode == 0
+    r = defang("test", str(msg), "--sender", "a..b@example.org")
+    assert r.returncode == 1 and "outcome: reject 553 5.1.7" in r.stdout
+    f = tmp_path / "f.py"
+    for body, code in (("return tempfail('later')", 2), ("return discard()", 3), ("return 1/0", 4)):
+        f.write_text(f"from defang import tempfail, discard\ndef filter_end(msg):\n    {body}\n")
+        assert defang("test", str(msg), "--filter", str(f)).returncode == code, body
+
+
+def test_test_says_what_is_wrong_in_one_line(tmp_path: Path):
+    cases = {
+        (str(tmp_path),): f"{tmp_path}: a directory: defang replay takes a directory\n",
+        (str(tmp_path / "nope.eml"),): f"{tmp_path / 'nope.eml'}: No such file or directory\n",
+    }
+    for args, line in cases.items():
+        r = defang("test", *args)
+        assert (r.returncode, r.stderr, r.stdout) == (4, line, ""), args
+    broken = tmp_path / "f.py"
+    broken.write_text("import no_such_module_here\n")
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(b"Subject: x\r\n\r\nx\r\n")
+    r = defang("test", str(msg), "--filter", str(broken))
+    line = f"{broken}:1: ModuleNotFoundError: No module named 'no_such_module_here'\n"
+    assert (r.returncode, r.stderr) == (4, line)
+    r = defang("test", str(msg), "--ip", "999.1.1.1")
+    line = "defang test: argument --ip: '999.1.1.1' is not an IPv4 or IPv6 address\n"
+    assert r.returncode == 2 and r.stderr.endswith(line)
+    r = defang("test", str(msg), "--macro", "novalue")
+    assert r.returncode == 2 and "a macro is NAME=VALUE" in r.stderr
+
+
+def test_test_reads_standard_input(tmp_path: Path):
+    message = "From: a@example.org\nSubject: hi\n\nhello\n"
+    argv = [sys.executable, "-m", "defang", "test", "-", "--json"]
+    r = subprocess.run(argv, capture_output=True, text=True, input=message, timeout=60, cwd=REPO)
+    result = json.loads(r.stdout)
+    assert r.returncode == 0 and result["file"] == "-" and result["exit"] == 0
+    assert ["add_header", "X-Scanned-By", "defang"] in result["actions"]
+
+
+def test_check_warns_on_a_misspelt_hook_and_fails_with_strict(tmp_path: Path):
+    f = tmp_path / "f.py"
+    f.write_text("def filter_recipients(conn, rcpt):\n    pass\n\ndef filter_message(msg):\n    pass\n")
+    r = defang("check", "--filter", str(f))
+    assert r.returncode == 0 and "hooks: none" in r.stdout
+    assert r.stderr.splitlines() == [
+        f"{f}:1: filter_recipients is not a hook defang calls; the closest is filter_recipient",
+        f"{f}:4: filter_message is not a hook defang calls; the closest is filter_end",
+    ]
+    r = defang("check", "--strict", "--filter", str(f))
+    assert r.returncode == 1 and r.stderr.endswith(f"{f}: 2 warning(s) and --strict\n")
+
+
+def test_each_command_takes_only_its_own_options():
+    assert defang("check", "--socket", "unix:/x").returncode == 2
+    assert defang("quarantine", "list", "--filter", "f.py").returncode == 2
+    assert "--socket" in defang("run", "--help").stdout
+    assert "--socket" not in defang("test", "--help").stdout
+    r = defang("--version")
+    assert r.returncode == 0 and r.stdout.startswith("defang 0.")
+    help_text = defang("test", "--help").stdout
+    assert "(default: 192.0.2.1)" in help_text and "exit status: 0 continue or accept, 1 reject" in help_text

@@ -291,7 +291,7 @@ def test_envelope_actions(tmp_path: Path) -> None:
         ("reject-method", {"action": "reject", "code": "554", "dsn": "5.7.0", "text": "No thanks"}),
         ("tempfail-method", {"action": "tempfail", "code": "451", "dsn": "4.7.1", "text": "Later"}),
         ("discard-method", {"action": "discard", "code": None, "dsn": None, "text": None}),
-        ("last-wins", {"action": "accept", "code": None, "dsn": None, "text": None}),
+        ("first-stands", {"action": "reject", "code": "550", "dsn": "5.7.1", "text": "first"}),
         ("return-verdict", {"action": "reject", "code": "550", "dsn": "5.7.1", "text": "Returned"}),
     ],
 )
@@ -788,3 +788,108 @@ def test_other_old_worker_modules_are_a_clear_load_error(tmp_path: Path) -> None
     error = check_filter(str(f))
     assert error is not None and error.startswith(f"{f}:1: ImportError: no module named 'workers.parts'")
     assert "a filter imports what it needs from defang" in error
+
+
+# --- which verdict wins, monitor mode, tags -------------------------------------------------
+
+DECIDING = '''
+from defang import accept, reject
+SEEN = []
+
+def filter_begin(msg):
+    SEEN.clear()
+    SEEN.append("begin")
+    if msg.get_header("X-Begin") == "accept":
+        msg.add_header("X-Before", "1")
+        msg.accept()
+        msg.add_header("X-After-Accept", "1")  # the same hook goes on: kept
+
+def filter_part(msg, part):
+    SEEN.append(f"part {part.index}")
+    what = msg.get_header("X-Part")
+    if what == "reject" and part.index == 1:
+        msg.reject("bad part")
+        return accept()  # ignored: the first decision stands
+    if what == "monitor":
+        msg.reject(f"would reject part {part.index}", monitor=True)
+        part.drop(monitor=True)
+        msg.tag("part_rule")
+
+def filter_end(msg):
+    SEEN.append("end")
+    msg.add_header("X-End", "1")
+'''
+MULTI = (b"--b\r\nContent-Type: text/plain\r\n\r\none\r\n"
+         b"--b\r\nContent-Type: text/plain\r\n\r\ntwo\r\n--b--\r\n")
+MULTI_HEAD = [("MIME-Version", "1.0"), ("Content-Type", "multipart/mixed; boundary=b")]
+
+
+def deciding(tmp_path: Path, **kw: Any) -> FilterRunner:
+    f = tmp_path / "deciding.py"
+    f.write_text(DECIDING)
+    return FilterRunner(load_filter(str(f)), on_filter_error=ON_ERROR, **kw)
+
+
+def test_the_first_decision_stands_and_no_later_hook_runs(tmp_path: Path, caplog) -> None:
+    runner = deciding(tmp_path)
+    reply = handled(runner, eom(spool(tmp_path, [*MULTI_HEAD, ("X-Part", "reject")], MULTI)))
+    assert reply["verdict"]["text"] == "bad part" and reply["actions"] == []
+    assert runner.loaded.module.SEEN == ["begin", "part 1"]  # part 2 and filter_end never ran
+    assert ("filter_part, part 1: accept ignored: the message was decided already (reject 550 5.7.1 "
+            "bad part in filter_part, part 1)") in caplog.text
+
+
+def test_accept_ends_the_filtering_and_keeps_the_actions(tmp_path: Path) -> None:
+    runner = deciding(tmp_path)
+    reply = handled(runner, eom(spool(tmp_path, [*MULTI_HEAD, ("X-Begin", "accept")], MULTI)))
+    assert action_of(reply) == "accept"
+    assert reply["actions"] == [["add_header", "X-Before", "1"], ["add_header", "X-After-Accept", "1"]]
+    assert runner.loaded.module.SEEN == ["begin"]
+
+
+def test_monitored_refusals_are_noted_not_carried_out(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="defang.filter")
+    runner = deciding(tmp_path)
+    reply = handled(runner, eom(spool(tmp_path, [*MULTI_HEAD, ("X-Part", "monitor")], MULTI)))
+    assert action_of(reply) == "continue" and reply["actions"] == [["add_header", "X-End", "1"]]
+    assert reply["would"] == ["reject 550 5.7.1 would reject part 1 (filter_part, part 1)",
+                              "drop part 1 - (filter_part, part 1)",
+                              "reject 550 5.7.1 would reject part 2 (filter_part, part 2)",
+                              "drop part 2 - (filter_part, part 2)"]  # fmt: skip
+    assert reply["tags"] == ["part_rule"]
+    assert "ABC123: monitor: would drop part 2 - (filter_part, part 2)" in caplog.text
+
+
+def test_mode_monitor_notes_every_refusal(tmp_path: Path) -> None:
+    from defang.core import config
+
+    cfg = config.finish(config.Config(runtime_dir=tmp_path, filter_mode="monitor"))
+    runner = FilterRunner(load_filter(str(FILTERS / "envelope.py")), on_filter_error=ON_ERROR, config=cfg)
+    reply = handled(runner, req("connect", dict(CONN, ip="192.0.2.66")))
+    assert action_of(reply) == "continue"
+    assert reply["would"] == ["reject 554 5.7.1 No mail from you (filter_relay)"]
+    runner = deciding(tmp_path, config=cfg)
+    reply = handled(runner, eom(spool(tmp_path, [*MULTI_HEAD, ("X-Part", "reject")], MULTI)))
+    # the reject only noted, the accept() the hook returned after it decides
+    assert reply["would"] == ["reject 550 5.7.1 bad part (filter_part, part 1)"]
+    assert action_of(reply) == "accept" and runner.loaded.module.SEEN == ["begin", "part 1"]
+
+
+def test_reply_text_with_cr_or_nul_is_cleaned_not_a_filter_error(caplog) -> None:
+    from defang import reject as make_reject
+
+    v = make_reject("Subject was: hi\r\n250 OK\0" + "x" * 1000)
+    assert "\r" not in v.text and "\0" not in v.text and len(v.text.split("\n")[0]) <= 400
+    assert "reply text cleaned" in caplog.text
+
+
+def test_delete_recipient_matches_the_domain_without_case(tmp_path: Path, caplog) -> None:
+    f = tmp_path / "f.py"
+    f.write_text("def filter_end(msg):\n    msg.delete_recipient('Bob@EXAMPLE.org')\n"
+                 "    msg.delete_recipient('nobody@example.org')\n")  # fmt: skip
+    reply = handled(FilterRunner(load_filter(str(f)), on_filter_error=ON_ERROR), eom(spool(tmp_path, MSG)))
+    assert reply["actions"] == []  # the local part is exact: Bob is not bob
+    f.write_text("def filter_end(msg):\n    msg.delete_recipient('bob@EXAMPLE.ORG')\n")
+    reply = handled(FilterRunner(load_filter(str(f)), on_filter_error=ON_ERROR), eom(spool(tmp_path, MSG)))
+    assert reply["actions"] == [["delete_recipient", "bob@example.org"]]  # the envelope's spelling
+    assert "delete_recipient('nobody@example.org'): no such recipient in the envelope" in caplog.text

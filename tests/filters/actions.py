@@ -32,7 +32,7 @@ def filter_end(msg):
         msg.tempfail("Later")
     elif what == "discard-method":
         msg.discard()
-    elif what == "last-wins":
+    elif what == "first-stands":
         msg.reject("first")
         msg.accept()
     elif what == "return-verdict":

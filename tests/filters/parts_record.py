@@ -14,9 +14,11 @@ def filter_multipart(msg, part):
 
 def filter_part(msg, part):
     CALLS.append(("part", part))
-    if part.filename and part.filename.endswith(".exe"):
-        msg.reject(f"No executables ({part.filename})")
 
 
 def filter_end(msg):
     CALLS.append(("end", None))
+    # here, not in filter_part: a reject there would end the walk (the first decision stands)
+    for kind, part in CALLS:
+        if kind == "part" and part.filename and part.filename.endswith(".exe"):
+            msg.reject(f"No executables ({part.filename})")

@@ -26,10 +26,12 @@ class Connection:
 
     ``esmtp_args`` are the MAIL FROM ESMTP arguments (e.g. ``["SIZE=1234",
     "BODY=8BITMIME"]``); ``rcpt_args`` are the RCPT TO arguments of the recipient
-    being decided in ``filter_recipient`` (empty elsewhere).
+    being decided in ``filter_recipient`` (empty elsewhere).  ``conn.tag(name)`` names
+    what fired, as ``msg.tag`` does.
     """
 
-    __slots__ = ("id", "ip", "hostname", "port", "helo", "macros", "notes", "esmtp_args", "rcpt_args")
+    __slots__ = ("id", "ip", "hostname", "port", "helo", "macros", "notes", "esmtp_args", "rcpt_args",
+                 "decision")  # fmt: skip
 
     def __init__(
         self,
@@ -52,6 +54,14 @@ class Connection:
         self.notes = notes if notes is not None else {}
         self.esmtp_args = esmtp_args if esmtp_args is not None else []
         self.rcpt_args = rcpt_args if rcpt_args is not None else []
+        #: the running hook's decision (the runner sets it): where conn.tag() goes
+        self.decision: Any = None
+
+    def tag(self, name: str) -> None:
+        """Name what fired (``conn.tag("rbl_zen")``): counted by tag in ``defangctl status``."""
+        if self.decision is None:
+            raise RuntimeError("conn.tag() is for the hooks defang calls")
+        self.decision.tag(name)
 
     @classmethod
     def from_request(cls, request: wire.DecisionRequest) -> Connection:

@@ -26,6 +26,7 @@ import the code that builds new parts when first called (see ``defang.workers.mi
 
 from __future__ import annotations
 
+import logging
 import os
 import quopri
 from email.errors import MissingHeaderBodySeparatorDefect
@@ -34,8 +35,9 @@ from email.parser import BytesParser
 from typing import Any
 
 from defang.core import verdicts, wire
-from defang.core.verdicts import CONTINUE, Verdict
+from defang.core.verdicts import Verdict
 from defang.workers.api.conn import Connection
+from defang.workers.api.decision import Decision
 from defang.workers.api.headers import (
     check_address,
     check_args,
@@ -55,6 +57,7 @@ from defang.workers.mime.text import b64_lenient, decode_words
 from defang.workers.mime.walk import walk
 from defang.workers.stores import quarantine as quarantine_mod
 
+log = logging.getLogger("defang.filter")
 _PARSER = BytesParser(policy=POLICY)
 
 
@@ -64,9 +67,10 @@ _PARSER = BytesParser(policy=POLICY)
 class Message:
     """What the message hooks see: envelope, headers, the lazily parsed message.
 
-    ``headers`` and ``raw_headers`` are the headers as received; the header
-    actions do not change them.  ``verdict`` is the verdict so far (continue until
-    a verdict method is called or a hook returns one; the last one wins).
+    ``headers`` and ``raw_headers`` are the headers as received: the header actions
+    are recorded in ``actions`` and carried out by the MTA after the hooks, so a header
+    a hook adds is not seen by ``get_header``.  ``verdict`` is the decision so far
+    (``defang.workers.api.decision``: the first one stands).
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class Message:
         queue_id: str | None,
         path: str,
         size: int | None = None,
+        monitor: bool = False,
     ) -> None:
         self.conn = conn
         self.sender = sender
@@ -92,7 +97,8 @@ class Message:
         self._spans: skeleton.Spans | None = None
         self.header_defects: list[str] = []
         self.actions: list[list[Any]] = []
-        self.verdict: Verdict = CONTINUE
+        #: the verdict, the refusals monitor mode noted, the tags (the runner reads it)
+        self.decision = Decision(monitor_all=monitor, queue_id=queue_id or "")
         #: the [mime] limits the walk and the archive helpers enforce
         self.limits: MimeLimits = MimeLimits()
         self._parts: list[Part] | None = None
@@ -102,10 +108,17 @@ class Message:
         self._quarantine: quarantine_mod.Pending | None = None
 
     @classmethod
-    def from_request(cls, request: wire.EndOfMessage, conn: Connection) -> Message:
+    def from_request(cls, request: wire.EndOfMessage, conn: Connection, *,
+                     monitor: bool = False) -> Message:  # fmt: skip
         """Build from an end-of-message request (a size of 0 is read from the file)."""
         return cls(conn, sender=request.sender, recipients=list(request.recipients),
-                   queue_id=request.queue_id, path=request.spool, size=request.size or None)  # fmt: skip
+                   queue_id=request.queue_id, path=request.spool, size=request.size or None,
+                   monitor=monitor)  # fmt: skip
+
+    @property
+    def verdict(self) -> Verdict:
+        """The decision so far: continue until a hook decides (the first decision stands)."""
+        return self.decision.verdict
 
     def __repr__(self) -> str:
         return f"<Message queue_id={self.queue_id!r} sender={self.sender!r}>"
@@ -223,14 +236,19 @@ class Message:
                 "changing it would break the signature; pass force=True to change it anyway"
             )
 
-    def _edit_part(self, part: Part, edit: tuple[Any, ...], force: bool) -> None:
-        """Record a drop/replace/modify of ``part`` (called by the Part actions)."""
+    def _edit_part(self, part: Part, edit: tuple[Any, ...], force: bool, monitor: bool = False) -> bool:
+        """Record a drop/replace/modify of ``part`` (called by the Part actions); False
+        when monitor mode only noted it."""
         if part._owner is not self:
             raise PartActionError("this part belongs to another message")
+        if edit[0] != "modify" and (monitor or self.decision.monitoring):
+            self.decision.note(f"{edit[0]} part {part.index} {part.safe_filename}")
+            return False
         self._check_signed(part, force)
         part._edit = edit
         if part not in self._edited:
             self._edited.append(part)
+        return True
 
     def _add_warning(self, text: str) -> None:
         if not isinstance(text, str):
@@ -399,7 +417,18 @@ class Message:
         self.actions.append(["add_recipient", check_address(addr, what="recipient"), check_args(args)])
 
     def delete_recipient(self, addr: str) -> None:
-        self.actions.append(["delete_recipient", check_address(addr, what="recipient")])
+        """Remove an envelope recipient, as the envelope spells it: the domain is matched
+        without regard to case, as MTAs match it (the local part exactly).  No such
+        recipient: a WARNING, and nothing is asked of the MTA."""
+        addr = check_address(addr, what="recipient")
+        local, _, domain = addr.rpartition("@")
+        for rcpt in self.recipients:
+            r_local, _, r_domain = rcpt.rpartition("@")
+            if rcpt == addr or (r_local == local and r_domain.lower() == domain.lower()):
+                self.actions.append(["delete_recipient", rcpt])
+                return
+        log.warning("%s: delete_recipient(%r): no such recipient in the envelope (%s); nothing done",
+                    self.queue_id or "-", addr, ", ".join(self.recipients) or "none")  # fmt: skip
 
     def change_sender(self, addr: str, args: str | None = None) -> None:
         """Replace the envelope sender ("" for the null sender)."""
@@ -411,19 +440,26 @@ class Message:
         """Ask the MTA to put the message on hold (Postfix hold queue)."""
         self.actions.append(["hold", check_text(reason, "hold reason")])
 
-    # --- verdicts ---
+    # --- verdicts (the first decision stands: see defang.workers.api.decision) ---
 
     def accept(self) -> None:
-        self.verdict = verdicts.accept()
+        """Let the message through: no later hook runs; the actions so far are applied."""
+        self.decision.take(verdicts.accept())
 
-    def reject(self, text: str = "Message rejected", code: str = "550", dsn: str = "5.7.1") -> None:
-        self.verdict = verdicts.reject(text, code, dsn)
+    def reject(self, text: str = "Message rejected", code: str = "550", dsn: str = "5.7.1", *,
+               monitor: bool = False) -> None:  # fmt: skip
+        self.decision.take(verdicts.reject(text, code, dsn, monitor=monitor))
 
-    def tempfail(self, text: str = "Try again later", code: str = "451", dsn: str = "4.7.1") -> None:
-        self.verdict = verdicts.tempfail(text, code, dsn)
+    def tempfail(self, text: str = "Try again later", code: str = "451", dsn: str = "4.7.1", *,
+                 monitor: bool = False) -> None:  # fmt: skip
+        self.decision.take(verdicts.tempfail(text, code, dsn, monitor=monitor))
 
-    def discard(self) -> None:
-        self.verdict = verdicts.discard()
+    def discard(self, *, monitor: bool = False) -> None:
+        self.decision.take(verdicts.discard(monitor=monitor))
+
+    def tag(self, name: str) -> None:
+        """Name what fired (``msg.tag("spam_block")``): counted by tag in ``defangctl status``."""
+        self.decision.tag(name)
 
 
 def _in_enclosed_or_gone(part: Part) -> bool:

@@ -301,18 +301,20 @@ class Part:
             raise PartActionError("this part was not walked from a message: it has no actions")
         return self._owner
 
-    def drop(self, *, force: bool = False) -> None:
-        """Remove the part from the message (a container: with everything inside)."""
-        self._message()._edit_part(self, ("drop",), force)
+    def drop(self, *, force: bool = False, monitor: bool = False) -> None:
+        """Remove the part from the message (a container: with everything inside).
 
-    def drop_with_warning(self, text: str, *, force: bool = False) -> None:
+        ``monitor``: note it (``X-Defang-Would``), do not do it (docs/filters.md)."""
+        self._message()._edit_part(self, ("drop",), force, monitor)
+
+    def drop_with_warning(self, text: str, *, force: bool = False, monitor: bool = False) -> None:
         """Remove the part and add ``text`` to a warning part at the end of the message.
 
         Warnings of one message are collected into one text/plain part.
         """
         msg = self._message()
-        msg._edit_part(self, ("drop",), force)
-        msg._add_warning(text)
+        if msg._edit_part(self, ("drop",), force, monitor):
+            msg._add_warning(text)
 
     def replace(
         self,
@@ -322,6 +324,7 @@ class Part:
         charset: str = "utf-8",
         *,
         force: bool = False,
+        monitor: bool = False,
     ) -> None:
         """Put a new leaf in the place of this part (e.g. a notice for a blocked file).
 
@@ -331,7 +334,7 @@ class Part:
         from defang.workers.mime.newparts import make_part  # lazily: see the module docstring
 
         new = make_part(content, content_type, filename=filename, charset=charset)
-        self._message()._edit_part(self, ("replace", new), force)
+        self._message()._edit_part(self, ("replace", new), force, monitor)
 
     def quarantine(self, reason: str) -> str:
         """Keep this part (and the whole message) in the quarantine; returns its ID.

@@ -1,0 +1,110 @@
+"""The example filters an admin can copy (filters/examples/) do what they say, by ``defang test``.
+
+Every example is also replayed over the corpus in test_replay.py; this file checks what
+each one promises on messages made for it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from paths import CORPUS, REPO
+
+EXAMPLES = REPO / "filters" / "examples"
+MODULAR = EXAMPLES / "modular" / "filter.py"
+
+
+def example_filters() -> list[Path]:
+    return sorted([*EXAMPLES.glob("*.py"), *EXAMPLES.glob("*/filter.py")])
+
+
+def trial(msg: bytes, tmp_path: Path, *args: str, filter_path: Path = MODULAR) -> dict:
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(msg)
+    argv = [sys.executable, "-m", "defang", "test", str(eml), "--json", "--filter", str(filter_path), *args]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO)
+    result = json.loads(r.stdout)
+    assert r.returncode == result["exit"], r.stderr
+    return result
+
+
+@pytest.mark.parametrize("path", example_filters(), ids=lambda p: str(p.relative_to(EXAMPLES)))
+def test_every_example_loads_without_a_warning(path):
+    r = subprocess.run([sys.executable, "-m", "defang", "check", "--strict", "--filter", str(path)],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+PLAIN = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
+EXE = (b"From: a@example.org\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+       b"--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--b\r\n"
+       b"Content-Type: application/octet-stream; name=invoice.pdf.exe\r\n\r\nMZ\r\n--b--\r\n")  # fmt: skip
+
+
+def test_modular_passes_plain_mail(tmp_path):
+    assert trial(PLAIN, tmp_path)["outcome"]["action"] == "continue"
+
+
+def test_modular_allow_list_by_client_and_by_sender_skips_everything(tmp_path):
+    r = trial(EXE, tmp_path, "--ip", "198.51.100.7")
+    assert (r["outcome"]["action"], r["ended"], r["actions"]) == ("accept", "connect", [])
+    r = trial(EXE, tmp_path, "--sender", "anyone@monitoring.example.org")
+    assert (r["outcome"]["action"], r["ended"]) == ("accept", "mail")
+    r = trial(EXE, tmp_path)
+    assert r["outcome"]["text"] == "Executable attachments are not accepted (invoice.pdf.exe)"
+
+
+def test_modular_helo_claiming_our_name(tmp_path):
+    r = trial(PLAIN, tmp_path, "--helo", "MX.example.com.", "--ip", "203.0.113.9")
+    assert r["ended"] == "helo" and r["outcome"]["text"] == "You are not mx.example.com" and r["exit"] == 1
+    assert trial(PLAIN, tmp_path, "--helo", "[10.20.0.1]", "--ip", "203.0.113.9")["exit"] == 1
+    assert trial(PLAIN, tmp_path, "--helo", "mx.example.com", "--ip", "10.20.3.4")["exit"] == 0
+
+
+def test_modular_wildcard_addresses_go_to_first_last_with_the_original_stamped(tmp_path):
+    r = trial(PLAIN, tmp_path, "--rcpt", "john.smith.shopname@Example.COM", "--rcpt", "jane.doe@example.com",
+             "--rcpt", "john.smith.x@elsewhere.org")  # fmt: skip
+    assert r["actions"] == [
+        ["delete_recipient", "john.smith.shopname@Example.COM"],
+        ["add_recipient", "john.smith@Example.COM", None],
+        ["add_header", "X-Original-Recipient", "john.smith.shopname@Example.COM"],
+    ]
+
+
+def test_modular_header_characters(tmp_path):
+    raw8 = "From: Jörg <j@example.org>\r\nSubject: x\r\n\r\nhi\r\n".encode()
+    r = trial(raw8, tmp_path)
+    assert r["outcome"]["text"] == "Header From has unencoded 8-bit characters"
+    assert r["tags"] == ["header_chars"]
+    assert trial(raw8, tmp_path, "--mail-arg", "SMTPUTF8")["exit"] == 0
+    r = trial(b"From: a@example.org\r\nSubject: a\x1bb\r\n\r\nhi\r\n", tmp_path)
+    assert r["outcome"]["text"] == "Header Subject has a control character (0x1b)"
+
+
+def test_modular_charset_block_in_headers_and_parts(tmp_path):
+    r = trial(b"From: a@example.org\r\nSubject: =?EUC-KR?B?x5GxuQ==?=\r\n\r\nhi\r\n", tmp_path)
+    assert r["outcome"]["text"] == "Mail in the charset euc-kr is not accepted here"
+    r = trial(b"Content-Type: text/plain; charset=ks_c_5601-1987\r\n\r\nhi\r\n", tmp_path)
+    assert r["outcome"]["text"] == "Mail in the charset ks_c_5601-1987 is not accepted here"
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="corpus not found")
+def test_modular_bad_filename_inside_an_archive():
+    eml = CORPUS / "constructed-eicar-inside-zip.eml"
+    argv = [sys.executable, "-m", "defang", "test", str(eml), "--filter", str(MODULAR)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO)
+    reply = "reject 554 5.7.1 Executable attachments are not accepted (eicar.com in documents.zip)"
+    assert f"outcome: {reply}" in r.stdout
+
+
+def test_modular_a_rule_switched_to_monitor_in_the_config(tmp_path):
+    config = tmp_path / "defang.toml"
+    config.write_text('[filter]\nmonitor_rules = ["bad_filename"]\n')
+    r = trial(EXE, tmp_path, "--config", str(config))
+    assert r["outcome"]["action"] == "continue" and r["tags"] == ["bad_filename:monitor"]
+    entry = ("reject 554 5.7.1 Executable attachments are not accepted (invoice.pdf.exe) "
+             "(filter_part, part 2, rule bad_filename)")
+    assert r["would"] == [entry] and ["add_header", "X-Defang-Would", entry] in r["actions"]
