@@ -9,12 +9,16 @@ What it does:
   * MAIL FROM: rejects senders whose address is malformed (email-validator; no DNS);
   * every attachment: rejects the message if a file name has an executable extension,
     also behind a double extension such as "invoice.pdf.exe";
+  * with [clamav] address set in defang.toml: scans every message with clamd; a virus
+    is refused (554), and a message that could not be scanned (clamd down, timing out,
+    answering garbage) is TEMPFAILED (451): the sender retries later, and no message
+    is ever passed unscanned.  Without that setting nothing is scanned;
   * every message that passes: adds an X-Scanned-By header.
 """
 
 from email_validator import EmailNotValidError, validate_email
 
-from defang import reject
+from defang import reject, tempfail
 
 # Extensions Windows executes on a double click.  Compared case-insensitively with the
 # last extension of every attachment's (decoded) file name.
@@ -51,5 +55,12 @@ def filter_part(msg, part):
 
 
 def filter_end(msg):
-    """After the parts: stamp the message so downstream systems see it was scanned."""
+    """After the parts: the virus scan, then stamp the message so downstream systems see
+    it was scanned."""
+    virus = msg.clamav()  # "skipped" when [clamav] is not configured: nothing to do
+    if virus.error:
+        return tempfail("Virus scan unavailable, try again later", code="451", dsn="4.7.1")
+    if virus.infected:
+        return reject(f"Virus found: {', '.join(virus.viruses)}", code="554", dsn="5.7.1")
     msg.add_header("X-Scanned-By", "defang")
+    return None

@@ -1,7 +1,9 @@
 """The request loop of one worker process.
 
 A worker is forked by the zygote, already holding the imported filter.  It serves one
-request at a time on its socket to the multiplexor and never threads.  It does not
+request at a time on its socket to the multiplexor and never threads (the scanner checks
+of a message overlap in one selector loop, ``defang.workers.checks.exchange``); the
+notices a message asked for are sent after its reply.  It does not
 decide when to retire: the multiplexor's pool does (``max_requests``, ``max_rss``,
 idle time, a reload), between requests, by closing the socket; the worker then runs
 ``filter_cleanup`` and exits.  So no answer is ever lost between a reply and an exit
@@ -73,6 +75,9 @@ def serve(sock: socket.socket, runner: FilterRunner, *, worker_id: int, generati
             if report_rss:
                 reply.rss = procinfo.rss() or 0
             sock.sendall(wire.encode(reply))
+            if runner.outbox:  # after the reply: the SMTP client does not wait for them
+                set_title(f"defang-worker: {request.queue_id or '-'} sending notices")
+                runner.send_notices()
             served += 1
             if size >= GIVE_BACK_AFTER_BYTES:
                 malloc.give_back_free_memory()

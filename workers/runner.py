@@ -34,9 +34,12 @@ from defang.core.verdicts import CONTINUE, Verdict, reject, tempfail
 from defang.workers.api.conn import DEFAULT_MAX_NOTES_BYTES, Connection, NotesError, encode_notes
 from defang.workers.api.decision import Decision, FilterError
 from defang.workers.api.message import Message
+from defang.workers.api.notify import Notice
+from defang.workers.api.services import ServiceSettings
 from defang.workers.loader import LoadedFilter
 from defang.workers.mime.limits import MimeLimitError, MimeLimits
 from defang.workers.stores.quarantine import QuarantineStore, quarantine_dir
+from defang.workers.stores.submit import Submission, SubmitError, submit
 
 log = logging.getLogger("defang.worker")
 
@@ -68,11 +71,17 @@ class FilterRunner:
             self.quarantine_store = QuarantineStore(quarantine_dir(cfg))
             self.monitor_all = cfg.filter_mode == "monitor"
             self.monitor_rules = frozenset(cfg.monitor_rules)
+            self.services = ServiceSettings.from_config(cfg)
+            self.submission = Submission.for_notices(cfg)
         else:
             self.limits = MimeLimits()
             self.on_limit = DEFAULT_ON_LIMIT
             self.quarantine_store = QuarantineStore(default_runtime_dir() / "quarantine")
             self.monitor_all, self.monitor_rules = False, frozenset()
+            self.services, self.submission = ServiceSettings(), Submission()
+        #: the notices of the last message, sent after its reply (``send_notices``)
+        self.outbox: list[Notice] = []
+        self._outbox_queue_id = "-"
         self._hooks: dict[str, Callable[..., Any]] = dict(loaded.hooks)
         self.hooks: frozenset[str] = frozenset(self._hooks)
         self._walks = "filter_part" in self._hooks or "filter_multipart" in self._hooks
@@ -118,6 +127,7 @@ class FilterRunner:
 
     def handle(self, request: wire.DecisionRequest) -> wire.Reply:
         """The reply to one decision request; never raises."""
+        self.outbox = []
         conn = Connection.from_request(request)
         received_notes = conn.notes
         if isinstance(request, wire.EndOfMessage):
@@ -146,6 +156,14 @@ class FilterRunner:
                  received_notes: dict[str, Any]) -> wire.Reply:  # fmt: skip
         msg = Message.from_request(request, conn)
         msg.limits = self.limits
+        msg.services = self.services
+        try:
+            return self._run_message(msg, conn, received_notes)
+        finally:
+            if msg._scans is not None:
+                msg._scans.close()
+
+    def _run_message(self, msg: Message, conn: Connection, received_notes: dict[str, Any]) -> wire.Reply:
         decision = msg.decision = conn.decision = self._decision(msg.queue_id or "")
         _own_notes(conn)
         hooks = self._hooks
@@ -186,7 +204,23 @@ class FilterRunner:
             actions = self._commit(msg, verdict)
         except Exception as exc:
             return self._local_problem(msg, exc, conn, received_notes)
+        self.outbox, self._outbox_queue_id = msg.notices, msg.queue_id or "-"
         return self._reply(verdict, actions, conn, received_notes, ran, msg.queue_id, decision)
+
+    def send_notices(self) -> int:
+        """Send the last message's notices (the worker calls this after its reply); a
+        failure is a WARNING, nothing more: the verdict was given."""
+        sent = 0
+        for notice in self.outbox:
+            try:
+                via = submit(self.submission, "", list(notice.recipients), notice.data)
+            except SubmitError as exc:
+                log.warning("%s: could not send the %s: %s", self._outbox_queue_id, notice, exc)
+                continue
+            log.info("%s: sent the %s via %s", self._outbox_queue_id, notice, via)
+            sent += 1
+        self.outbox = []
+        return sent
 
     def _commit(self, msg: Message, verdict: Verdict) -> list[Any]:
         """What the hooks asked for beyond actions: the new body, the quarantine entry.

@@ -15,10 +15,10 @@ from typing import Any
 from defang.workers.stores.quarantine import (
     QuarantineError,
     QuarantineStore,
-    ReleaseSettings,
     quarantine_dir,
     release,
 )
+from defang.workers.stores.submit import Submission
 
 
 def add_parser(sub: Any, common: Any) -> None:
@@ -48,7 +48,7 @@ def run(cfg: Any, args: argparse.Namespace) -> int:
             _print(meta if args.json else _describe(meta), args.json)
             return 0
         if args.qcommand == "release":
-            record = release(store, args.id, ReleaseSettings.from_config(cfg), args.to)
+            record = release(store, args.id, Submission.for_release(cfg), args.to)
             if args.json:
                 _print({"id": args.id, "released": record}, True)
             else:

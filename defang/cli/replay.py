@@ -34,16 +34,16 @@ from defang.workers.loader import FilterLoadError
 from defang.workers.stores.quarantine import (
     QuarantineError,
     QuarantineStore,
-    ReleaseSettings,
     quarantine_dir,
     release,
 )
+from defang.workers.stores.submit import Submission
 
 EXIT_DIFFER = 1  # --compare found differences, or a release failed
 EXIT_USAGE = 2
 # What a replay keeps of each trial (``trial.as_json``): the stages are left to ``defang test``.
-KEEP = ("outcome", "ended", "actions", "would", "tags", "quarantine", "recipients", "error", "exit",
-        "seconds")  # fmt: skip
+KEEP = ("outcome", "ended", "actions", "would", "tags", "quarantine", "notices", "recipients", "error",
+        "exit", "seconds")  # fmt: skip
 
 # The per-process state of the pool: the trials, one per filter, and the envelope of
 # messages without a saved one.
@@ -148,7 +148,8 @@ def _replay(item: Item) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         error = f"{getattr(exc, 'strerror', None) or exc}"
         record["results"] = [{"outcome": {"action": "error"}, "actions": [], "would": [], "tags": [],
-                              "quarantine": [], "error": error, "seconds": 0.0} for _ in _trials]  # fmt: skip
+                              "quarantine": [], "notices": [], "error": error, "seconds": 0.0}
+                             for _ in _trials]  # fmt: skip
         return record
     record["results"] = [_compact(as_json(trial.run(raw, env, item.name))) for trial in _trials]
     return record
@@ -235,7 +236,7 @@ def release_accepted(cfg: Config, items: list[Item], records: list[dict[str, Any
         if answer.strip().lower() not in ("y", "yes"):
             print("defang replay: nothing released", file=sys.stderr)
             return [], False
-    settings = ReleaseSettings.from_config(cfg)
+    settings = Submission.for_release(cfg)
     done, failed = [], False
     for item, _ in chosen:
         assert item.store is not None and item.qid is not None

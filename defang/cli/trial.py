@@ -79,6 +79,7 @@ class Result:
     would: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     quarantine: list[str] = field(default_factory=list)  # the reasons, had the filter run for real
+    notices: list[str] = field(default_factory=list)  # what would be sent after the reply
     error: str | None = None
     seconds: float = 0.0
 
@@ -202,6 +203,8 @@ class Trial:
             r.stages.append(("end of message", wire.verdict_to_wire(reply.verdict)))
             end("end of message", reply.verdict, _at_eom(reply.verdict, len(r.recipients)))
             r.actions = [self._body(a, body_out) if a[0] == "replace_body" else a for a in reply.actions]
+            r.notices = [str(n) for n in self.runner.outbox]  # shown, never sent
+            self.runner.outbox = []
         if r.outcome["action"] in ("continue", "accept"):
             r.actions += [["add_header", wire.WOULD_HEADER, entry] for entry in r.would]
 
@@ -327,8 +330,8 @@ def as_json(r: Result) -> dict[str, Any]:
         else:
             out[stage] = verdict
     out.update(outcome=r.outcome, ended=r.ended, why=r.why, recipients=r.recipients, actions=r.actions,
-               would=r.would, tags=r.tags, quarantine=r.quarantine, error=r.error, exit=r.exit_code,
-               seconds=round(r.seconds, 6))  # fmt: skip
+               would=r.would, tags=r.tags, quarantine=r.quarantine, notices=r.notices, error=r.error,
+               exit=r.exit_code, seconds=round(r.seconds, 6))  # fmt: skip
     return out
 
 
@@ -352,6 +355,8 @@ def render(r: Result) -> str:
         lines.append(f"  {action[0]}: {', '.join(str(a) for a in action[1:])}")
     for reason in r.quarantine:
         lines.append(f"  quarantine: {reason}  (a trial stores nothing)")
+    for notice in r.notices:
+        lines.append(f"  {notice}  (a trial sends nothing)")
     for entry in r.would:
         lines.append(f"  monitor: would {entry}")
     if r.tags:

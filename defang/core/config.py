@@ -118,6 +118,25 @@ class Config:
     quarantine_sendmail_path: Path = Path("/usr/sbin/sendmail")
     quarantine_smtp_host: str = "127.0.0.1"
     quarantine_smtp_port: int = 25
+    # [spamassassin] (spamd), [clamav] (clamd): "" = not asked
+    spamassassin_address: str = ""
+    spamassassin_connect_timeout: float = 2.0
+    spamassassin_timeout: float = 30.0
+    spamassassin_max_size: int = 512000
+    spamassassin_user: str = ""
+    clamav_address: str = ""
+    clamav_connect_timeout: float = 2.0
+    clamav_timeout: float = 60.0
+    clamav_max_size: int = 25 * 1024 * 1024
+    clamav_fd_passing: bool = True
+    # [notify]
+    notify_method: str = "sendmail"
+    notify_sendmail_path: Path = Path("/usr/sbin/sendmail")
+    notify_smtp_host: str = "127.0.0.1"
+    notify_smtp_port: int = 25
+    notify_timeout: float = 60.0
+    notify_from: str = "MAILER-DAEMON"
+    notify_administrator: str = "postmaster"
     source: Path | None = field(default=None, compare=False)
 
     def effective_request_timeout(self) -> float:
@@ -217,6 +236,21 @@ def _release_method(v: Any) -> str:
     return v
 
 
+def _pos_num(v: Any) -> float:
+    if _num(v) <= 0:
+        raise TypeError("expected a number > 0")
+    return float(v)
+
+
+def _address(v: Any, what: str) -> str:
+    if _str(v):
+        try:
+            socket_address(v)
+        except ConfigError as exc:
+            raise TypeError(f"{what} address: {exc}") from None
+    return v
+
+
 def _port(v: Any) -> int:
     if _pos_int(v) > 65535:
         raise TypeError("expected a TCP port (1-65535)")
@@ -274,6 +308,23 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("quarantine", "sendmail_path"): ("quarantine_sendmail_path", _path),
     ("quarantine", "smtp_host"): ("quarantine_smtp_host", _str),
     ("quarantine", "smtp_port"): ("quarantine_smtp_port", _port),
+    ("spamassassin", "address"): ("spamassassin_address", lambda v: _address(v, "spamd")),
+    ("spamassassin", "connect_timeout"): ("spamassassin_connect_timeout", _pos_num),
+    ("spamassassin", "timeout"): ("spamassassin_timeout", _pos_num),
+    ("spamassassin", "max_size"): ("spamassassin_max_size", _pos_int),
+    ("spamassassin", "user"): ("spamassassin_user", _str),
+    ("clamav", "address"): ("clamav_address", lambda v: _address(v, "clamd")),
+    ("clamav", "connect_timeout"): ("clamav_connect_timeout", _pos_num),
+    ("clamav", "timeout"): ("clamav_timeout", _pos_num),
+    ("clamav", "max_size"): ("clamav_max_size", _pos_int),
+    ("clamav", "fd_passing"): ("clamav_fd_passing", _bool),
+    ("notify", "method"): ("notify_method", _release_method),
+    ("notify", "sendmail_path"): ("notify_sendmail_path", _path),
+    ("notify", "smtp_host"): ("notify_smtp_host", _str),
+    ("notify", "smtp_port"): ("notify_smtp_port", _port),
+    ("notify", "timeout"): ("notify_timeout", _pos_num),
+    ("notify", "from"): ("notify_from", _str),
+    ("notify", "administrator"): ("notify_administrator", _str),
 }
 
 _ATTRS = {f.name for f in fields(Config)}
@@ -352,18 +403,26 @@ def finish(cfg: Config) -> Config:
     return cfg
 
 
-def check_socket_spec(spec: str) -> None:
-    """Accept the forms Postfix and Sendmail write: unix:/path, local:/path, inet:PORT@HOST."""
+def socket_address(spec: str) -> str | tuple[str, int]:
+    """A socket in the notation Postfix and Sendmail write, for the milter socket and the
+    daemons defang talks to: ``unix:/path`` (or ``local:``) -> the path, ``inet:PORT@HOST``
+    -> (host, port) (no host: 127.0.0.1).  ConfigError otherwise."""
     kind, _, rest = spec.partition(":")
     if kind in ("unix", "local") and rest.startswith("/"):
-        return
+        return rest
     if kind in ("inet", "inet6"):
         port, _, host = rest.partition("@")
         if port.isdigit() and 0 < int(port) < 65536:
-            return
-    raise ConfigError(
-        f"milter socket {spec!r}: expected unix:/absolute/path or inet:PORT@HOST"
-    )
+            return (host or "127.0.0.1", int(port))
+    raise ConfigError(f"{spec!r}: expected unix:/absolute/path or inet:PORT@HOST")
+
+
+def check_socket_spec(spec: str) -> None:
+    """The milter socket: unix:/path, local:/path, inet:PORT@HOST."""
+    try:
+        socket_address(spec)
+    except ConfigError as exc:
+        raise ConfigError(f"milter socket {exc}") from None
 
 
 def unix_socket_path(spec: str) -> Path | None:

@@ -108,3 +108,67 @@ def test_modular_a_rule_switched_to_monitor_in_the_config(tmp_path):
     entry = ("reject 554 5.7.1 Executable attachments are not accepted (invoice.pdf.exe) "
              "(filter_part, part 2, rule bad_filename)")
     assert r["would"] == [entry] and ["add_header", "X-Defang-Would", entry] in r["actions"]
+
+
+# --- the scanner examples, with real spamd and clamd -----------------------------------------
+
+SCANNERS_MISSING = __import__("defang.testbed.scanners", fromlist=["x"]).scanners_available()
+
+
+@pytest.fixture(scope="module")
+def scanner_config(tmp_path_factory):
+    from defang.testbed.scanners import Clamd, Spamd
+
+    spamd, clamd = Spamd().start(), Clamd().start()
+    config = tmp_path_factory.mktemp("cfg") / "defang.toml"
+    config.write_text(f'[spamassassin]\naddress = "{spamd.inet}"\n[clamav]\naddress = "{clamd.unix}"\n'
+                      '[notify]\nadministrator = "admin@example.net"\n')  # fmt: skip
+    yield config
+    spamd.stop()
+    clamd.stop()
+
+
+needs_scanners = pytest.mark.skipif(SCANNERS_MISSING is not None, reason=str(SCANNERS_MISSING))
+
+
+@needs_scanners
+def test_spam_score_example(scanner_config, tmp_path):
+    from scanmail import CLEAN, SPAM
+
+    spam = EXAMPLES / "spam_score.py"
+    r = trial(SPAM, tmp_path, "--config", str(scanner_config), filter_path=spam)
+    assert r["exit"] == 1 and r["outcome"]["text"].startswith("Message looks like spam (score 10")
+    r = trial(CLEAN, tmp_path, "--config", str(scanner_config), filter_path=spam)
+    status = {a[1]: a[2] for a in r["actions"]}["X-Spam-Status"]
+    assert r["exit"] == 0 and status.startswith("No, score=")
+    r = trial(SPAM, tmp_path, "--config", str(scanner_config), "--sender", "alerts@partner.example",
+              filter_path=spam)  # fmt: skip
+    assert (r["outcome"]["action"], r["ended"]) == ("accept", "mail")
+
+
+@needs_scanners
+def test_virus_notify_example(scanner_config, tmp_path):
+    from scanmail import CLEAN, VIRUS_ZIP
+
+    virus = EXAMPLES / "virus_notify.py"
+    r = trial(VIRUS_ZIP, tmp_path, "--config", str(scanner_config), filter_path=virus)
+    assert r["exit"] == 1 and r["outcome"]["text"] == "Virus found: Test.EICAR.NDB.UNOFFICIAL"
+    assert r["notices"] == ["notice to admin@example.net: Virus refused: Test.EICAR.NDB.UNOFFICIAL"]
+    dead = tmp_path / "dead.toml"
+    dead.write_text('[clamav]\naddress = "unix:/nonexistent/clamd.sock"\n')
+    r = trial(CLEAN, tmp_path, "--config", str(dead), filter_path=virus)
+    assert r["exit"] == 2 and r["outcome"]["text"] == "Virus scan unavailable, try again later"
+
+
+@needs_scanners
+def test_check_address_example(scanner_config, tmp_path):
+    from scanmail import CLEAN
+
+    check = EXAMPLES / "check_address.py"
+    args = ("--config", str(scanner_config), "--ip", "203.0.113.7", "--helo", "client.example.net")
+    r = trial(CLEAN, tmp_path, *args, "--sender", "alice@example.org", "--rcpt", "email-check@example.com",
+              filter_path=check)  # fmt: skip
+    assert r["exit"] == 3 and r["notices"] == ["notice to alice@example.org: Re: Lunch on Thursday"]
+    r = trial(CLEAN, tmp_path, *args, "--sender", "alice@example.org", "--rcpt", "email-check@example.com",
+              "--rcpt", "bob@example.com", filter_path=check)  # fmt: skip
+    assert r["exit"] == 0 and r["actions"] == [["delete_recipient", "email-check@example.com"]]

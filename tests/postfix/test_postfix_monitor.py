@@ -7,7 +7,6 @@ stage: the stamp waits for the end of the message)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -23,16 +22,6 @@ EXE = (b"From: a@example.org\r\nTo: bob@example.org\r\nSubject: %s\r\nMIME-Versi
        b"MZ\r\n--b--\r\n")  # fmt: skip
 
 
-def arrived(stack: Stack, marker: bytes, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for m in stack.sink.messages():
-            if marker in m.raw:
-                return m
-        time.sleep(0.05)
-    raise AssertionError(f"no message with {marker!r} reached the sink")
-
-
 def would_headers(raw: bytes) -> list[str]:
     head = raw.split(b"\r\n\r\n", 1)[0].replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ")
     return [line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
@@ -44,7 +33,7 @@ def test_a_rule_in_monitor_mode_lets_the_message_through_stamped_and_counted():
     with Stack(MODULAR, settings=settings) as stack:
         r = stack.send(EXE % b"monitored exe")
         assert r.data[0] == 250, r
-        m = arrived(stack, b"monitored exe")
+        m = stack.arrived(b"monitored exe")
         entry = ("reject 554 5.7.1 Executable attachments are not accepted (invoice.pdf.exe) "
                  "(filter_part, part 2, rule bad_filename)")
         assert would_headers(m.raw) == [entry]
@@ -71,8 +60,8 @@ def test_monitor_mode_stamps_an_envelope_stage_refusal_on_the_message(tmp_path: 
         spam = b"From: s@example.org\r\nSubject: from a spammer\r\n\r\nbuy\r\n"
         r = stack.send(spam, sender="spammer@example.org")
         assert r.data[0] == 250, r
-        m = arrived(stack, b"from a spammer")
+        m = stack.arrived(b"from a spammer")
         assert would_headers(m.raw) == ["reject 550 5.7.1 Sender blocked (filter_sender)"]
         assert m.mail_from == "spammer@example.org"
         r = stack.send(b"From: a@example.org\r\nSubject: clean one\r\n\r\nhi\r\n")
-        assert would_headers(arrived(stack, b"clean one").raw) == []
+        assert would_headers(stack.arrived(b"clean one").raw) == []

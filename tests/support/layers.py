@@ -23,7 +23,7 @@ from pathlib import Path
 SOURCES = {"defang": "defang", "defang.workers": "workers"}
 
 CORE = "defang.core"
-ENGINES = {"defang.workers.mime", "defang.workers.stores"}
+ENGINES = {"defang.workers.mime", "defang.workers.stores", "defang.workers.checks"}
 API = "defang.workers.api"
 WORKER = "defang.workers"
 DAEMONS = {"defang.frontend", "defang.multiplexor", "defang.supervisor"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,9 @@ class Stack:
     """Sink + Postfix (milter_default_action = tempfail) + the defang daemons."""
 
     def __init__(self, filter_path: Path | str, settings: dict | None = None,
-                 postfix_extra: dict | None = None) -> None:  # fmt: skip
+                 postfix_extra: dict | None = None, sink_port: int | None = None) -> None:  # fmt: skip
         self.dir = traversable_dir("defang-mta-")
-        self.sink = Sink(self.dir / "sink", free_port())
+        self.sink = Sink(self.dir / "sink", sink_port or free_port())
         self.defang = Defang(filter_path, settings=settings)
         self.postfix = PrivatePostfix(self.dir / "postfix", free_port(), self.sink.port,
                                       milter=self.defang.socket_spec,
@@ -50,6 +51,16 @@ class Stack:
     def send(self, data: bytes, sender: str = "alice@example.org",
              rcpts: tuple[str, ...] = ("bob@example.org",), **kw) -> SendResult:  # fmt: skip
         return send("127.0.0.1", self.postfix.smtp_port, sender, list(rcpts), data, **kw)
+
+    def arrived(self, marker: bytes, timeout: float = 20.0):  # noqa: ANN201 (a SinkMessage)
+        """The first message at the sink that contains ``marker``; AssertionError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for m in self.sink.messages():
+                if marker in m.raw:
+                    return m
+            time.sleep(0.05)
+        raise AssertionError(f"no message with {marker!r} reached the sink")
 
     def __enter__(self) -> Stack:
         return self.start()

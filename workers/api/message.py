@@ -49,6 +49,7 @@ from defang.workers.api.headers import (
     read_header_section,
     unfold,
 )
+from defang.workers.api.services import Services
 from defang.workers.mime import mailpolicy, skeleton
 from defang.workers.mime.limits import MimeLimitError, MimeLimits, PartActionError, SignedMessageError
 from defang.workers.mime.mailpolicy import POLICY
@@ -64,7 +65,7 @@ _PARSER = BytesParser(policy=POLICY)
 # --- the message ---------------------------------------------------------------------
 
 
-class Message:
+class Message(Services):
     """What the message hooks see: envelope, headers, the lazily parsed message.
 
     ``headers`` and ``raw_headers`` are the headers as received: the header actions

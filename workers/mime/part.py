@@ -261,6 +261,11 @@ class Part:
         disposition = self.disposition
         return disposition == "attachment" or (disposition is None and self.filename is not None)
 
+    def clamav(self) -> Any:
+        """clamd's verdict on this part's decoded body (``VirusResult``, streamed now;
+        never raises).  ``msg.clamav()`` scans the whole message at once, cheaper."""
+        return self._message().scans.scan_bytes(self.payload, f"part {self.index} {self.safe_filename}")
+
     # --- archives ------------------------------------------------------------------------
 
     def archive(self) -> ArchiveListing | None:

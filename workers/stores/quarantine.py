@@ -22,9 +22,9 @@ day directory fsync'ed.  A crash leaves either nothing or a ``.tmp-`` directory 
 listing ignores, never half an entry.  Entries are readable by the owner and group
 only: they hold mail.
 
-``hashlib`` and ``smtplib`` are imported where they are used, not at the top: this module
-is imported by ``defang run`` before it forks the daemons, and either one loads OpenSSL's
-libcrypto (``smtplib`` through ``ssl``), whose pages a process touching them pays for
+``hashlib`` is imported where it is used, not at the top (as ``smtplib`` in ``submit``):
+this module is imported by ``defang run`` before it forks the daemons, and either one
+loads OpenSSL's libcrypto (``smtplib`` through ``ssl``), whose pages a process touching them pays for
 alone (measured: 3.1 MB of PSS in the ``defang run`` process, with no use there).  IDs
 take their random bits from ``os.urandom`` (what ``secrets.token_hex`` does), as
 ``secrets`` imports ``hmac`` and with it libcrypto too.
@@ -36,12 +36,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from defang.workers.stores.submit import Submission, SubmitError, submit
 
 ID_RE = re.compile(r"^(\d{4})(\d{2})(\d{2})T\d{6}Z-[0-9a-f]{6}$")
 DIR_MODE = 0o750
@@ -267,73 +268,21 @@ class QuarantineStore:
 # --- release -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ReleaseSettings:
-    """``[quarantine]`` release options."""
-
-    method: str = "sendmail"
-    sendmail_path: str = "/usr/sbin/sendmail"
-    smtp_host: str = "127.0.0.1"
-    smtp_port: int = 25
-    timeout: float = 120.0
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> ReleaseSettings:
-        return cls(method=cfg.quarantine_release_method, sendmail_path=str(cfg.quarantine_sendmail_path),
-                   smtp_host=cfg.quarantine_smtp_host, smtp_port=cfg.quarantine_smtp_port)  # fmt: skip
-
-
-def release(store: QuarantineStore, qid: str, settings: ReleaseSettings,
-            to: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Send the original message of ``qid`` again, through the local MTA.
+def release(store: QuarantineStore, qid: str, how: Submission, to: list[str] | None = None) -> dict[str, Any]:
+    """Send the original message of ``qid`` again, through the local MTA (``submit``).
 
     The envelope is the original one (sender, recipients), or the recipients in
-    ``to``.  The message bytes are sent unchanged.  The release path must not pass
-    through defang again (see the README): a sendmail whose mail skips the milter
-    (Postfix without ``non_smtpd_milters``), or an SMTP listener without milters.
+    ``to``.  The message bytes are sent unchanged.
     """
     meta = store.get(qid)
-    path = store.message_path(qid)
     sender = meta.get("sender") or ""
     rcpts = list(to) if to else list(meta.get("recipients") or [])
     if not rcpts:
         raise QuarantineError(f"quarantine entry {qid} has no recipients; use --to")
-    for addr in [sender, *rcpts]:
-        if any(c in addr for c in "\r\n\0") or addr.startswith("<"):
-            raise QuarantineError(f"refusing the address {addr!r}")
-    if settings.method == "sendmail":
-        argv = [settings.sendmail_path, "-i", "-f", sender or "<>", "--", *rcpts]
-        try:
-            with open(path, "rb") as f:
-                done = subprocess.run(argv, stdin=f, capture_output=True, timeout=settings.timeout)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise QuarantineError(f"release of {qid} with {settings.sendmail_path} failed: {exc}") from None
-        if done.returncode != 0:
-            err = done.stderr.decode("utf-8", "replace").strip() or done.stdout.decode("utf-8", "replace")
-            raise QuarantineError(f"release of {qid}: {settings.sendmail_path} exited {done.returncode}: "
-                                  f"{err.strip()[:500]}")  # fmt: skip
-        via = settings.sendmail_path
-    elif settings.method == "smtp":
-        import smtplib  # here, not at the top: see the module docstring
-
-        data = path.read_bytes()
-        try:
-            with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=settings.timeout) as smtp:
-                smtp.ehlo_or_helo_if_needed()
-                options = []
-                if smtp.has_extn("8bitmime") and not data.isascii():
-                    options.append("BODY=8BITMIME")
-                if smtp.has_extn("smtputf8") and not all(a.isascii() for a in [sender, *rcpts]):
-                    options.append("SMTPUTF8")
-                refused = smtp.sendmail(sender, rcpts, data, mail_options=options)
-        except (OSError, smtplib.SMTPException) as exc:
-            raise QuarantineError(f"release of {qid} to {settings.smtp_host}:{settings.smtp_port} "
-                                  f"failed: {exc}") from None  # fmt: skip
-        if refused:
-            raise QuarantineError(f"release of {qid}: recipients refused: {refused}")
-        via = f"smtp:{settings.smtp_host}:{settings.smtp_port}"
-    else:
-        raise QuarantineError(f"unknown release method {settings.method!r} (sendmail or smtp)")
+    try:
+        via = submit(how, sender, rcpts, store.message_path(qid))
+    except SubmitError as exc:
+        raise QuarantineError(f"release of {qid}: {exc}") from None
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "via": via,
               "sender": sender, "recipients": rcpts}  # fmt: skip
     store.add_release(qid, record)

@@ -1,0 +1,176 @@
+"""Private SpamAssassin ``spamd`` and ClamAV ``clamd`` on loopback, for tests and benchmarks.
+
+Debian's packages, started by us and stopped by PID, offline (``../shared/notes/
+scanners.md`` has the why of each setting):
+
+- spamd: the stock rules pinned (``-C /usr/share/spamassassin``), a private site config
+  (the ``.pre`` files copied, a ``local.cf`` with no network test, no Bayes), local
+  tests only (``-L``), on ``127.0.0.1:PORT`` and a Unix socket; ready when it answers
+  PING (its port accepts connections half a second before it can answer).
+- clamd: a signature database of our own (ClamAV ships none): one body signature for
+  the EICAR test file, found anywhere, also inside archives and mail; a Unix socket and
+  ``127.0.0.1:PORT`` (``TCPAddr`` set: clamd binds every address otherwise).
+
+The EICAR string is assembled at run time, so no file of the repository is one a
+virus scanner would flag.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from defang.testbed.ports import free_port
+
+EICAR = (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!" + b"$H+H*")
+GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+LOCAL_CF = """\
+skip_rbl_checks    1
+use_razor2         0
+use_pyzor          0
+use_bayes          0
+bayes_auto_learn   0
+dns_available      no
+report_safe        0
+required_score     5.0
+"""
+
+
+def scanners_available() -> str | None:
+    """None when spamd and clamd are installed, else what is missing."""
+    missing = [p for p in ("spamd", "clamd") if shutil.which(p) is None and not Path("/usr/sbin", p).exists()]
+    return f"not installed: {', '.join(missing)} (scripts/bootstrap installs them)" if missing else None
+
+
+class _Daemon:
+    """A daemon of ours in ``dir`` (made here, and then removed by ``stop``, unless given),
+    on 127.0.0.1:``port`` and the Unix socket ``<dir>/<name>.sock``."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __init__(self, name: str, directory: Path | None, port: int | None) -> None:
+        self.own_dir = directory is None
+        self.dir = Path(directory or tempfile.mkdtemp(prefix=f"defang-{name}-"))
+        self.port = port or free_port()
+        self.socket_path = self.dir / f"{name}.sock"
+        self.log = self.dir / f"{name}.log"
+
+    @property
+    def inet(self) -> str:
+        return f"inet:{self.port}@127.0.0.1"
+
+    @property
+    def unix(self) -> str:
+        return f"unix:{self.socket_path}"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM to the PID we started, SIGKILL if it lingers; our directory removed."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _wait_ready(self, probe, timeout: float) -> None:  # noqa: ANN001
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                said = self.log.read_text()[-2000:] if self.log.exists() else ""
+                self.stop()
+                raise RuntimeError(f"{type(self).__name__} exited {self.proc.returncode}: {said}")
+            try:
+                if probe():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        said = self.log.read_text()[-2000:] if self.log.exists() else ""
+        self.stop()
+        raise RuntimeError(f"{type(self).__name__} not ready within {timeout}s: {said}")
+
+
+class Spamd(_Daemon):
+    """``spamd`` on 127.0.0.1:``port`` and ``<dir>/spamd.sock``."""
+
+    def __init__(self, directory: Path | None = None, port: int | None = None, children: int = 2) -> None:
+        super().__init__("spamd", directory, port)
+        self.children = children
+
+    def start(self, timeout: float = 30.0) -> Spamd:
+        site, home = self.dir / "site", self.dir / "home"
+        site.mkdir(parents=True, exist_ok=True)
+        home.mkdir(exist_ok=True)
+        for pre in Path("/etc/spamassassin").glob("*.pre"):
+            shutil.copy(pre, site)
+        (site / "local.cf").write_text(LOCAL_CF)
+        argv = ["spamd", "-L", "-x", "-C", "/usr/share/spamassassin", f"--siteconfigpath={site}",
+                "-i", f"127.0.0.1:{self.port}", "-A", "127.0.0.1", f"--socketpath={self.socket_path}",
+                "--socketmode=0666", "-r", str(self.dir / "spamd.pid"), "-s", str(self.log),
+                "-m", str(self.children), "--min-children=1", "--min-spare=1",
+                f"--max-spare={self.children}"]  # fmt: skip
+        if os.geteuid() == 0:
+            os.chown(home, *_nobody())
+            os.chmod(self.dir, 0o755)
+            argv += ["-u", "nobody", "-g", "nogroup", "-H", str(home)]
+        env = {**os.environ, "HOME": str(home)}
+        with open(self.dir / "spamd.out", "ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)  # fmt: skip
+        self._wait_ready(self._pong, timeout)
+        return self
+
+    def _pong(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(b"PING SPAMC/1.5\r\n\r\n")
+            return b"PONG" in s.recv(100)
+
+
+class Clamd(_Daemon):
+    """``clamd`` on ``<dir>/clamd.sock`` and 127.0.0.1:``port``, with an EICAR signature."""
+
+    def __init__(self, directory: Path | None = None, port: int | None = None,
+                 stream_max: str = "25M") -> None:  # fmt: skip
+        super().__init__("clamd", directory, port)
+        self.stream_max = stream_max
+
+    def start(self, timeout: float = 30.0) -> Clamd:
+        db, tmp = self.dir / "db", self.dir / "tmp"
+        db.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(exist_ok=True)
+        (db / "test-eicar.ndb").write_text(f"Test.EICAR.NDB:0:*:{EICAR.hex()}\n")
+        os.chmod(self.dir, 0o755)  # the socket inside, for clients running as other users
+        conf = self.dir / "clamd.conf"
+        conf.write_text("\n".join([
+            "Foreground yes", f"PidFile {self.dir / 'clamd.pid'}", f"LogFile {self.log}", "LogTime yes",
+            f"DatabaseDirectory {db}", f"TemporaryDirectory {tmp}", f"LocalSocket {self.socket_path}",
+            "LocalSocketMode 666", f"TCPSocket {self.port}", "TCPAddr 127.0.0.1", "MaxThreads 4",
+            "SelfCheck 0", "ScanArchive yes", "ScanMail yes", f"StreamMaxLength {self.stream_max}",
+            "MaxFileSize 25M", "MaxScanSize 100M", "Bytecode no", "",
+        ]))  # fmt: skip
+        with open(self.dir / "clamd.out", "ab") as out:
+            self.proc = subprocess.Popen(["clamd", "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)  # fmt: skip
+        self._wait_ready(self._pong, timeout)
+        return self
+
+    def _pong(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(b"zPING\0")
+            return s.recv(100).startswith(b"PONG")
+
+
+def _nobody() -> tuple[int, int]:
+    import grp
+    import pwd
+
+    return pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid

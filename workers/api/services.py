@@ -1,0 +1,114 @@
+"""The part of ``msg`` that reaches outside the worker: the scanners and the notices.
+
+A mixin of ``Message`` (kept apart so that the message's own concerns, headers, parts and
+verdicts, stay in ``message``): ``msg.start_checks()``, ``msg.spamassassin()``,
+``msg.clamav()`` and ``msg.add_spam_headers()`` (``scanning``), ``msg.notify()``,
+``msg.notify_sender()`` and ``msg.notify_administrator()`` (``notify``).  The runner
+sets ``services`` from the config.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from defang.workers.api.notify import MAX_NOTICES, Notice, NoticeError, compose
+from defang.workers.api.scanning import Scans, ScanSettings, spam_headers
+from defang.workers.checks.results import SpamResult, VirusResult
+
+log = logging.getLogger("defang.filter")
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    scans: ScanSettings = field(default_factory=ScanSettings)
+    notify_from: str = "MAILER-DAEMON"
+    administrator: str = "postmaster"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ServiceSettings:
+        return cls(ScanSettings.from_config(cfg), cfg.notify_from, cfg.notify_administrator)
+
+
+class Services:
+    """Scanners and notices for one message (mixed into ``Message``)."""
+
+    services: ServiceSettings = ServiceSettings()
+    _scans: Scans | None = None
+    _notices: list[Notice] | None = None
+
+    # provided by Message
+    path: str
+    queue_id: str | None
+    sender: str
+    conn: Any
+    actions: list[list[Any]]
+    size: int
+    subject: str
+    raw_headers: list[tuple[str, bytes]]
+
+    # --- scanners
+
+    @property
+    def scans(self) -> Scans:
+        if self._scans is None:
+            self._scans = Scans(self.services.scans, self.path, self.size, self.queue_id or "")
+        return self._scans
+
+    def start_checks(self, *names: str) -> None:
+        """Ask the scanners now (``"spamassassin"``, ``"clamav"``), read the results later:
+        the waits overlap.  A check already started or done is not asked again."""
+        self.scans.start(*names)
+
+    def spamassassin(self) -> SpamResult:
+        """spamd's verdict on the message (asked once, kept); never raises: see ``error``."""
+        return self.scans.result("spamassassin")
+
+    def clamav(self) -> VirusResult:
+        """clamd's verdict on the whole message (asked once, kept); never raises."""
+        return self.scans.result("clamav")
+
+    def add_spam_headers(self, result: SpamResult | None = None, *, subject_tag: str | None = None) -> None:
+        """Add ``X-Spam-Status``, ``X-Spam-Score`` (and ``X-Spam-Flag: YES`` on spam); with
+        ``subject_tag``, prefix the subject of spam with it (``"[SPAM] "``)."""
+        result = result if result is not None else self.spamassassin()
+        for name, value in spam_headers(result):
+            self.add_header(name, value)  # type: ignore[attr-defined]
+        if subject_tag and result.scanned and result.is_spam:
+            raw = next((v for n, v in self.raw_headers if n.lower() == "subject"), None)
+            if raw is None:
+                self.add_header("Subject", subject_tag.strip())  # type: ignore[attr-defined]
+            else:
+                text = raw.decode("ascii") if raw.isascii() else self.subject
+                self.change_header("Subject", subject_tag + " ".join(text.split()))  # type: ignore[attr-defined]
+
+    # --- notices
+
+    def notify(self, to: str | list[str], subject: str, body: str, *, attach_original: bool = False) -> None:
+        """Send a notice after the reply to the MTA (see ``defang.workers.api.notify``)."""
+        if self._notices is None:
+            self._notices = []
+        if len(self._notices) >= MAX_NOTICES:
+            raise NoticeError(f"at most {MAX_NOTICES} notices per message")
+        domain = self.conn.macros.get("j") or "localhost"
+        self._notices.append(compose(self.services.notify_from, [to] if isinstance(to, str) else list(to),
+                                     subject, body, queue_id=self.queue_id, domain=domain,
+                                     original=Path(self.path) if attach_original else None))  # fmt: skip
+
+    def notify_administrator(self, subject: str, body: str, *, attach_original: bool = False) -> None:
+        """A notice to ``[notify] administrator``."""
+        self.notify(self.services.administrator, subject, body, attach_original=attach_original)
+
+    def notify_sender(self, subject: str, body: str) -> None:
+        """A notice to the envelope sender; none to the null sender (a bounce), with an INFO line."""
+        if not self.sender:
+            log.info("%s: no notice to the null sender (%s)", self.queue_id or "-", subject)
+            return
+        self.notify(self.sender, subject, body)
+
+    @property
+    def notices(self) -> list[Notice]:
+        """What this message will send once the MTA has its reply."""
+        return list(self._notices or [])

@@ -1,0 +1,64 @@
+"""What a scanner said about a message: plain data, the same whatever went wrong.
+
+A result never raises.  ``error`` says why there is no verdict (the daemon is down, it
+timed out, it answered garbage); ``skipped`` says why the message was not sent at all
+(the check is not configured, or the message is over the size cap).  Either way
+``scanned`` is False and the filter decides (the default filter tempfails mail it could
+not scan for viruses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Result:
+    """What every check's result has: why there is no verdict, if there is none."""
+
+    error: str | None = None
+    skipped: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def scanned(self) -> bool:
+        return self.error is None and self.skipped is None
+
+
+@dataclass(frozen=True)
+class SpamResult(Result):
+    """SpamAssassin's verdict: score, the required score, the rules that hit."""
+
+    score: float = 0.0
+    required: float = 0.0
+    is_spam: bool = False
+    rules: dict[str, float] = field(default_factory=dict)  # rule name -> its points
+    report: str = ""
+
+    def status_header(self) -> str:
+        """The ``X-Spam-Status`` value SpamAssassin itself writes."""
+        tests = ",".join(sorted(self.rules)) or "none"
+        return (f"{'Yes' if self.is_spam else 'No'}, score={self.score:.1f} required={self.required:.1f} "
+                f"tests={tests}")  # fmt: skip
+
+    def __str__(self) -> str:
+        if not self.scanned:
+            return f"spamassassin: not scanned: {self.error or self.skipped}"
+        return f"spamassassin: {self.score:.1f}/{self.required:.1f} {'spam' if self.is_spam else 'ham'}"
+
+
+@dataclass(frozen=True)
+class VirusResult(Result):
+    """ClamAV's verdict: infected (with the signature names) or clean."""
+
+    infected: bool = False
+    viruses: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return self.scanned and not self.infected
+
+    def __str__(self) -> str:
+        if not self.scanned:
+            return f"clamav: not scanned: {self.error or self.skipped}"
+        return f"clamav: {'infected: ' + ', '.join(self.viruses) if self.infected else 'clean'}"
