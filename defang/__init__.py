@@ -47,6 +47,7 @@ _LAZY: dict[str, str] = {
     "Connection": "defang.workers.api.conn",
     "NotesError": "defang.workers.api.conn",
     "Chain": "defang.workers.api.chain",
+    "auth": "defang.workers.api.auth",  # a module: from defang import auth
     "Rule": "defang.workers.api.chain",
 }
 
@@ -58,7 +59,8 @@ def __getattr__(name: str) -> Any:
     home = _LAZY.get(name)
     if home is None:
         raise AttributeError(f"module 'defang' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
+    module = importlib.import_module(home)
+    value = module if home.rpartition(".")[2] == name else getattr(module, name)
     globals()[name] = value
     return value
 

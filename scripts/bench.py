@@ -680,6 +680,8 @@ def _toml(settings: dict[str, dict[str, Any]]) -> str:
             return "true" if v else "false"
         if isinstance(v, int | float):
             return repr(v)
+        if isinstance(v, list):  # of strings: a JSON array is a TOML array
+            return json.dumps([str(x) for x in v])
         return json.dumps(str(v))
 
     lines = []

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -35,6 +34,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_cells  # noqa: E402
+
 import bench  # noqa: E402  (scripts/bench.py: the stacks, the load generator, the measures)
 from defang.testbed.scanners import Clamd, Spamd, scanners_available  # noqa: E402
 from defang.workers.api.scanning import Scanner, Scans, ScanSettings  # noqa: E402
@@ -128,7 +129,6 @@ def main() -> int:
     profile = replace(bench.PROFILES["140k"], count=args.count, conns=args.conns, warmup=30)
     factory = bench.MessageFactory(profile)
     spamd, clamd = Spamd(children=4).start(), Clamd().start()
-    lines: list[str] = []
 
     def log(text: str) -> None:
         print(text, flush=True)
@@ -145,21 +145,7 @@ def main() -> int:
             stacks.append(MimeDefangScanners(spamd, clamd))
         only = {s for s in args.only.split(",") if s}
         stacks = [s for s in stacks if not only or s.group in only]
-        results: list[bench.RunResult] = []
-        bed = bench.Bed(Path(tempfile.mkdtemp(prefix="bench-scanners-bed-", dir=bench.stack_parent())))
-        try:
-            for run in range(1, args.runs + 1):
-                order = stacks if run % 2 else list(reversed(stacks))
-                for stack in order:
-                    stack.start()
-                    try:
-                        with bed.postfix(stack) as pf:
-                            bench.warm_up(bed, pf, stack, factory, log if run == 1 else None)
-                            results.append(bench.measure(bed, pf, stack, factory, run, log))
-                    finally:
-                        stack.stop()
-        finally:
-            bed.close()
+        results = bench_cells.take_turns(stacks, factory, args.runs, log)
     finally:
         spamd.stop()
         clamd.stop()
@@ -179,25 +165,10 @@ def table(alone: dict, results: list[bench.RunResult], stacks: list[bench.Stack]
           args: argparse.Namespace) -> list[str]:  # fmt: skip
     out = [f"scanner profile: 140 KB messages, {args.count} per run, {args.conns} connections, "
            f"{args.runs} runs (medians, min-max); {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}",
-           "", "| stack | msg/s | end-of-DATA p50 ms | p99 ms | filter CPU ms/msg | peak PSS MB | "
-           "acc/rej/tmp/err |", "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+           "", *bench_cells.HEADER]  # fmt: skip
     for name, f in alone.items():
         out.append(f"| {name} | {f['per_s']} | {f['p50_ms']} | {f['p99_ms']} | | | errors {f['errors']} |")
-    for stack in stacks:
-        runs = [r for r in results if r.stack == stack.name]
-        if not runs:
-            continue
-
-        def cell(values: list[float]) -> str:
-            return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
-
-        cpu = [r.filter_cpu_ms_per_msg for r in runs if r.filter_cpu_ms_per_msg is not None]
-        pss = [r.peak_pss_mb for r in runs if r.peak_pss_mb is not None]
-        kinds = ("accepted", "rejected", "tempfailed", "errors")
-        counts = "/".join(str(sum(getattr(r, k) for r in runs)) for k in kinds)
-        out.append(f"| {stack.name} | {cell([r.msgs_per_s for r in runs])} | "
-                   f"{cell([r.eod_ms['p50'] for r in runs])} | {cell([r.eod_ms['p99'] for r in runs])} | "
-                   f"{cell(cpu) if cpu else '-'} | {cell(pss) if pss else '-'} | {counts} |")  # fmt: skip
+    out += bench_cells.rows(results, stacks)
     slower = max(f["p50_ms"] for f in alone.values())
     both = sum(f["p50_ms"] for f in alone.values())
     out += ["", f"slower scanner alone: p50 {slower} ms; target for defang: <= {slower * 1.1:.1f} ms; "

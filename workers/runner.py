@@ -31,6 +31,7 @@ from typing import Any
 from defang.core import hooks, wire
 from defang.core.config import default_runtime_dir
 from defang.core.verdicts import CONTINUE, Verdict, reject, tempfail
+from defang.workers.api import services
 from defang.workers.api.conn import DEFAULT_MAX_NOTES_BYTES, Connection, NotesError, encode_notes
 from defang.workers.api.decision import Decision, FilterError
 from defang.workers.api.message import Message
@@ -73,6 +74,7 @@ class FilterRunner:
             self.monitor_rules = frozenset(cfg.monitor_rules)
             self.services = ServiceSettings.from_config(cfg)
             self.submission = Submission.for_notices(cfg)
+            services.CURRENT = self.services
         else:
             self.limits = MimeLimits()
             self.on_limit = DEFAULT_ON_LIMIT
@@ -234,6 +236,9 @@ class FilterRunner:
 
             new_body = str(msg.path) + wire.NEW_BODY_SUFFIX
             actions = actions + rebuild(msg, new_body)
+        if msg._last_steps and verdict.action in ("continue", "accept"):
+            for step in msg._last_steps:  # signing: over the message as it will leave
+                actions = actions + step(msg, actions)
         if msg._quarantine is not None:
             path = self.quarantine_store.write(msg, msg._quarantine)
             log.info("%s: quarantined as %s (%s)", msg.queue_id or "-", msg._quarantine.id, path)

@@ -13,6 +13,7 @@ default config's ``filter = "../filters/filter.py"`` holds in either.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -137,6 +138,15 @@ class Config:
     notify_timeout: float = 60.0
     notify_from: str = "MAILER-DAEMON"
     notify_administrator: str = "postmaster"
+    # [dns], [auth], [dkim], [arc] (defang.auth)
+    dns_servers: tuple[str, ...] = ()
+    dns_timeout: float = 2.0
+    dns_lifetime: float = 5.0
+    dns_cache_size: int = 10000
+    authserv_id: str = ""
+    dkim_keys: tuple[tuple[str, str, str], ...] = ()  # (domain, selector, key file)
+    dkim_body_canonicalization: str = "relaxed"
+    arc_key: tuple[str, str, str] | None = None
     source: Path | None = field(default=None, compare=False)
 
     def effective_request_timeout(self) -> float:
@@ -251,6 +261,41 @@ def _address(v: Any, what: str) -> str:
     return v
 
 
+def _list(v: Any) -> list:
+    if not isinstance(v, list):
+        raise TypeError("expected a list")
+    return v
+
+
+def _server(v: Any) -> str:
+    host = _str(v)
+    if host.count(":") == 1:
+        host, _, port = host.partition(":")
+        _port(int(port) if port.isdigit() else -1)
+    try:
+        ipaddress.ip_address(host.strip("[]").split("]:")[0])
+    except ValueError:
+        raise TypeError(f"{v!r}: a server is an IP address, with :PORT if not 53") from None
+    return v
+
+
+def _key(v: Any) -> tuple[str, str, str]:
+    """A signing key: {domain = "example.com", selector = "s1", key = "/etc/defang/dkim/s1.key"}."""
+    if not isinstance(v, dict) or set(v) != {"domain", "selector", "key"}:
+        raise TypeError('expected {domain = "...", selector = "...", key = "/path/to/key.pem"}')
+    if not all(isinstance(x, str) and x for x in v.values()):
+        raise TypeError("domain, selector and key must be non-empty strings")
+    if not v["key"].startswith("/"):
+        raise TypeError(f"key {v['key']!r}: an absolute path")
+    return (v["domain"].lower(), v["selector"], v["key"])
+
+
+def _canon(v: Any) -> str:
+    if v not in ("relaxed", "simple"):
+        raise TypeError('expected "relaxed" or "simple"')
+    return v
+
+
 def _port(v: Any) -> int:
     if _pos_int(v) > 65535:
         raise TypeError("expected a TCP port (1-65535)")
@@ -325,6 +370,14 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("notify", "timeout"): ("notify_timeout", _pos_num),
     ("notify", "from"): ("notify_from", _str),
     ("notify", "administrator"): ("notify_administrator", _str),
+    ("dns", "servers"): ("dns_servers", lambda v: tuple(_server(x) for x in _list(v))),
+    ("dns", "timeout"): ("dns_timeout", _pos_num),
+    ("dns", "lifetime"): ("dns_lifetime", _pos_num),
+    ("dns", "cache_size"): ("dns_cache_size", _pos_int),
+    ("auth", "authserv_id"): ("authserv_id", _str),
+    ("dkim", "keys"): ("dkim_keys", lambda v: tuple(_key(k) for k in _list(v))),
+    ("dkim", "body_canonicalization"): ("dkim_body_canonicalization", _canon),
+    ("arc", "key"): ("arc_key", lambda v: _key(v) if v else None),
 }
 
 _ATTRS = {f.name for f in fields(Config)}

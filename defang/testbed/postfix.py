@@ -123,10 +123,12 @@ def chown_postfix(path: Path, mode: int) -> None:
 
 
 def wait_for_banner(host: str, port: int, timeout: float) -> str:
-    """Connect repeatedly until the server at host:port sends a 220 line; return it.
+    """Connect repeatedly until the server at host:port sends its greeting; return it.
 
     A listening socket is not enough: Postfix's master accepts connections before an
-    smtpd process is ready, so only the greeting proves the service is up.
+    smtpd process is ready, so only the greeting proves the service is up.  A 4xx or
+    5xx greeting proves it too: a milter refusing every client at connect (a test of a
+    blocklist) makes smtpd greet with its reply.
     """
     deadline = time.monotonic() + timeout
     last: Exception | str = "no attempt"
@@ -134,7 +136,7 @@ def wait_for_banner(host: str, port: int, timeout: float) -> str:
         try:
             with socket.create_connection((host, port), timeout=2) as s:
                 line = s.makefile("rb").readline().decode("latin-1").rstrip("\r\n")
-                if line.startswith("220"):
+                if line[:1] in ("2", "4", "5") and line[1:3].isdigit() and line[3:4] in (" ", "-"):
                     try:
                         s.sendall(b"QUIT\r\n")
                     except OSError:
@@ -144,7 +146,7 @@ def wait_for_banner(host: str, port: int, timeout: float) -> str:
         except OSError as e:
             last = e
         time.sleep(0.05)
-    raise TestbedError(f"no 220 greeting from {host}:{port} within {timeout}s: {last}")
+    raise TestbedError(f"no SMTP greeting from {host}:{port} within {timeout}s: {last}")
 
 
 def _pid_alive(pid: int) -> bool:

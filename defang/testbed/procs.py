@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -43,3 +45,14 @@ def titled(pids: Iterable[int], prefix: str) -> list[int]:
         if cmd.startswith(prefix):
             out.append(pid)
     return out
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM to a server we started (by its PID), SIGKILL if it outlives ``timeout``."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

@@ -172,3 +172,73 @@ def test_check_address_example(scanner_config, tmp_path):
     r = trial(CLEAN, tmp_path, *args, "--sender", "alice@example.org", "--rcpt", "email-check@example.com",
               "--rcpt", "bob@example.com", filter_path=check)  # fmt: skip
     assert r["exit"] == 0 and r["actions"] == [["delete_recipient", "email-check@example.com"]]
+
+
+# --- the sender-authentication examples, against the test DNS server (NSD) ----------------------
+
+AUTH_MESSAGE = (b"From: Alice <alice@%s>\r\nTo: bob@relay.test\r\nSubject: Figures\r\n"
+                b"Date: Thu, 03 Dec 2026 10:00:00 +0000\r\nMessage-ID: <f1@example.test>\r\n\r\n"
+                b"Hello\r\n")  # fmt: skip
+
+
+def with_lists(tmp_path: Path, example: str, zones: list[str]) -> Path:
+    """The example with its blocklists set to the test server's."""
+    source = (EXAMPLES / example).read_text()
+    line = next(x for x in source.splitlines() if x.startswith("BLOCKLISTS = "))
+    copy = tmp_path / example
+    copy.write_text(source.replace(line, f"BLOCKLISTS = {zones!r}"))
+    return copy
+
+
+def test_spf_policy_example(dns_config, tmp_path):
+    spf = with_lists(tmp_path, "spf_policy.py", ["bl.test"])
+    base = ("--config", str(dns_config))
+
+    def outcome(sender: str, ip: str) -> tuple[str, str | None, str | None]:
+        args = ("--sender", sender, "--ip", ip)
+        r = trial(AUTH_MESSAGE % b"example.test", tmp_path, *base, *args, filter_path=spf)
+        return r["outcome"]["action"], r["outcome"].get("code"), r["ended"]
+
+    assert outcome("alice@example.test", "192.0.2.5") == ("accept", None, "mail")
+    assert outcome("alice@example.test", "198.51.100.7") == ("reject", "550", "mail")
+    assert outcome("a@soft.example.test", "192.0.2.99") == ("reject", "554", "mail")  # softfail, listed
+    assert outcome("a@soft.example.test", "198.51.100.7") == ("continue", None, "end of message")
+    assert outcome("a@broken.example.test", "192.0.2.5") == ("tempfail", "451", "mail")
+    r = trial(AUTH_MESSAGE % b"example.test", tmp_path, *base, "--sender", "a@soft.example.test", "--ip",
+              "192.0.2.99", filter_path=spf)  # fmt: skip
+    assert r["outcome"]["text"] == "192.0.2.99 is listed by bl.test: 192.0.2.99 is a spam source, see bl.test"
+
+
+def test_dnsbl_monitor_example(dns_config, tmp_path):
+    monitor = with_lists(tmp_path, "dnsbl_monitor.py", ["bl.test"])
+    r = trial(AUTH_MESSAGE % b"example.test", tmp_path, "--config", str(dns_config), "--ip", "192.0.2.99",
+              filter_path=monitor)  # fmt: skip
+    assert r["exit"] == 0 and r["tags"] == ["dnsbl:bl.test"]
+    assert r["would"] == ["reject 554 5.7.1 192.0.2.99 is listed by bl.test (filter_relay)"]
+
+
+def test_dmarc_reject_example(dns_config, tmp_path):
+    dmarc = EXAMPLES / "dmarc_reject.py"
+    base = ("--config", str(dns_config), "--ip", "198.51.100.7", "--sender")
+    r = trial(AUTH_MESSAGE % b"example.test", tmp_path, *base, "alice@example.test", filter_path=dmarc)
+    assert r["outcome"]["text"] == "DMARC policy of example.test rejects this message" and r["exit"] == 1
+    quiet = AUTH_MESSAGE % b"quiet.example.test"
+    r = trial(quiet, tmp_path, *base, "a@quiet.example.test", filter_path=dmarc)
+    assert ["change_header", "Subject", "[DMARC] Figures", 1] in r["actions"] and r["exit"] == 0
+    r = trial(AUTH_MESSAGE % b"example.test", tmp_path, *base, "bounce@lists.example.org", filter_path=dmarc)
+    assert r["exit"] == 0, "the allow list is honoured first"
+    inserted = {a[2]: a[3] for a in r["actions"] if a[0] == "insert_header"}
+    assert inserted["Authentication-Results"].startswith("mx.relay.test; spf=")
+
+
+def test_dkim_sign_example(dns_config, tmp_path):
+    source = (EXAMPLES / "dkim_sign.py").read_text().replace('OUR_DOMAINS = {"example.com"}',
+                                                              'OUR_DOMAINS = {"relay.test"}')  # fmt: skip
+    (tmp_path / "dkim_sign.py").write_text(source)
+    r = trial(AUTH_MESSAGE % b"relay.test", tmp_path, "--config", str(dns_config), "--ip", "127.0.0.1",
+              filter_path=tmp_path / "dkim_sign.py")  # fmt: skip
+    (signature,) = [a for a in r["actions"] if a[0] == "insert_header"]
+    assert signature[2] == "DKIM-Signature" and "d=relay.test" in signature[3] and "s=s2026" in signature[3]
+    r = trial(AUTH_MESSAGE % b"relay.test", tmp_path, "--config", str(dns_config), "--ip", "198.51.100.7",
+              filter_path=tmp_path / "dkim_sign.py")  # fmt: skip
+    assert r["actions"] == [], "not ours: not signed"

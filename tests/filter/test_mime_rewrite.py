@@ -59,13 +59,14 @@ def inline_filter(tmp_path: Path, code: str, name: str = "inline_filter.py") -> 
 
 
 def run(runner: FilterRunner, raw: bytes, tmp_path: Path, *, spooled: bool = False, queue_id: str = "Q1",
-        recipients: tuple[str, ...] = ("bob@example.org",)) -> dict[str, Any]:  # fmt: skip
+        recipients: tuple[str, ...] = ("bob@example.org",), sender: str = "alice@example.com",
+        conn: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """The reply to an eom request for ``raw`` spooled into ``tmp_path/spool/``."""
     spool_dir = tmp_path / "spool"
     spool_dir.mkdir(exist_ok=True)
     path = spool_dir / "message"
     path.write_bytes(raw if spooled else spool_form(raw))
-    request = {"op": "eom", "conn": CONN, "sender": "alice@example.com", "sender_args": [],
+    request = {"op": "eom", "conn": conn or CONN, "sender": sender, "sender_args": [],
                "recipients": list(recipients), "queue_id": queue_id, "spool": str(path),
                "size": path.stat().st_size}  # fmt: skip
     reply = handle(runner, request)  # through the wire both ways

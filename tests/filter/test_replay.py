@@ -39,14 +39,15 @@ EXAMPLES = ["filters/filter.py", *(str(p.relative_to(REPO)) for p in sorted(
 
 @needs_corpus
 @pytest.mark.parametrize("filter_path", EXAMPLES)  # the default filter and every example
-def test_replay_gives_each_corpus_message_what_defang_test_gives_it(filter_path, capsys):
-    rc, out = replay(str(CORPUS), "--filter", filter_path, "--jobs", "2")
+def test_replay_gives_each_corpus_message_what_defang_test_gives_it(filter_path, capsys, dns_config):
+    # dns_config: the examples that use defang.auth ask the test DNS server, never the system's
+    rc, out = replay(str(CORPUS), "--filter", filter_path, "--jobs", "2", "--config", str(dns_config))
     assert rc == 0, out["summary"]["filters"][0]["errors"]
     replayed = {m["name"]: m["results"][0] for m in out["messages"]}
     assert len(replayed) == len(list(CORPUS.glob("*.eml"))) == out["summary"]["messages"]
     tested = {}
     for eml in sorted(CORPUS.glob("*.eml")):
-        code = cli.main(["test", str(eml), "--json", "--filter", filter_path])
+        code = cli.main(["test", str(eml), "--json", "--filter", filter_path, "--config", str(dns_config)])
         result = json.loads(capsys.readouterr().out)
         assert code == result["exit"]
         tested[str(eml)] = result

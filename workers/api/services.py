@@ -22,14 +22,41 @@ log = logging.getLogger("defang.filter")
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """``[dns]``, ``[auth]``, ``[dkim]``, ``[arc]``: plain values (``defang.auth`` turns them
+    into a resolver and keys; this module must not import dnspython)."""
+
+    dns_servers: tuple[str, ...] = ()
+    dns_timeout: float = 2.0
+    dns_lifetime: float = 5.0
+    dns_cache_size: int = 10000
+    authserv_id: str = ""
+    dkim_keys: tuple[tuple[str, str, str], ...] = ()
+    dkim_body_canonicalization: str = "relaxed"
+    arc_key: tuple[str, str, str] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> AuthSettings:
+        return cls(cfg.dns_servers, cfg.dns_timeout, cfg.dns_lifetime, cfg.dns_cache_size, cfg.authserv_id,
+                   cfg.dkim_keys, cfg.dkim_body_canonicalization, cfg.arc_key)  # fmt: skip
+
+
+@dataclass(frozen=True)
 class ServiceSettings:
     scans: ScanSettings = field(default_factory=ScanSettings)
     notify_from: str = "MAILER-DAEMON"
     administrator: str = "postmaster"
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     @classmethod
     def from_config(cls, cfg: Any) -> ServiceSettings:
-        return cls(ScanSettings.from_config(cfg), cfg.notify_from, cfg.notify_administrator)
+        return cls(ScanSettings.from_config(cfg), cfg.notify_from, cfg.notify_administrator,
+                   AuthSettings.from_config(cfg))  # fmt: skip
+
+
+#: this worker's settings (the runner sets them): what ``defang.auth`` reads, as its
+#: functions get a ``conn`` or an address, not a message
+CURRENT = ServiceSettings()
 
 
 class Services:
@@ -38,6 +65,10 @@ class Services:
     services: ServiceSettings = ServiceSettings()
     _scans: Scans | None = None
     _notices: list[Notice] | None = None
+    #: what runs on the message as it will leave, after the rebuild (DKIM signing, ARC
+    #: sealing): callables (message, actions so far) -> more actions
+    _last_steps: list[Any] | None = None
+    _auth: Any = None  # defang.auth.check(msg)'s results, kept
 
     # provided by Message
     path: str

@@ -1,0 +1,55 @@
+"""Test zones for defang.auth: blocklists, SPF, DKIM keys, DMARC records, served by NSD
+(defang.testbed.dns), and the DKIM keys behind them (openssl genrsa, once per session)."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+from functools import cache
+from pathlib import Path
+
+from defang.testbed.dns import txt
+
+
+@cache
+def key(name: str, workdir: Path) -> tuple[Path, str]:
+    """A 2048-bit RSA key: (the PEM file, the p= value for its DNS record)."""
+    pem = workdir / f"{name}.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(pem), "2048"], check=True, capture_output=True)
+    der = subprocess.run(["openssl", "rsa", "-in", str(pem), "-pubout", "-outform", "DER"], check=True,
+                         capture_output=True).stdout  # fmt: skip
+    return pem, base64.b64encode(der).decode()
+
+
+def zones(workdir: Path) -> dict[str, list[str]]:
+    _, sender_key = key("sender", workdir)
+    _, relay_key = key("relay", workdir)
+    return {
+        "bl.test": [  # an IP list: 192.0.2.99, 127.0.0.2 (the lists' test entry), 2001:db8::99
+            "99.2.0.192 A 127.0.0.4", "99.2.0.192 TXT " + txt("192.0.2.99 is a spam source, see bl.test"),
+            "2.0.0.127 A 127.0.0.2",
+            "9.9.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2 A 127.0.0.3",
+        ],
+        "local.bl.test": ["1.0.0.127 A 127.0.0.2", "1.0.0.127 TXT " + txt("loopback listed for the test")],
+        "refusing.test": ["99.2.0.192 A 127.255.255.254"],
+        "dbl.test": ["spammer.com A 127.0.1.2", "spammer.com TXT " + txt("spam domain")],
+        "example.test": [
+            "@ TXT " + txt("v=spf1 ip4:192.0.2.0/24 ip4:127.0.0.1 -all"),
+            "soft TXT " + txt("v=spf1 ~all"),
+            "broken TXT " + txt("v=spf1 ip4:300.1.2.3 -all"),
+            "fails TXT " + txt("v=spf1 -all"),
+            "sel._domainkey TXT " + txt(f"v=DKIM1; k=rsa; p={sender_key}"),
+            "_dmarc TXT " + txt("v=DMARC1; p=reject"),
+            "quiet TXT " + txt("v=spf1 -all"),
+            "_dmarc.quiet TXT " + txt("v=DMARC1; p=quarantine"),
+        ],
+        "relay.test": [
+            "@ TXT " + txt("v=spf1 ip4:127.0.0.1 -all"),
+            "s2026._domainkey TXT " + txt(f"v=DKIM1; k=rsa; p={relay_key}"),
+            "arc._domainkey TXT " + txt(f"v=DKIM1; k=rsa; p={relay_key}"),
+        ],
+        "nodmarc.test": ["@ TXT " + txt("v=spf1 ip4:192.0.2.0/24 -all")],
+        # the public suffix list knows no .test: DMARC's organizational domain of x.test is
+        # "test", whose _dmarc record must be missing, not refused
+        "test": [],
+    }

@@ -1,0 +1,143 @@
+"""DNS for the checks: dnspython, one resolver per worker, a TTL-respecting cache, and
+several lookups side by side.
+
+dnspython does all of the DNS (queries, answers, the cache): ``Resolver`` only sets it up
+from ``[dns]`` (servers, a timeout per try, a lifetime per lookup, the cache's size) and
+maps its outcomes to what a mail check needs:
+
+- an answer: the records; no such name (NXDOMAIN) or no such record: an empty list;
+- a timeout, SERVFAIL, a refusal, an unreachable server: ``TempError`` (a "temperror"
+  for SPF, DKIM and DMARC; the filter decides, never an exception the admin meets).
+
+The synchronous resolver is also made dnspython's default for this process, so that the
+libraries that do their own lookups (pyspf, dkimpy, authheaders) use the same servers,
+timeouts and cache.  ``many`` runs lookups concurrently (``dns.asyncresolver`` on one
+event loop, the same cache): a message's three blocklists cost one wait, not three.
+
+dnspython costs ~7.5 MB per process to import: this module is imported only by filters
+that use ``defang.auth`` (at load, in the zygote, so the workers share it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.resolver
+
+
+class TempError(Exception):
+    """The lookup did not get an answer (timeout, SERVFAIL, refused, unreachable)."""
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    servers: tuple[str, ...] = ()  # "127.0.0.1", "127.0.0.1:5353", "[::1]:53"; () = /etc/resolv.conf
+    timeout: float = 2.0  # one try of one server
+    lifetime: float = 5.0  # one lookup, all tries
+    cache_size: int = 10000
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> DnsSettings:
+        return cls(tuple(cfg.dns_servers), cfg.dns_timeout, cfg.dns_lifetime, cfg.dns_cache_size)
+
+
+def _server(spec: str) -> dns.nameserver.Nameserver:
+    host, port = spec, 53
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else 53
+    elif spec.count(":") == 1:
+        host, _, p = spec.partition(":")
+        port = int(p)
+    return dns.nameserver.Do53Nameserver(host, port)
+
+
+def _setup(resolver: Any, settings: DnsSettings, cache: dns.resolver.LRUCache) -> Any:
+    if settings.servers:
+        resolver.nameservers = [_server(s) for s in settings.servers]
+    resolver.timeout = settings.timeout
+    resolver.lifetime = settings.lifetime
+    resolver.cache = cache
+    return resolver
+
+
+class Resolver:
+    """This worker's DNS."""
+
+    def __init__(self, settings: DnsSettings) -> None:
+        self.settings = settings
+        configure = not settings.servers
+        cache = dns.resolver.LRUCache(settings.cache_size)
+        self.sync = _setup(dns.resolver.Resolver(configure=configure), settings, cache)
+        self.aio = _setup(dns.asyncresolver.Resolver(configure=configure), settings, cache)
+        dns.resolver.default_resolver = self.sync  # pyspf, dkimpy, authheaders: the same servers
+
+    def query(self, name: str, rdtype: str) -> list[Any]:
+        """The records of ``name``; [] when there is none; TempError when no answer came."""
+        try:
+            return list(self.sync.resolve(name, rdtype, search=False))
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout) as exc:
+            raise TempError(_why(exc)) from None
+        except dns.exception.DNSException as exc:
+            raise TempError(f"{type(exc).__name__}: {exc}") from None
+
+    def many(self, queries: Sequence[tuple[str, str]]) -> list[list[Any] | TempError]:
+        """``query`` for each (name, type), side by side; a TempError in place of a failed one."""
+        if len(queries) <= 1:
+            return [self._catch(name, rdtype) for name, rdtype in queries]
+        return asyncio.run(self._gather(queries))
+
+    def _catch(self, name: str, rdtype: str) -> list[Any] | TempError:
+        try:
+            return self.query(name, rdtype)
+        except TempError as exc:
+            return exc
+
+    async def _gather(self, queries: Sequence[tuple[str, str]]) -> list[list[Any] | TempError]:
+        async def one(name: str, rdtype: str) -> list[Any] | TempError:
+            try:
+                return list(await self.aio.resolve(name, rdtype, search=False))
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                return []
+            except dns.exception.DNSException as exc:
+                return TempError(_why(exc))
+
+        return list(await asyncio.gather(*(one(n, t) for n, t in queries)))
+
+
+def warm_up() -> None:
+    """Do once, before the workers are forked, what dnspython does on first use: import
+    the record types' modules, build and parse a query and an answer, start and close an
+    event loop.  Made in each worker instead, that cost ~3-4 MB of private memory in every
+    worker that looks anything up (measured: smaps Private_Dirty of a forked child)."""
+    import dns.message
+    import dns.rrset
+
+    for rdtype in ("A", "AAAA", "TXT", "MX", "PTR", "CNAME", "SOA", "NS"):
+        query = dns.message.make_query("warm-up.invalid", rdtype)
+        answer = dns.message.make_response(query)
+        data = {"A": "127.0.0.2", "AAAA": "::1", "TXT": '"v=spf1 -all"', "MX": "10 mx.invalid.",
+                "PTR": "host.invalid.", "CNAME": "other.invalid.", "NS": "ns.invalid.",
+                "SOA": "ns.invalid. admin.invalid. 1 2 3 4 5"}[rdtype]  # fmt: skip
+        answer.answer.append(dns.rrset.from_text("warm-up.invalid.", 300, "IN", rdtype, data))
+        dns.message.from_wire(answer.to_wire())
+    asyncio.run(asyncio.sleep(0))
+
+
+def _why(exc: Exception) -> str:
+    """dnspython's text, shortened: "NoNameservers: ... answered SERVFAIL" -> "SERVFAIL"."""
+    text = str(exc)
+    for rcode in ("SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"):
+        if f"answered {rcode}" in text:
+            return f"DNS server answered {rcode}"
+    if isinstance(exc, dns.exception.Timeout):
+        return f"DNS timeout: {text}"
+    return text if len(text) < 200 else text[:197] + "..."
