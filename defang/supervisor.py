@@ -104,8 +104,6 @@ def _read_line(fd: int, timeout: float) -> str:
 
 def run(cfg: Config, multiplexor: DaemonMain, milter: DaemonMain) -> int:
     set_title("defang-run")
-    cfg.runtime_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(cfg.runtime_dir, 0o755)  # the MTA's user must reach the milter socket
     gc.freeze()  # the objects imported so far stay shared: no collection writes to them
     mx = Daemon("multiplexor", multiplexor)
     fe = Daemon("milter", milter)

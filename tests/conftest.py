@@ -18,7 +18,10 @@ def _nsd_missing() -> bool:
 @pytest.fixture(scope="session")
 def keydir():
     """DKIM keys made for this run (authzones.key)."""
+    from authzones import share_with_daemons
+
     d = Path(tempfile.mkdtemp(prefix="defang-keys-"))
+    share_with_daemons(d, 0o750)
     yield d
     shutil.rmtree(d, ignore_errors=True)
 

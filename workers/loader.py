@@ -95,8 +95,16 @@ def _install_old_names() -> None:
 def load_filter(path: str) -> LoadedFilter:
     """Import ``path`` as module ``defang_filter``; raise ``FilterLoadError`` if unusable."""
     path = os.path.abspath(path)
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise FilterLoadError(f"{path}: FileNotFoundError: no such filter file") from None
+    except OSError as exc:  # the daemons' user may not reach it (see SECURITY.md)
+        raise FilterLoadError(f"{path}: {type(exc).__name__}: {exc.strerror} "
+                              f"(running as uid {os.geteuid()})") from None  # fmt: skip
     if not os.path.isfile(path):
-        raise FilterLoadError(f"{path}: FileNotFoundError: no such filter file")
+        raise FilterLoadError(f"{path}: not a regular file")
     directory = os.path.dirname(path)
     if directory not in sys.path:
         sys.path.append(directory)  # so filter.py can import its own helper modules

@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         reply = request(str(cfg.control_socket), "reload" if args.command == "reload" else "status")
+    except PermissionError:
+        group = cfg.control_group or cfg.daemon_group
+        print(f"defangctl: {cfg.control_socket}: Permission denied: the control socket is for root, "
+              f"defang's user and group {group}", file=sys.stderr)  # fmt: skip
+        return 3
     except (OSError, wire.ProtocolError) as exc:
         print(f"defangctl: cannot reach the multiplexor at {cfg.control_socket}: {exc}",
               file=sys.stderr)

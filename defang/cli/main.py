@@ -36,6 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"defang: {exc}", file=sys.stderr)
         return 2
     logsetup.setup(cfg.log_level)
+    if args.command in ("run", "milter", "multiplexor"):
+        from defang.core.privileges import PrivilegeError
+
+        try:
+            daemon_identity(cfg)
+        except PrivilegeError as exc:
+            print(f"defang: {exc}", file=sys.stderr)
+            return 2
     # Each command imports what it runs, here: ``defang milter`` must not load the MIME
     # engine, ``defang check`` no daemon.
     if args.command == "run":
@@ -58,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
         from defang.multiplexor.daemon import Multiplexor
         from defang.workers.zygote import main as zygote_main
 
-        cfg.runtime_dir.mkdir(parents=True, exist_ok=True)
         return Multiplexor(cfg, zygote_main, ready_fd=args.ready_fd).run()
     if args.command == "check":
         return check(cfg, args.strict)
@@ -76,6 +83,25 @@ def main(argv: list[str] | None = None) -> int:
         return run_quarantine(cfg, args)
     logging.getLogger("defang").error("unknown command %s", args.command)
     return 2
+
+
+def daemon_identity(cfg: configmod.Config) -> None:
+    """Make the daemons' directories, then stop being root (defang.core.privileges says why).
+
+    Done once, by the first process: ``defang run`` before it forks the daemons (which
+    then never were root), ``defang milter`` or ``defang multiplexor`` on their own.  A
+    daemon that ``defang run`` starts is already unprivileged and changes nothing here.
+    """
+    from defang.core import privileges
+    from defang.workers.stores.quarantine import quarantine_dir
+
+    dirs = [(cfg.runtime_dir, privileges.RUNTIME_DIR_MODE), (cfg.spool_dir, privileges.PRIVATE_DIR_MODE),
+            (quarantine_dir(cfg), privileges.PRIVATE_DIR_MODE)]  # fmt: skip
+    for sock in (configmod.unix_socket_path(cfg.milter_socket), cfg.multiplexor_socket, cfg.control_socket):
+        if sock is not None and not sock.parent.exists():
+            dirs.append((sock.parent, privileges.RUNTIME_DIR_MODE))
+    groups = (cfg.socket_group, cfg.control_group)
+    privileges.become_daemon_user(cfg.daemon_user, cfg.daemon_group, tuple(g for g in groups if g), dirs)
 
 
 def check(cfg: configmod.Config, strict: bool) -> int:

@@ -61,13 +61,20 @@ def run(cfg: Any, args: argparse.Namespace) -> int:
             else:
                 print(f"deleted {args.id}")
             return 0
-    except QuarantineError as exc:
-        if getattr(args, "json", False):
-            _print({"error": str(exc)}, True)
-        else:
-            print(f"defang quarantine: {exc}", file=sys.stderr)
-        return 1
+    except PermissionError as exc:  # 0700: the daemons' user's (SECURITY.md)
+        return _fail(args, f"{exc.filename}: Permission denied: the quarantine is for root and "
+                           f"the daemons' user ({cfg.daemon_user}); run as one of them")  # fmt: skip
+    except (QuarantineError, OSError) as exc:
+        return _fail(args, str(exc))
     return 2
+
+
+def _fail(args: argparse.Namespace, why: str) -> int:
+    if getattr(args, "json", False):
+        _print({"error": why}, True)
+    else:
+        print(f"defang quarantine: {why}", file=sys.stderr)
+    return 1
 
 
 def _list(store: QuarantineStore, as_json: bool) -> int:

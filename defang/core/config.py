@@ -13,13 +13,33 @@ default config's ``filter = "../filters/filter.py"`` holds in either.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from defang.core.convert import (
+    as_bool,
+    as_canon,
+    as_filter_mode,
+    as_int,
+    as_key,
+    as_level,
+    as_list,
+    as_macros,
+    as_mode,
+    as_name,
+    as_names,
+    as_num,
+    as_path,
+    as_port,
+    as_pos_int,
+    as_pos_num,
+    as_release_method,
+    as_server,
+    as_str,
+)
 from defang.core.verdicts import Verdict, for_reply
 
 _PACKAGE = Path(__file__).resolve().parent.parent  # .../defang
@@ -60,6 +80,8 @@ class Config:
     runtime_dir: Path = Path()
     filter: Path = DEFAULT_FILTER
     log_level: str = "info"
+    daemon_user: str = "defang"
+    daemon_group: str = "defang"
     # [milter]
     milter_socket: str = ""
     socket_mode: int = 0o660
@@ -81,6 +103,8 @@ class Config:
     # [multiplexor]
     multiplexor_socket: Path = Path()
     control_socket: Path = Path()
+    control_socket_mode: int = 0o660
+    control_group: str = ""
     min_workers: int = 2
     max_workers: int = 10
     min_spare: int = 1
@@ -160,61 +184,6 @@ class Config:
         return self.queue_timeout + self.busy_timeout + self.busy_grace + 5.0
 
 
-# (section, key) -> (Config attribute, converter)
-def _path(v: Any) -> Path:
-    if not isinstance(v, str):
-        raise TypeError("expected a path string")
-    return Path(v)
-
-
-def _int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise TypeError("expected a non-negative integer")
-    return v
-
-
-def _pos_int(v: Any) -> int:
-    if _int(v) == 0:
-        raise TypeError("expected a positive integer")
-    return v
-
-
-def _num(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-        raise TypeError("expected a non-negative number")
-    return float(v)
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError("expected true or false")
-    return v
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise TypeError("expected a string")
-    return v
-
-
-def _mode(v: Any) -> int:
-    if isinstance(v, str):
-        return int(v, 8)
-    raise TypeError('expected an octal string such as "0660"')
-
-
-def _level(v: Any) -> str:
-    if v not in ("debug", "info", "warning", "error"):
-        raise TypeError("expected debug, info, warning or error")
-    return v
-
-
-def _macros(v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list) or not all(isinstance(m, str) for m in v):
-        raise TypeError("expected a list of macro names")
-    return tuple(v)
-
-
 def _reply(v: Any) -> ReplySpec:
     if not isinstance(v, dict) or set(v) - {"code", "dsn", "text"}:
         raise TypeError("expected a table with code, dsn and text")
@@ -228,32 +197,8 @@ def _reply(v: Any) -> ReplySpec:
     return ReplySpec(code, dsn, text)
 
 
-def _filter_mode(v: Any) -> str:
-    if v not in ("enforce", "monitor"):
-        raise TypeError('expected "enforce" or "monitor"')
-    return v
-
-
-def _names(v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list) or not all(isinstance(m, str) and m for m in v):
-        raise TypeError("expected a list of names")
-    return tuple(v)
-
-
-def _release_method(v: Any) -> str:
-    if v not in ("sendmail", "smtp"):
-        raise TypeError('expected "sendmail" or "smtp"')
-    return v
-
-
-def _pos_num(v: Any) -> float:
-    if _num(v) <= 0:
-        raise TypeError("expected a number > 0")
-    return float(v)
-
-
 def _address(v: Any, what: str) -> str:
-    if _str(v):
+    if as_str(v):
         try:
             socket_address(v)
         except ConfigError as exc:
@@ -261,123 +206,87 @@ def _address(v: Any, what: str) -> str:
     return v
 
 
-def _list(v: Any) -> list:
-    if not isinstance(v, list):
-        raise TypeError("expected a list")
-    return v
-
-
-def _server(v: Any) -> str:
-    host = _str(v)
-    if host.count(":") == 1:
-        host, _, port = host.partition(":")
-        _port(int(port) if port.isdigit() else -1)
-    try:
-        ipaddress.ip_address(host.strip("[]").split("]:")[0])
-    except ValueError:
-        raise TypeError(f"{v!r}: a server is an IP address, with :PORT if not 53") from None
-    return v
-
-
-def _key(v: Any) -> tuple[str, str, str]:
-    """A signing key: {domain = "example.com", selector = "s1", key = "/etc/defang/dkim/s1.key"}."""
-    if not isinstance(v, dict) or set(v) != {"domain", "selector", "key"}:
-        raise TypeError('expected {domain = "...", selector = "...", key = "/path/to/key.pem"}')
-    if not all(isinstance(x, str) and x for x in v.values()):
-        raise TypeError("domain, selector and key must be non-empty strings")
-    if not v["key"].startswith("/"):
-        raise TypeError(f"key {v['key']!r}: an absolute path")
-    return (v["domain"].lower(), v["selector"], v["key"])
-
-
-def _canon(v: Any) -> str:
-    if v not in ("relaxed", "simple"):
-        raise TypeError('expected "relaxed" or "simple"')
-    return v
-
-
-def _port(v: Any) -> int:
-    if _pos_int(v) > 65535:
-        raise TypeError("expected a TCP port (1-65535)")
-    return v
-
-
+# (section, key) -> (Config attribute, converter)
 KEYS: dict[tuple[str, str], tuple[str, Any]] = {
-    ("daemon", "runtime_dir"): ("runtime_dir", _path),
-    ("daemon", "filter"): ("filter", _path),
-    ("daemon", "log_level"): ("log_level", _level),
-    ("milter", "socket"): ("milter_socket", _str),
-    ("milter", "socket_mode"): ("socket_mode", _mode),
-    ("milter", "socket_group"): ("socket_group", _str),
-    ("milter", "spool_dir"): ("spool_dir", _path),
-    ("milter", "io_timeout"): ("milter_io_timeout", _pos_int),
-    ("milter", "tcp_nodelay"): ("tcp_nodelay", _bool),
-    ("milter", "request_timeout"): ("request_timeout", _num),
-    ("milter", "max_message_size"): ("max_message_size", _pos_int),
-    ("milter", "max_header_bytes"): ("max_header_bytes", _pos_int),
-    ("milter", "max_headers"): ("max_headers", _pos_int),
-    ("milter", "max_recipients"): ("max_recipients", _pos_int),
-    ("milter", "macros"): ("macros", _macros),
-    ("multiplexor", "socket"): ("multiplexor_socket", _path),
-    ("multiplexor", "control_socket"): ("control_socket", _path),
-    ("multiplexor", "min_workers"): ("min_workers", _int),
-    ("multiplexor", "max_workers"): ("max_workers", _pos_int),
-    ("multiplexor", "min_spare"): ("min_spare", _int),
-    ("multiplexor", "idle_timeout"): ("idle_timeout", _num),
-    ("multiplexor", "max_frame_size"): ("max_frame_size", _pos_int),
-    ("multiplexor", "busy_timeout"): ("busy_timeout", _num),
-    ("multiplexor", "busy_grace"): ("busy_grace", _num),
-    ("multiplexor", "queue_size"): ("queue_size", _int),
-    ("multiplexor", "queue_timeout"): ("queue_timeout", _num),
-    ("multiplexor", "max_requests"): ("max_requests", _int),
-    ("multiplexor", "max_requests_jitter"): ("max_requests_jitter", _int),
-    ("multiplexor", "max_rss"): ("max_rss", _int),
-    ("filter", "max_notes_bytes"): ("max_notes_bytes", _pos_int),
-    ("filter", "mode"): ("filter_mode", _filter_mode),
-    ("filter", "monitor_rules"): ("monitor_rules", _names),
+    ("daemon", "runtime_dir"): ("runtime_dir", as_path),
+    ("daemon", "filter"): ("filter", as_path),
+    ("daemon", "log_level"): ("log_level", as_level),
+    ("daemon", "user"): ("daemon_user", as_name),
+    ("daemon", "group"): ("daemon_group", as_name),
+    ("milter", "socket"): ("milter_socket", as_str),
+    ("milter", "socket_mode"): ("socket_mode", as_mode),
+    ("milter", "socket_group"): ("socket_group", as_str),
+    ("milter", "spool_dir"): ("spool_dir", as_path),
+    ("milter", "io_timeout"): ("milter_io_timeout", as_pos_int),
+    ("milter", "tcp_nodelay"): ("tcp_nodelay", as_bool),
+    ("milter", "request_timeout"): ("request_timeout", as_num),
+    ("milter", "max_message_size"): ("max_message_size", as_pos_int),
+    ("milter", "max_header_bytes"): ("max_header_bytes", as_pos_int),
+    ("milter", "max_headers"): ("max_headers", as_pos_int),
+    ("milter", "max_recipients"): ("max_recipients", as_pos_int),
+    ("milter", "macros"): ("macros", as_macros),
+    ("multiplexor", "socket"): ("multiplexor_socket", as_path),
+    ("multiplexor", "control_socket"): ("control_socket", as_path),
+    ("multiplexor", "control_socket_mode"): ("control_socket_mode", as_mode),
+    ("multiplexor", "control_group"): ("control_group", as_str),
+    ("multiplexor", "min_workers"): ("min_workers", as_int),
+    ("multiplexor", "max_workers"): ("max_workers", as_pos_int),
+    ("multiplexor", "min_spare"): ("min_spare", as_int),
+    ("multiplexor", "idle_timeout"): ("idle_timeout", as_num),
+    ("multiplexor", "max_frame_size"): ("max_frame_size", as_pos_int),
+    ("multiplexor", "busy_timeout"): ("busy_timeout", as_num),
+    ("multiplexor", "busy_grace"): ("busy_grace", as_num),
+    ("multiplexor", "queue_size"): ("queue_size", as_int),
+    ("multiplexor", "queue_timeout"): ("queue_timeout", as_num),
+    ("multiplexor", "max_requests"): ("max_requests", as_int),
+    ("multiplexor", "max_requests_jitter"): ("max_requests_jitter", as_int),
+    ("multiplexor", "max_rss"): ("max_rss", as_int),
+    ("filter", "max_notes_bytes"): ("max_notes_bytes", as_pos_int),
+    ("filter", "mode"): ("filter_mode", as_filter_mode),
+    ("filter", "monitor_rules"): ("monitor_rules", as_names),
     ("replies", "on_filter_error"): ("on_filter_error", _reply),
     ("replies", "on_internal_error"): ("on_internal_error", _reply),
     ("replies", "on_busy"): ("on_busy", _reply),
     ("replies", "on_message_too_large"): ("on_message_too_large", _reply),
     ("replies", "on_header_too_large"): ("on_header_too_large", _reply),
     ("replies", "on_too_many_recipients"): ("on_too_many_recipients", _reply),
-    ("mime", "max_parts"): ("mime_max_parts", _int),
-    ("mime", "max_depth"): ("mime_max_depth", _int),
-    ("mime", "max_decoded_size"): ("mime_max_decoded_size", _int),
-    ("mime", "max_archive_members"): ("mime_max_archive_members", _int),
-    ("mime", "max_archive_depth"): ("mime_max_archive_depth", _int),
-    ("mime", "max_archive_expansion"): ("mime_max_archive_expansion", _int),
+    ("mime", "max_parts"): ("mime_max_parts", as_int),
+    ("mime", "max_depth"): ("mime_max_depth", as_int),
+    ("mime", "max_decoded_size"): ("mime_max_decoded_size", as_int),
+    ("mime", "max_archive_members"): ("mime_max_archive_members", as_int),
+    ("mime", "max_archive_depth"): ("mime_max_archive_depth", as_int),
+    ("mime", "max_archive_expansion"): ("mime_max_archive_expansion", as_int),
     ("mime", "on_limit"): ("mime_on_limit", _reply),
-    ("quarantine", "dir"): ("quarantine_dir", _path),
-    ("quarantine", "release_method"): ("quarantine_release_method", _release_method),
-    ("quarantine", "sendmail_path"): ("quarantine_sendmail_path", _path),
-    ("quarantine", "smtp_host"): ("quarantine_smtp_host", _str),
-    ("quarantine", "smtp_port"): ("quarantine_smtp_port", _port),
+    ("quarantine", "dir"): ("quarantine_dir", as_path),
+    ("quarantine", "release_method"): ("quarantine_release_method", as_release_method),
+    ("quarantine", "sendmail_path"): ("quarantine_sendmail_path", as_path),
+    ("quarantine", "smtp_host"): ("quarantine_smtp_host", as_str),
+    ("quarantine", "smtp_port"): ("quarantine_smtp_port", as_port),
     ("spamassassin", "address"): ("spamassassin_address", lambda v: _address(v, "spamd")),
-    ("spamassassin", "connect_timeout"): ("spamassassin_connect_timeout", _pos_num),
-    ("spamassassin", "timeout"): ("spamassassin_timeout", _pos_num),
-    ("spamassassin", "max_size"): ("spamassassin_max_size", _pos_int),
-    ("spamassassin", "user"): ("spamassassin_user", _str),
+    ("spamassassin", "connect_timeout"): ("spamassassin_connect_timeout", as_pos_num),
+    ("spamassassin", "timeout"): ("spamassassin_timeout", as_pos_num),
+    ("spamassassin", "max_size"): ("spamassassin_max_size", as_pos_int),
+    ("spamassassin", "user"): ("spamassassin_user", as_str),
     ("clamav", "address"): ("clamav_address", lambda v: _address(v, "clamd")),
-    ("clamav", "connect_timeout"): ("clamav_connect_timeout", _pos_num),
-    ("clamav", "timeout"): ("clamav_timeout", _pos_num),
-    ("clamav", "max_size"): ("clamav_max_size", _pos_int),
-    ("clamav", "fd_passing"): ("clamav_fd_passing", _bool),
-    ("notify", "method"): ("notify_method", _release_method),
-    ("notify", "sendmail_path"): ("notify_sendmail_path", _path),
-    ("notify", "smtp_host"): ("notify_smtp_host", _str),
-    ("notify", "smtp_port"): ("notify_smtp_port", _port),
-    ("notify", "timeout"): ("notify_timeout", _pos_num),
-    ("notify", "from"): ("notify_from", _str),
-    ("notify", "administrator"): ("notify_administrator", _str),
-    ("dns", "servers"): ("dns_servers", lambda v: tuple(_server(x) for x in _list(v))),
-    ("dns", "timeout"): ("dns_timeout", _pos_num),
-    ("dns", "lifetime"): ("dns_lifetime", _pos_num),
-    ("dns", "cache_size"): ("dns_cache_size", _pos_int),
-    ("auth", "authserv_id"): ("authserv_id", _str),
-    ("dkim", "keys"): ("dkim_keys", lambda v: tuple(_key(k) for k in _list(v))),
-    ("dkim", "body_canonicalization"): ("dkim_body_canonicalization", _canon),
-    ("arc", "key"): ("arc_key", lambda v: _key(v) if v else None),
+    ("clamav", "connect_timeout"): ("clamav_connect_timeout", as_pos_num),
+    ("clamav", "timeout"): ("clamav_timeout", as_pos_num),
+    ("clamav", "max_size"): ("clamav_max_size", as_pos_int),
+    ("clamav", "fd_passing"): ("clamav_fd_passing", as_bool),
+    ("notify", "method"): ("notify_method", as_release_method),
+    ("notify", "sendmail_path"): ("notify_sendmail_path", as_path),
+    ("notify", "smtp_host"): ("notify_smtp_host", as_str),
+    ("notify", "smtp_port"): ("notify_smtp_port", as_port),
+    ("notify", "timeout"): ("notify_timeout", as_pos_num),
+    ("notify", "from"): ("notify_from", as_str),
+    ("notify", "administrator"): ("notify_administrator", as_str),
+    ("dns", "servers"): ("dns_servers", lambda v: tuple(as_server(x) for x in as_list(v))),
+    ("dns", "timeout"): ("dns_timeout", as_pos_num),
+    ("dns", "lifetime"): ("dns_lifetime", as_pos_num),
+    ("dns", "cache_size"): ("dns_cache_size", as_pos_int),
+    ("auth", "authserv_id"): ("authserv_id", as_str),
+    ("dkim", "keys"): ("dkim_keys", lambda v: tuple(as_key(k) for k in as_list(v))),
+    ("dkim", "body_canonicalization"): ("dkim_body_canonicalization", as_canon),
+    ("arc", "key"): ("arc_key", lambda v: as_key(v) if v else None),
 }
 
 _ATTRS = {f.name for f in fields(Config)}
@@ -449,6 +358,9 @@ def finish(cfg: Config) -> Config:
         derived["milter_socket"] = f"unix:{run / 'milter.sock'}"
     cfg = replace(cfg, **derived)
     check_socket_spec(cfg.milter_socket)
+    if cfg.socket_mode & 0o002:
+        raise ConfigError(f"[milter] socket_mode {cfg.socket_mode:04o}: others could write to the milter "
+                          "socket and answer for the MTA; give the MTA's group access instead")  # fmt: skip
     if cfg.min_workers > cfg.max_workers:
         raise ConfigError(f"[multiplexor] min_workers {cfg.min_workers} > max_workers {cfg.max_workers}")
     if cfg.min_spare > cfg.max_workers:

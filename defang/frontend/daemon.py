@@ -6,7 +6,6 @@ each connection (``install_callbacks``) and runs libmilter's loop until a stop s
 
 from __future__ import annotations
 
-import grp
 import logging
 import os
 import socket
@@ -15,6 +14,7 @@ import milter
 
 from defang.core import malloc
 from defang.core.config import Config, unix_socket_path
+from defang.core.privileges import give_socket
 from defang.core.proctitle import set_title
 from defang.frontend.mxclient import MultiplexorClient
 from defang.frontend.service import FrontEnd
@@ -47,7 +47,7 @@ def serve(cfg: Config, ready_fd: int | None = None) -> int:
     finally:
         os.umask(old)
     if path is not None:
-        _set_socket_group(path, cfg)
+        give_socket(path, cfg.socket_mode, cfg.socket_group)
     elif cfg.tcp_nodelay:
         _nodelay_listener(cfg.milter_socket)
     log.info("milter listening on %s (spool %s, request timeout %.0fs)", cfg.milter_socket,
@@ -93,22 +93,6 @@ def _nodelay_listener(spec: str) -> None:
         finally:
             sock.close()
     log.warning("could not find libmilter's listener for %s to set TCP_NODELAY", spec)
-
-
-def _set_socket_group(path, cfg: Config) -> None:
-    os.chmod(path, cfg.socket_mode)
-    if not cfg.socket_group:
-        return
-    try:
-        gid = grp.getgrnam(cfg.socket_group).gr_gid
-    except KeyError:
-        log.info("no group %r on this system: milter socket %s keeps its group", cfg.socket_group,
-                 path)  # fmt: skip
-        return
-    try:
-        os.chown(path, -1, gid)
-    except PermissionError as exc:
-        log.warning("cannot give milter socket %s to group %s: %s", path, cfg.socket_group, exc)
 
 
 def install_callbacks(fe: FrontEnd) -> None:

@@ -77,7 +77,7 @@ class SpoolDir:
             self._seq += 1
             n = self._seq
         path = f"{self.path}/{self.pid:x}.{n}.eml"
-        return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 0
+        return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), 0
 
     def wanted(self, mine: bool) -> bool:
         """Is a file worth keeping: is a transaction besides the caller's under way?
@@ -115,7 +115,7 @@ class SpoolDir:
 
     def clean(self) -> None:
         """Remove what a previous run left behind (a crash, a kill -9)."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         stale = 0
         for entry in self.path.iterdir():
             if entry.is_dir() and not entry.is_symlink():

@@ -42,6 +42,7 @@ from typing import Any
 from defang.core import child, procinfo, wire
 from defang.core.config import Config
 from defang.core.framing import frame
+from defang.core.privileges import give_socket, peer_credentials, refuse_change
 from defang.core.proctitle import set_title
 from defang.multiplexor import events as ev
 from defang.multiplexor.channel import Channel, Closed
@@ -58,6 +59,7 @@ class Client:
     chan: Channel
     control: bool = False
     job: ev.Job | None = None
+    peer: tuple[int, int, int] | None = None  # control clients: (pid, uid, gid)
 
 
 @dataclass(eq=False)
@@ -99,8 +101,9 @@ class Multiplexor:
 
         if not self._boot_first_zygote():
             return 2
-        self._listen(self.cfg.multiplexor_socket, self._on_accept_client)
+        self._listen(self.cfg.multiplexor_socket, self._on_accept_client)  # the front end: us
         self._listen(self.cfg.control_socket, self._on_accept_control)
+        give_socket(self.cfg.control_socket, self.cfg.control_socket_mode, self.cfg.control_group)
         self._announce_ready("ready")
         log.info("multiplexor ready: %d to %d workers (%d spare), queue %d, socket %s",
                  self.cfg.min_workers, self.cfg.max_workers, self.cfg.min_spare, self.cfg.queue_size,
@@ -143,7 +146,7 @@ class Multiplexor:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o117)  # 0660
+        old = os.umask(0o177)  # 0600: the control socket is opened up by give_socket
         try:
             lsock.bind(str(path))
         finally:
@@ -169,7 +172,8 @@ class Multiplexor:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     log.error("multiplexor: cannot accept: %s", exc)
                 return
-            client = Client(Channel(sock, self.cfg.max_frame_size), control=control)
+            peer = peer_credentials(sock) if control else None
+            client = Client(Channel(sock, self.cfg.max_frame_size), control=control, peer=peer)
             self.sel.register(sock, selectors.EVENT_READ, self._client_handler(client))
 
     # ---------------------------------------------------------------- clients
@@ -220,8 +224,14 @@ class Multiplexor:
             return
         if request.command == "status":
             self._send_client(client, wire.encode(self.status()))
-        else:
-            self._feed(ev.ReloadRequested(client))
+            return
+        refused = refuse_change(client.peer, self.cfg.control_group)
+        if refused:
+            log.warning("multiplexor: reload refused: %s", refused)
+            answer = wire.ControlResult(False, error=f"reload refused: {refused}")
+            self._send_client(client, wire.encode(answer))
+            return
+        self._feed(ev.ReloadRequested(client))
 
     def status(self) -> wire.Status:
         pool, cfg = self.pool, self.cfg

@@ -217,6 +217,34 @@ def test_garbage_on_the_multiplexor_socket_closes_only_that_connection(defang):
     assert transaction(defang, b"still fine").reply == "continue"
 
 
+def test_garbage_on_the_control_and_milter_sockets_closes_only_that_connection(defang):
+    control = str(defang.runtime / "control.sock")
+    for garbage in (b"\x00\x00", struct.pack(">I", 64 << 20) + b"x", struct.pack(">I", 9) + b"not json!"):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(control)
+            sock.sendall(garbage)
+            sock.shutdown(socket.SHUT_WR)  # a truncated frame: the peer is gone
+            answer = sock.recv(65536)
+            assert answer == b"" or b'"ok":false' in answer, answer  # closed, or told why
+    assert "protocol error from control client" in defang.log()
+    assert defang.ctl("status").returncode == 0
+    milters = defang.pids("defang-milter")
+    for garbage in (b"GET / HTTP/1.0\r\n\r\n", struct.pack(">I", 1 << 30) + b"O", b"\x00\x00\x00\x01"):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(15)
+            sock.connect(defang.milter_path)
+            sock.sendall(garbage)
+            sock.shutdown(socket.SHUT_WR)
+            try:
+                while sock.recv(65536):  # libmilter ends the session (closed or reset), nothing else
+                    pass
+            except ConnectionResetError:
+                pass
+    assert defang.pids("defang-milter") == milters
+    assert transaction(defang, b"still fine").reply == "continue"
+
+
 def test_multiplexor_gone_gives_tempfail_then_the_supervisor_restarts_it():
     import os
     import signal

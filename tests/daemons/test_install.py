@@ -47,7 +47,9 @@ def test_check_finds_the_packaged_default_filter_outside_the_source_tree(venv, t
 
 def test_run_with_a_config_serves_and_stops(venv, tmp_path):
     config = tmp_path / "defang.toml"
-    config.write_text(f'[daemon]\nruntime_dir = "{tmp_path / "run"}"\n[multiplexor]\nmin_workers = 1\n')
+    # root: this venv lies in pytest's tmp_path (mode 0700), out of the defang user's reach
+    config.write_text(f'[daemon]\nruntime_dir = "{tmp_path / "run"}"\nuser = "root"\n'
+                      '[multiplexor]\nmin_workers = 1\n')
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(venv / "bin/defang"), "run", "--config", str(config)], stdout=out,

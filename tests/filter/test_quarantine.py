@@ -96,8 +96,8 @@ def test_layout_and_metadata(tmp_path: Path) -> None:
     assert ["Subject", "=?utf-8?q?Rechnung_f=C3=BCr_Bob?="] in meta["headers"]
     assert meta["time"].startswith(qid[:4] + "-" + qid[4:6]) and meta["releases"] == []
     # owner and group only
-    assert stat.S_IMODE(entry.stat().st_mode) == 0o750
-    assert stat.S_IMODE((entry / "message.eml").stat().st_mode) == 0o640
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o700  # they hold mail: the daemons' user only
+    assert stat.S_IMODE((entry / "message.eml").stat().st_mode) == 0o600
 
 
 def test_nothing_is_written_when_the_filter_fails(tmp_path: Path) -> None:

@@ -624,7 +624,7 @@ def test_part_walk_order_and_fields(tmp_path: Path) -> None:
     assert reply["verdict"]["text"] == "No executables (Rechnung_März.exe)"
 
 
-def test_walk_decodes_no_payload_unless_asked(tmp_path: Path, monkeypatch) -> None:
+def test_walk_decodes_no_attachment_unless_asked(tmp_path: Path, monkeypatch) -> None:
     decoded: list[Part] = []
     real = Part._decode
 
@@ -636,7 +636,8 @@ def test_walk_decodes_no_payload_unless_asked(tmp_path: Path, monkeypatch) -> No
     head, body = _split(MIXED)
     runner = runner_for("names_only.py")
     handled(runner, eom(spool(tmp_path, head, body)))
-    assert decoded == []
+    # only the inline text/plain body, searched for files hidden in it (mime.embedded)
+    assert [(p.content_type, p.is_attachment) for p in decoded] == [("text/plain", False)]
     assert ("application/octet-stream", "Rechnung_März.exe", "attachment") in runner.loaded.module.NAMES
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from daemon import FILTERS, REPO, Defang, _descendants, traversable_dir, write_config
-from mta import Stack, needs_postfix
+from mta import Stack, delivered, message, needs_postfix, send_in_thread, shared_dir, wait_for
 
 from defang.testbed import SendResult, send, send_many
 
@@ -40,30 +40,11 @@ MIB = 1024 * 1024
 
 
 # ---------------------------------------------------------------- helpers
-def message(tag: str, **headers: str) -> tuple[bytes, str]:
-    """A small message with a unique Message-ID and the given control headers."""
-    mid = f"{tag}.{time.monotonic_ns()}@pool.test"
-    extra = "".join(f"{name.replace('_', '-')}: {value}\r\n" for name, value in headers.items())
-    data = (f"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: {tag}\r\n"
-            f"Message-ID: <{mid}>\r\n{extra}\r\nHello from the pool tests.\r\n").encode()  # fmt: skip
-    return data, mid
 
 
 def figure(what: str, value: Any) -> None:
     """Print a measured figure (shown with ``pytest -s``; the assertions do the judging)."""
     print(f"\n[figure] {what}: {value}", end="")
-
-
-def wait_for(what: str, pred: Callable[[], Any], timeout: float = 15.0, every: float = 0.05) -> Any:
-    """Poll ``pred`` until it returns something truthy; fail saying ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 def live_workers(status: dict) -> list[dict]:
@@ -82,12 +63,6 @@ def pool_is(d: Defang, size: int, gen: int | None = None) -> Callable[[], dict |
         return None
 
     return check
-
-
-def delivered(stack: Stack, mid: str) -> list:
-    """Messages at the sink carrying Message-ID ``mid``."""
-    needle = f"Message-ID: <{mid}>".encode()
-    return [m for m in stack.sink.messages() if needle in m.raw]
 
 
 def header(raw: bytes, name: str) -> str | None:
@@ -153,23 +128,6 @@ def describe(pid: int) -> str:
     return f"{pid} state {state} ppid {ppid} {title or stat.split('(', 1)[1].split(')')[0]}"
 
 
-def send_in_thread(stack: Stack, data: bytes) -> tuple[threading.Thread, dict]:
-    """Send ``data`` in a thread; the dict gets ``result`` and ``waited`` (seconds)."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        t0 = time.monotonic()
-        try:
-            out["result"] = stack.send(data)
-        except Exception as exc:  # reported by the test through out["error"]
-            out["error"] = exc
-        out["waited"] = time.monotonic() - t0
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    return th, out
-
-
 def ctl(runtime: Path, *args: str) -> subprocess.CompletedProcess:
     """defangctl against any runtime dir (for the 'unreachable' exit code)."""
     return subprocess.run([sys.executable, "-m", "defang.cli.ctl", "--runtime-dir", str(runtime), *args],
@@ -187,7 +145,7 @@ FAULT_SETTINGS = {"multiplexor": {
 def faults(tmp_path_factory):
     """Two workers, busy_timeout 3 s (+1 s grace), a queue of 4; shared by the fault tests."""
     s = Stack(CONTROL, settings=FAULT_SETTINGS).start()
-    s.tmp = traversable_dir("defang-pool-")  # hold files: the worker (root) reads them
+    s.tmp = shared_dir("defang-pool-")  # hold files: the workers (user defang) write beside them
     yield s
     s.stop()
     shutil.rmtree(s.tmp, ignore_errors=True)
@@ -419,6 +377,7 @@ def probe_baseline_rss(filter_path: Path, tmp: Path) -> int:
     Runs only the multiplexor (no milter front end: it stops in a moment, where the
     libmilter front end needs up to 5 s).
     """
+    tmp = traversable_dir("defang-probe-")  # not pytest's tmp_path: the daemons drop root
     runtime = tmp / "probe-run"
     cfg = write_config(tmp / "probe.toml", {"multiplexor": {"min_workers": 1, "max_workers": 1}})
     proc = subprocess.Popen([sys.executable, "-m", "defang", "multiplexor", "--config", str(cfg),
@@ -436,6 +395,7 @@ def probe_baseline_rss(filter_path: Path, tmp: Path) -> int:
     finally:
         proc.terminate()
         proc.wait(20)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_max_rss_recycles_a_leaking_worker(tmp_path):
@@ -585,7 +545,7 @@ def test_pool_grows_on_demand_keeps_a_spare_and_shrinks_when_idle(tmp_path):
     held messages -> 5 workers (max_workers), one request queued; released and idle past
     idle_timeout (2 s) -> retired one by one back to min_workers."""
     cfg = {"min_workers": 2, "max_workers": 5, "min_spare": 1, "idle_timeout": 2, "queue_size": 20}
-    hold_dir = traversable_dir("defang-pool-")
+    hold_dir = shared_dir("defang-pool-")
     hold = hold_dir / "hold"
     seen: list = []
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import base64
+import grp
+import os
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -11,11 +13,22 @@ from pathlib import Path
 from defang.testbed.dns import txt
 
 
+def share_with_daemons(path: Path, mode: int) -> None:
+    """As a signing key is installed: readable by the defang group (the daemons drop root to
+    it), nobody else."""
+    try:
+        os.chown(path, -1, grp.getgrnam("defang").gr_gid)
+    except (KeyError, PermissionError):
+        return
+    os.chmod(path, mode)
+
+
 @cache
 def key(name: str, workdir: Path) -> tuple[Path, str]:
     """A 2048-bit RSA key: (the PEM file, the p= value for its DNS record)."""
     pem = workdir / f"{name}.pem"
     subprocess.run(["openssl", "genrsa", "-out", str(pem), "2048"], check=True, capture_output=True)
+    share_with_daemons(pem, 0o640)
     der = subprocess.run(["openssl", "rsa", "-in", str(pem), "-pubout", "-outform", "DER"], check=True,
                          capture_output=True).stdout  # fmt: skip
     return pem, base64.b64encode(der).decode()

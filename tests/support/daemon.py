@@ -24,6 +24,25 @@ def traversable_dir(prefix: str) -> Path:
     return d
 
 
+def reachable_by_others(path: Path) -> bool:
+    """Can a user other than root read ``path`` (every directory above it searchable)?"""
+    path = Path(path).resolve()
+    if not path.exists() or not path.stat().st_mode & 0o004:
+        return False
+    return all(p.stat().st_mode & 0o001 for p in path.parents)
+
+
+def daemon_user(filter_path: Path, settings: dict) -> str:
+    """``defang`` (the default: the daemons drop root) when it can read what the test gives
+    them, else ``root``: a filter or directory under pytest's tmp_path (/tmp/pytest-of-root,
+    mode 0700), or an interpreter under /root, is out of the unprivileged user's reach, as
+    it would be in production."""
+    paths = [Path(filter_path), Path(sys.executable).resolve()] + [
+        Path(v) for t in settings.values() for v in t.values() if isinstance(v, str) and v.startswith("/")]
+    return "defang" if all(reachable_by_others(p) or not p.exists() and reachable_by_others(p.parent)
+                           for p in paths) else "root"  # fmt: skip
+
+
 def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -55,6 +74,7 @@ class Defang:
         base = {"daemon": {"log_level": "debug"}, "multiplexor": {"min_workers": 2, "max_workers": 2}}
         for section, table in (settings or {}).items():
             base.setdefault(section, {}).update(table)
+        base["daemon"].setdefault("user", daemon_user(filter_path, base))
         self.config = write_config(self.dir / "defang.toml", base)
         self.filter = Path(filter_path)
         self.socket_spec = socket or f"unix:{self.runtime / 'milter.sock'}"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemon import Defang, traversable_dir
@@ -67,3 +70,54 @@ class Stack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def message(tag: str, **headers: str) -> tuple[bytes, str]:
+    """A small message with a unique Message-ID and the given control headers."""
+    mid = f"{tag}.{time.monotonic_ns()}@pool.test"
+    extra = "".join(f"{name.replace('_', '-')}: {value}\r\n" for name, value in headers.items())
+    data = (f"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: {tag}\r\n"
+            f"Message-ID: <{mid}>\r\n{extra}\r\nHello from the pool tests.\r\n").encode()  # fmt: skip
+    return data, mid
+
+
+def wait_for(what: str, pred: Callable[[], Any], timeout: float = 15.0, every: float = 0.05) -> Any:
+    """Poll ``pred`` until it returns something truthy; fail saying ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def delivered(stack: Stack, mid: str) -> list:
+    """Messages at the sink carrying Message-ID ``mid``."""
+    needle = f"Message-ID: <{mid}>".encode()
+    return [m for m in stack.sink.messages() if needle in m.raw]
+
+
+def send_in_thread(stack: Stack, data: bytes) -> tuple[threading.Thread, dict]:
+    """Send ``data`` in a thread; the dict gets ``result`` and ``waited`` (seconds)."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        t0 = time.monotonic()
+        try:
+            out["result"] = stack.send(data)
+        except Exception as exc:  # reported by the test through out["error"]
+            out["error"] = exc
+        out["waited"] = time.monotonic() - t0
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th, out
+
+
+def shared_dir(prefix: str) -> Path:
+    """A dir the test (root) and the workers (the unprivileged defang user) both write in."""
+    d = traversable_dir(prefix)
+    d.chmod(0o1777)
+    return d

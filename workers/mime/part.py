@@ -100,6 +100,8 @@ class Part:
         "_edit",
         "_inner_raw",
         "_inner_cte",
+        "embedded",
+        "_span",
     )
 
     def __init__(
@@ -131,6 +133,8 @@ class Part:
         self._edit: tuple[Any, ...] | None = None
         self._inner_raw: bytes | None = None  # a base64/QP message/rfc822, decoded
         self._inner_cte: str | None = None
+        self.embedded: str | None = None  # uuencode, yenc, binhex, tnef: see mime.embedded
+        self._span: tuple[int, int] = (0, 0)  # an embedded file's bytes in its carrier's payload
         if parent is not None:
             parent.children.append(self)
         try:
@@ -310,7 +314,34 @@ class Part:
         """Remove the part from the message (a container: with everything inside).
 
         ``monitor``: note it (``X-Defang-Would``), do not do it (docs/filters.md)."""
+        if self.embedded:
+            self._drop_embedded(force, monitor)
+            return
         self._message()._edit_part(self, ("drop",), force, monitor)
+
+    def _drop_embedded(self, force: bool, monitor: bool) -> bool:
+        """A file hidden in a text part goes by rewriting that part without its block (and
+        without the blocks of its siblings dropped before); one inside a winmail.dat goes
+        with the winmail.dat."""
+        msg, carrier = self._message(), self.parent
+        assert carrier is not None
+        if self.embedded == "tnef":
+            done = msg._edit_part(carrier, ("drop",), force, monitor)
+        else:
+            from defang.workers.mime.newparts import make_part  # lazily: see the module docstring
+
+            gone = [c for c in carrier.children if c is self or c.embedded and c._edit == ("drop",)]
+            spans = sorted(c._span for c in gone)
+            text, at = bytearray(), 0
+            for start, end in spans:
+                text += carrier.payload[at:start]
+                at = max(at, end)
+            text += carrier.payload[at:]
+            new = make_part(bytes(text), carrier.content_type, charset=carrier.charset or "utf-8")
+            done = msg._edit_part(carrier, ("replace", new), force, monitor)
+        if done:
+            self._edit = ("drop",)
+        return done
 
     def drop_with_warning(self, text: str, *, force: bool = False, monitor: bool = False) -> None:
         """Remove the part and add ``text`` to a warning part at the end of the message.
@@ -318,7 +349,11 @@ class Part:
         Warnings of one message are collected into one text/plain part.
         """
         msg = self._message()
-        if msg._edit_part(self, ("drop",), force, monitor):
+        if self.embedded:
+            done = self._drop_embedded(force, monitor)
+        else:
+            done = msg._edit_part(self, ("drop",), force, monitor)
+        if done:
             msg._add_warning(text)
 
     def replace(
@@ -338,6 +373,9 @@ class Part:
         """
         from defang.workers.mime.newparts import make_part  # lazily: see the module docstring
 
+        if self.embedded:
+            raise PartActionError(f"{self.safe_filename} is a file hidden inside part {self.parent.index} "
+                                  f"({self.embedded}): it can be dropped, not replaced")  # fmt: skip
         new = make_part(content, content_type, filename=filename, charset=charset)
         self._message()._edit_part(self, ("replace", new), force, monitor)
 

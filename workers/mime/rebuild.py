@@ -29,6 +29,7 @@ Content-Disposition, a missing MIME-Version -- come back as header actions.
 from __future__ import annotations
 
 import io
+import os
 import re
 from collections.abc import Iterator
 from email.message import MIMEPart
@@ -493,6 +494,7 @@ def rebuild(msg: Edits, path: str) -> list[list[Any]]:
     with open(msg.path, "rb") as f:
         spool = f.read()
     job = Rebuild(msg, spool, body_offset(spool))
-    with open(path, "wb") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)  # never via a link
+    with os.fdopen(fd, "wb") as f:
         job.write_body(f)
     return [*job.header_actions, ["replace_body", path]]

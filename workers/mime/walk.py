@@ -8,7 +8,9 @@ the filter.  So the walk looks again where the stdlib hides things, and says so 
 * parts after the close delimiter of a multipart whose nested multipart reused its
   boundary land in the stdlib's epilogue: they are parsed from there and walked;
 * a ``message/rfc822`` part sent base64 or quoted-printable encoded (illegal, but
-  seen) is parsed by the stdlib as text: it is decoded and the message inside walked.
+  seen) is parsed by the stdlib as text: it is decoded and the message inside walked;
+* files hidden inside a text/plain part (uuencode, yEnc, BinHex) or inside a winmail.dat
+  are walked as parts below it, ``part.embedded`` saying how (``defang.workers.mime.embedded``).
 
 Filenames the stdlib cannot read are ``Part``'s business (``defang.workers.mime.part``).
 """
@@ -22,6 +24,7 @@ from email.message import Message as EmailMessage
 from email.parser import BytesParser
 from typing import Any
 
+from defang.workers.mime.embedded import find_in_text, find_in_tnef
 from defang.workers.mime.limits import MimeLimitError, MimeLimits, exceeds
 from defang.workers.mime.mailpolicy import POLICY
 from defang.workers.mime.part import CONTAINER_MESSAGES, Part, as_bytes
@@ -29,6 +32,9 @@ from defang.workers.mime.skeleton import Spans
 from defang.workers.mime.text import b64_lenient, boundary_bytes
 
 _PARSER = BytesParser(policy=POLICY)
+#: the headers every embedded file's part reads (its name and bytes are set on the part)
+_HIDDEN_ENTITY = _PARSER.parsebytes(b"Content-Type: application/octet-stream\r\n"
+                                    b"Content-Disposition: attachment\r\n\r\n")  # fmt: skip
 
 
 def _container_kind(entity: EmailMessage) -> str | None:
@@ -187,4 +193,34 @@ def walk(
             if inner is not None:
                 children.append((inner, depth + 1, part, (), [], False))
         yield part  # after the look at its children, so part.defects is complete
+        if kind is None and owner is not None:
+            for hidden_file in _embedded_parts(part, limits, owner, spans):
+                if limits is not None and exceeds(index + 1, limits.max_parts):
+                    raise MimeLimitError("max_parts", index + 1, limits.max_parts)
+                hidden_file.index = index
+                index += 1
+                yield hidden_file
         stack.extend(reversed(children))
+
+
+def _embedded_parts(carrier: Part, limits: MimeLimits | None, owner: Any, spans: Spans | None) -> list[Part]:
+    """The files hidden in a text/plain part or a winmail.dat (``defang.workers.mime.embedded``),
+    as parts below it.  Only for walks with an owner: the filter's walk, not the rebuild's."""
+    ctype = carrier.content_type
+    if ctype == "application/ms-tnef" or (carrier.filename or "").lower() == "winmail.dat":
+        found, problem = find_in_tnef(carrier.payload)
+        if problem:
+            carrier._defects.append(problem)
+    elif ctype == "text/plain" and not carrier.is_attachment:  # a body, as mail clients read it
+        found = find_in_text(carrier.payload, limits.max_decoded_size if limits is not None else 0)
+    else:
+        return []
+    out = []
+    for e in found:
+        part = Part(_HIDDEN_ENTITY, depth=carrier.depth + 1, index=0, parent=carrier, is_multipart=False,
+                    defects=[f"{e.kind} file inside part {carrier.index} ({carrier.content_type})"],
+                    owner=owner, limits=limits)  # fmt: skip
+        part.hidden, part.embedded, part._span = True, e.kind, (e.start, e.end)
+        part._payload, part._filename = e.data, e.filename
+        out.append(part)
+    return out

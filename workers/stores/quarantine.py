@@ -19,8 +19,8 @@ finds the directory) and 24 random bits.  One message has at most one entry: eve
 Writes are atomic (no mail is lost): the entry is written into ``.tmp-<id>`` in the day
 directory, every file fsync'ed, the directory fsync'ed, renamed to ``<id>``, and the
 day directory fsync'ed.  A crash leaves either nothing or a ``.tmp-`` directory that
-listing ignores, never half an entry.  Entries are readable by the owner and group
-only: they hold mail.
+listing ignores, never half an entry.  Entries are readable by their owner only (the
+daemons' user; admins use root or that user): they hold mail.
 
 ``hashlib`` is imported where it is used, not at the top (as ``smtplib`` in ``submit``):
 this module is imported by ``defang run`` before it forks the daemons, and either one
@@ -45,8 +45,8 @@ from typing import Any
 from defang.workers.stores.submit import Submission, SubmitError, submit
 
 ID_RE = re.compile(r"^(\d{4})(\d{2})(\d{2})T\d{6}Z-[0-9a-f]{6}$")
-DIR_MODE = 0o750
-FILE_MODE = 0o640
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 META = "meta.json"
 MESSAGE = "message.eml"
 _COPY = 1 << 20
@@ -114,7 +114,7 @@ def _write_file(path: Path, chunks: Any) -> tuple[int, str]:
 
     digest = hashlib.sha256()
     size = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
     with os.fdopen(fd, "wb") as f:
         for chunk in chunks:
             f.write(chunk)
@@ -216,6 +216,8 @@ class QuarantineStore:
                 return json.load(f)
         except FileNotFoundError:
             raise QuarantineError(f"no quarantine entry {qid} in {self.root}") from None
+        except PermissionError:
+            raise  # the caller says whose the quarantine is
         except (OSError, ValueError) as exc:
             raise QuarantineError(f"quarantine entry {qid}: unreadable metadata: {exc}") from None
 

@@ -1,0 +1,141 @@
+"""Converters from TOML values to Config fields: each raises TypeError saying what it expected.
+
+``config.load`` turns that into ``file: [section] key = value: why``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+
+def as_path(v: Any) -> Path:
+    if not isinstance(v, str):
+        raise TypeError("expected a path string")
+    return Path(v)
+
+
+def as_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise TypeError("expected a non-negative integer")
+    return v
+
+
+def as_pos_int(v: Any) -> int:
+    if as_int(v) == 0:
+        raise TypeError("expected a positive integer")
+    return v
+
+
+def as_num(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        raise TypeError("expected a non-negative number")
+    return float(v)
+
+
+def as_bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError("expected true or false")
+    return v
+
+
+def as_str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError("expected a string")
+    return v
+
+
+def as_mode(v: Any) -> int:
+    if isinstance(v, str):
+        return int(v, 8)
+    raise TypeError('expected an octal string such as "0660"')
+
+
+def as_level(v: Any) -> str:
+    if v not in ("debug", "info", "warning", "error"):
+        raise TypeError("expected debug, info, warning or error")
+    return v
+
+
+def as_macros(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(m, str) for m in v):
+        raise TypeError("expected a list of macro names")
+    return tuple(v)
+
+
+
+
+def as_filter_mode(v: Any) -> str:
+    if v not in ("enforce", "monitor"):
+        raise TypeError('expected "enforce" or "monitor"')
+    return v
+
+
+def as_names(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(m, str) and m for m in v):
+        raise TypeError("expected a list of names")
+    return tuple(v)
+
+
+def as_release_method(v: Any) -> str:
+    if v not in ("sendmail", "smtp"):
+        raise TypeError('expected "sendmail" or "smtp"')
+    return v
+
+
+def as_pos_num(v: Any) -> float:
+    if as_num(v) <= 0:
+        raise TypeError("expected a number > 0")
+    return float(v)
+
+
+
+
+def as_list(v: Any) -> list:
+    if not isinstance(v, list):
+        raise TypeError("expected a list")
+    return v
+
+
+def as_server(v: Any) -> str:
+    host = as_str(v)
+    if host.count(":") == 1:
+        host, _, port = host.partition(":")
+        as_port(int(port) if port.isdigit() else -1)
+    try:
+        ipaddress.ip_address(host.strip("[]").split("]:")[0])
+    except ValueError:
+        raise TypeError(f"{v!r}: a server is an IP address, with :PORT if not 53") from None
+    return v
+
+
+def as_key(v: Any) -> tuple[str, str, str]:
+    """A signing key: {domain = "example.com", selector = "s1", key = "/etc/defang/dkim/s1.key"}."""
+    if not isinstance(v, dict) or set(v) != {"domain", "selector", "key"}:
+        raise TypeError('expected {domain = "...", selector = "...", key = "/path/to/key.pem"}')
+    if not all(isinstance(x, str) and x for x in v.values()):
+        raise TypeError("domain, selector and key must be non-empty strings")
+    if not v["key"].startswith("/"):
+        raise TypeError(f"key {v['key']!r}: an absolute path")
+    return (v["domain"].lower(), v["selector"], v["key"])
+
+
+def as_canon(v: Any) -> str:
+    if v not in ("relaxed", "simple"):
+        raise TypeError('expected "relaxed" or "simple"')
+    return v
+
+
+def as_port(v: Any) -> int:
+    if as_pos_int(v) > 65535:
+        raise TypeError("expected a TCP port (1-65535)")
+    return v
+
+
+def as_name(v: Any) -> str:
+    """A user or group name (looked up when the daemons start, not here: the config may be
+    checked on another machine)."""
+    if not isinstance(v, str) or not v or v.startswith("-") or any(c in v for c in ":/ \t\n"):
+        raise TypeError("expected a user or group name")
+    return v
