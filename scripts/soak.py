@@ -195,9 +195,7 @@ class Sampler(threading.Thread):
         self.stopping = threading.Event()
 
     def collect(self) -> None:
-        for p in self.sink._complete_files():
-            p.unlink(missing_ok=True)
-            self.delivered += 1
+        self.delivered += self.sink.clear()
         try:
             os.truncate(self.pf.maillog, 0)  # postlogd appends: safe to cut
         except OSError:

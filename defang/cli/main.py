@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"defang: {exc}", file=sys.stderr)
         return 2
     logsetup.setup(cfg.log_level)
-    if args.command in ("run", "milter", "multiplexor"):
+    # once, by the first process: the daemons `defang run` forks (they get --ready-fd) are
+    # already unprivileged, their directories made
+    if args.command == "run" or args.command in ("milter", "multiplexor") and args.ready_fd is None:
         from defang.core.privileges import PrivilegeError
 
         try:
@@ -89,8 +91,7 @@ def daemon_identity(cfg: configmod.Config) -> None:
     """Make the daemons' directories, then stop being root (defang.core.privileges says why).
 
     Done once, by the first process: ``defang run`` before it forks the daemons (which
-    then never were root), ``defang milter`` or ``defang multiplexor`` on their own.  A
-    daemon that ``defang run`` starts is already unprivileged and changes nothing here.
+    then never were root), ``defang milter`` or ``defang multiplexor`` on their own.
     """
     from defang.core import privileges
     from defang.workers.stores.quarantine import quarantine_dir

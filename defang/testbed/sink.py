@@ -312,10 +312,12 @@ class Sink:
                 raise TimeoutError(f"sink got {n} of {count} messages within {timeout}s")
             time.sleep(0.02)
 
-    def clear(self) -> None:
-        """Delete every completely received message."""
-        for p in self._complete_files():
+    def clear(self) -> int:
+        """Delete every completely received message; return how many there were."""
+        files = self._complete_files()
+        for p in files:
             p.unlink(missing_ok=True)
+        return len(files)
 
     def __enter__(self) -> Sink:
         self.start()
