@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 from defang.cli import ctl  # noqa: E402
 from defang.testbed import PrivatePostfix, Sink, free_port  # noqa: E402
+from defang.testbed.access import reachable_by_others  # noqa: E402
 from defang.testbed.procs import titled  # noqa: E402
 
 REPO = bench.REPO
@@ -224,7 +225,7 @@ def start_defang(filter_path: Path, args: argparse.Namespace) -> bench.DefangSta
     """``defang run`` with the soak's pool settings (bench.py's stack, our filter)."""
     # as in production, the daemons drop root for the defang user, if it can reach this
     # checkout and its interpreter (not under /root, say)
-    reachable = not any(_private(p) for p in (REPO, Path(sys.executable).resolve()))
+    reachable = all(reachable_by_others(p) for p in (REPO, Path(sys.executable).resolve()))
     user = "defang" if reachable else "root"
     stack = bench.DefangStack("minimal", settings={
         "daemon": {"user": user},
@@ -233,11 +234,6 @@ def start_defang(filter_path: Path, args: argparse.Namespace) -> bench.DefangSta
     stack.filter = filter_path
     stack.start()
     return stack
-
-
-def _private(path: Path) -> bool:
-    """Is a directory above ``path`` closed to other users (mode without o+x)?"""
-    return any(not p.stat().st_mode & 0o001 for p in path.parents)
 
 
 def summarize(first: dict[str, Any], last: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon import FILTERS, REPO, Defang, reachable_by_others, write_config
+from daemon import FILTERS, REPO, Defang, write_config
 
 from defang.core.privileges import capabilities
+from defang.testbed.access import reachable_by_others
 
 REACHABLE = reachable_by_others(Path(sys.executable).resolve()) and reachable_by_others(REPO)
 pytestmark = [

@@ -14,6 +14,7 @@ from typing import Any
 
 from paths import FILTERS, REPO  # noqa: F401  (FILTERS: for the tests that import it from here)
 
+from defang.testbed.access import reachable_by_others
 from defang.testbed.procs import stat_fields, titled
 
 
@@ -22,14 +23,6 @@ def traversable_dir(prefix: str) -> Path:
     d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     d.chmod(0o755)
     return d
-
-
-def reachable_by_others(path: Path) -> bool:
-    """Can a user other than root read ``path`` (every directory above it searchable)?"""
-    path = Path(path).resolve()
-    if not path.exists() or not path.stat().st_mode & 0o004:
-        return False
-    return all(p.stat().st_mode & 0o001 for p in path.parents)
 
 
 def daemon_user(filter_path: Path, settings: dict) -> str:
