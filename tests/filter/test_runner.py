@@ -321,8 +321,6 @@ def test_notes_travel_through_message_hooks(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("test", "complaint"),
     [
-        ("bad-header-name", "ValueError: invalid header name 'Bad Name'"),
-        ("bad-header-value", "ValueError: invalid header value 'a\\nb'"),
         ("bracket-address", "pass the address without angle brackets"),
         ("bad-index", "ValueError: header index must be >= 1, got 0"),
     ],
@@ -335,14 +333,31 @@ def test_bad_action_arguments_fail_in_the_call(tmp_path: Path, caplog, test: str
     assert "actions.py" in caplog.text  # the traceback shows the admin's call
 
 
+@pytest.mark.parametrize(("test", "action"), [
+    ("bad-header-name", ["add_header", "Bad-Name", "x"]),
+    ("bad-header-value", ["add_header", "X-Bad", "a\r\n b"]),
+])  # fmt: skip
+def test_odd_header_text_is_cleaned_not_a_filter_error(tmp_path: Path, caplog, test: str,
+                                                       action: list[str]) -> None:  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="defang.filter"):
+        reply = handled(runner_for("actions.py"), eom(spool(tmp_path, [("X-Test", test)])))
+    assert action_of(reply) == "continue" and "error" not in reply
+    assert reply["actions"] == [action]
+    assert "header" in caplog.text  # one WARNING says what was cleaned
+
+
 def test_action_argument_checks() -> None:
     msg = Message(Connection(), sender="", recipients=[], queue_id=None, path="/nonexistent")
-    for bad in ("", "X:Y", "X Y", "Ünï", "X\r\n"):
-        with pytest.raises(ValueError):
-            msg.add_header(bad, "v")
-    for bad in ("a\rb", "a\r\nb", "a\0b", "a\n"):
-        with pytest.raises(ValueError):
-            msg.add_header("X-A", bad)
+    for bad, used in (("", "X-Defang-Unnamed"), ("X:Y", "X-Y"), ("X Y", "X-Y"), ("Ünï", "-n-"),
+                      ("X\r\n", "X--")):  # fmt: skip
+        msg.add_header(bad, "v")
+        assert msg.actions.pop() == ["add_header", used, "v"]
+    for bad, folded in (("a\rb", "a\r\n b"), ("a\r\nb", "a\r\n b"), ("a\0b", "ab"), ("a\n", "a"),
+                        ("one\n\n\ntwo\r\n\tthree", "one\r\n two\r\n\tthree")):  # fmt: skip
+        msg.add_header("X-A", bad)
+        assert msg.actions.pop() == ["add_header", "X-A", folded]
+    msg.hold("two\nlines")
+    assert msg.actions.pop() == ["hold", "two lines"]
     with pytest.raises(TypeError):
         msg.add_header("X-A", 5)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
@@ -357,7 +372,7 @@ def test_action_argument_checks() -> None:
     with pytest.raises(ValueError):
         msg.change_sender("<>")
     with pytest.raises(ValueError):
-        msg.hold("two\nlines")
+        msg.add_recipient("a@b", "NOTIFY=NEVER\r\nRCPT TO:<c@d>")
     with pytest.raises(ValueError):
         msg.reject("x", code="450")
     msg.add_header("X-A", "folded\r\n continued and ünïcode")

@@ -12,7 +12,9 @@ A refusal in monitor mode (``reject(..., monitor=True)``, a part action with
 ``monitor=True``, or ``[filter] mode = "monitor"`` for every refusal) decides nothing: it
 becomes a *would* entry, logged with the queue ID and stamped on the message in an
 ``X-Defang-Would`` header, and the hooks go on.  Tags (``msg.tag("spam_block")``) name
-what fired, for the counters of ``defangctl status``.
+what fired, for the counters of ``defangctl status``.  Any text is a tag: it is often
+made from what fired (a content type, a virus name), and a tag that raised would
+tempfail the message on every retry; so it is cleaned (``clean_tag``), never refused.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from defang.core.verdicts import ACTIONS, CONTINUE, REFUSALS, Verdict
 log = logging.getLogger("defang.filter")
 
 _TAG = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_NOT_IN_TAG = re.compile(r"[^A-Za-z0-9_.:-]+")
+_LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
+MAX_TAG = 64  # characters
 MAX_TAGS = 32  # per message: tags travel in every reply
 _EXPECTED = "expected a verdict (accept(), reject(...), tempfail(...), discard()) or None"
 
@@ -92,12 +97,22 @@ class Decision:
 
     def note(self, what: str) -> None:
         """A refusal not carried out (monitor mode): logged, and stamped on the message."""
+        what = _LINE_BREAKS.sub(" ", what)  # a multi-line reply text: the entry is a header value
         entry = f"{what} ({self.at})" if self.at else what
         self.would.append(entry)
         log.info("%s: monitor: would %s", self.queue_id or "-", entry)
 
     def tag(self, name: str) -> None:
-        if not isinstance(name, str) or not _TAG.fullmatch(name):
-            raise ValueError(f"tag {name!r}: use 1-64 letters, digits, '_', '.', ':' or '-'")
+        """Count the message under ``name`` (cleaned: ``clean_tag``); at most ``MAX_TAGS``."""
+        if not isinstance(name, str):
+            raise TypeError(f"a tag must be a str, not {type(name).__name__}")
+        name = name if _TAG.fullmatch(name) else clean_tag(name)
         if name not in self.tags and len(self.tags) < MAX_TAGS:
             self.tags.append(name)
+
+
+def clean_tag(name: str) -> str:
+    """``name`` as a tag of the log and the counters: each run of characters other than
+    letters, digits, ``_ . : -`` becomes ``_``, cut to ``MAX_TAG``; "" becomes ``_``.
+    ``message/partial`` is counted as ``message_partial``."""
+    return _NOT_IN_TAG.sub("_", name)[:MAX_TAG] or "_"

@@ -7,11 +7,20 @@ JSON-safe text and a legacy Latin-1 subject stays readable.
 
 The checks (``check_header_name``, ``check_address``...) run when the filter calls an
 action, so a bad argument raises in the admin's traceback at the line that made the
-call, not later in the front end.
+call, not later in the front end.  A wrong *type* raises (a bug in filter.py); odd
+*text* never does, because text is often copied from the message (a decoded subject, a
+file name) and an exception would tempfail the message on every retry until it
+expires.  So a header value with a bare line break is folded (the break becomes
+folding white space: the value reads the same with a space there, RFC 5322 section
+2.2.3), a NUL dropped; a header name with characters a field name cannot have gets
+``-`` for each; a quarantine or hold reason gets spaces for CR, LF and NUL.  Each
+cleaning is one WARNING line.  ESMTP arguments and addresses are not text: those
+still raise (an address cannot be guessed from a broken one).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -20,7 +29,14 @@ from defang.workers.mime.text import lenient_text
 _FIELD = re.compile(rb"\n(?![ \t])")  # a line end that does not fold
 _FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but ":"
 _BAD_IN_VALUE = re.compile(r"\r\n(?![ \t])|\n(?![ \t])|\r(?!\n)|\0")
+_NOT_IN_NAME = re.compile(r"[^!-9;-~]")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_BREAKS_AND_NUL = re.compile(r"[\r\n\0]+")
 _HEADER_READ = 16 * 1024
+UNNAMED = "X-Defang-Unnamed"  # the name an empty header name becomes
+
+log = logging.getLogger("defang.filter")
+
 
 def read_header_section(path: str) -> bytes:
     """The bytes before the first empty line of ``path`` (all of it if none)."""
@@ -73,22 +89,36 @@ def unfold(raw: bytes) -> str:
 
 
 def check_header_name(name: Any) -> str:
+    """``name`` as a field name: printable ASCII but ``:`` (RFC 5322 ftext); each other
+    character becomes ``-`` (an empty name ``UNNAMED``), with a WARNING."""
     if not isinstance(name, str):
         raise TypeError(f"header name must be a str, not {type(name).__name__}")
-    if not _FIELD_NAME.fullmatch(name):
-        raise ValueError(f"invalid header name {name!r}: use printable ASCII without ':' or spaces")
-    return name
+    if _FIELD_NAME.fullmatch(name):
+        return name
+    clean = _NOT_IN_NAME.sub("-", name) or UNNAMED
+    log.warning("header name %r is not a field name (printable ASCII without ':' or spaces): used %r",
+                name[:80], clean[:80])  # fmt: skip
+    return clean
 
 
 def check_header_value(value: Any) -> str:
+    """``value`` as the MTA can take it: folding kept, a bare line break folded, NUL dropped."""
     if not isinstance(value, str):
         raise TypeError(f"header value must be a str, not {type(value).__name__}")
     if ("\r" in value or "\n" in value or "\0" in value) and _BAD_IN_VALUE.search(value):
-        raise ValueError(
-            f"invalid header value {value[:60]!r}: CR, LF and NUL are allowed only as "
-            "folding (a line break followed by a space or tab)"
-        )
+        return fold_value(value)
     return value
+
+
+def fold_value(value: str) -> str:
+    """Each line break of ``value`` made a fold (CRLF and a space, unless a space or tab
+    follows already); lines of white space only dropped (RFC 5322 forbids them in a
+    folded field); NUL dropped.  Unfolded, the value reads as before with a space at
+    each break.  Logged once, as a WARNING."""
+    lines = [line for line in _LINE_BREAK.split(value.replace("\0", "")) if line.strip(" \t")]
+    folded = "\r\n".join(line if i == 0 or line[0] in " \t" else " " + line for i, line in enumerate(lines))
+    log.warning("header value %r has line breaks that are not folding (or NUL): folded", value[:80])
+    return folded
 
 
 def check_address(addr: Any, *, what: str, allow_empty: bool = False) -> str:
@@ -104,15 +134,24 @@ def check_address(addr: Any, *, what: str, allow_empty: bool = False) -> str:
 
 
 def check_text(text: Any, what: str) -> str:
+    """One line of text (a quarantine or hold reason): CR, LF and NUL become spaces."""
     if not isinstance(text, str):
         raise TypeError(f"{what} must be a str, not {type(text).__name__}")
     if "\r" in text or "\n" in text or "\0" in text:
-        raise ValueError(f"{what} {text[:60]!r} contains CR, LF or NUL")
+        log.warning("%s %r has CR, LF or NUL: each run made a space", what, text[:80])
+        return _BREAKS_AND_NUL.sub(" ", text)
     return text
 
 
 def check_args(args: Any) -> str | None:
-    return None if args is None else check_text(args, "ESMTP args")
+    """ESMTP arguments: not text to clean (a line break in them is an injection)."""
+    if args is None:
+        return None
+    if not isinstance(args, str):
+        raise TypeError(f"ESMTP args must be a str, not {type(args).__name__}")
+    if "\r" in args or "\n" in args or "\0" in args:
+        raise ValueError(f"ESMTP args {args[:60]!r} contain CR, LF or NUL")
+    return args
 
 
 def check_index(index: Any, minimum: int) -> int:

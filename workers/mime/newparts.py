@@ -90,9 +90,13 @@ def make_part(
     maintype = content_type.split("/", 1)[0]
     if maintype in ("multipart", "message"):
         raise ValueError(f"a new part must be a leaf, not {content_type}")
-    if filename is not None and (not isinstance(filename, str) or not filename or "\0" in filename
-                                 or "\r" in filename or "\n" in filename):  # fmt: skip
-        raise ValueError(f"filename {filename!r} must be non-empty text without CR, LF or NUL")
+    if filename is not None and not isinstance(filename, str):
+        raise TypeError(f"filename must be a str, not {type(filename).__name__}")
+    if filename and ("\r" in filename or "\n" in filename or "\0" in filename):
+        # often the sender's (part.filename): odd text is cleaned, never refused (a
+        # ValueError would tempfail the message on every retry)
+        filename = re.sub(r"\s*[\r\n\0]+\s*", " ", filename).strip()
+    filename = filename or None
     disposition = disposition or ("attachment" if filename else "inline")
     if disposition not in ("attachment", "inline"):
         raise ValueError(f"disposition {disposition!r} must be attachment or inline")
