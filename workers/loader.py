@@ -12,7 +12,8 @@ cannot take the arguments defang passes (``defang.core.hooks`` has each one's ar
 and an ``async def`` hook.
 
 Warnings raised while the filter imports (a deprecated import), and one for each
-top-level callable named ``filter_*`` that is no hook (a misspelt hook never runs), are
+top-level function whose name is a near miss of a hook (a misspelt hook never runs;
+``defang.core.hooks.misnamed``: helpers such as ``filter_bad_filename`` are not), are
 kept, one ``file:line: ...`` line each, in ``LoadedFilter.warnings``: the zygote logs
 them, ``defang check`` and ``defang test`` print them (``check --strict`` fails on them).  The name
 ``workers.helpers`` (the helpers' address before they moved under ``defang``) is still

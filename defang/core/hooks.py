@@ -84,28 +84,74 @@ LIKELY: dict[str, str] = {
     "filter_ehlo": "filter_helo",
     "filter_mail": "filter_sender",
     "filter_from": "filter_sender",
+    "filter_send": "filter_sender",
     "filter_rcpt": "filter_recipient",
     "filter_init": "filter_initialize",
 }
 
 
 def misnamed(namespace: dict[str, Any], path: str) -> list[str]:
-    """A ``file:line: ...`` warning for each callable named ``filter_*`` (or MIMEDefang's
-    ``filter``) in ``namespace`` (a filter's or a chain rule's module) that is no hook: a
-    misspelt hook (``filter_recipients``) would otherwise never run, silently."""
-    import difflib  # here: the daemons import this module, and only a worker loads a filter
+    """A ``file:line: ...`` warning for each function in ``namespace`` (a filter's or a
+    chain rule's module) whose name is a near miss of a hook: a misspelt hook
+    (``filter_recipients``) would otherwise never run, silently.
 
+    A near miss is a name admins reach for (``LIKELY``: MIMEDefang's ``filter``, the SMTP
+    command's name) or a ``filter_*`` name within ``near_miss`` of a hook.  Other
+    ``filter_*`` functions are helpers (MIMEDefang's own filter has
+    ``filter_bad_filename``): no warning, so that ``defang check --strict`` passes them.
+    """
     said = []
     for name, value in namespace.items():
-        if not (name.startswith("filter_") or name == "filter") or name in BY_NAME or not callable(value):
+        lower = name.lower()
+        if name in BY_NAME or not callable(value) or not (lower == "filter" or lower.startswith("filter_")):
             continue
         code = getattr(value, "__code__", None)
         if code is None:
             continue  # a class or a builtin: not a def that looks like a hook
-        closest = LIKELY.get(name.lower()) or difflib.get_close_matches(name.lower(), NAMES, n=1, cutoff=0)[0]
-        said.append(f"{code.co_filename}:{code.co_firstlineno}: {name} is not a hook defang calls; "
-                    f"the closest is {closest}")  # fmt: skip
+        closest = LIKELY.get(lower) or near_miss(lower)
+        if closest:
+            said.append(f"{code.co_filename}:{code.co_firstlineno}: {name} is not a hook defang calls; "
+                        f"the closest is {closest}")  # fmt: skip
     return said
+
+
+def near_miss(name: str) -> str | None:
+    """The hook ``name`` (lower case) is a slip of, or None.
+
+    Compared after ``filter_``, without ``_`` (``filter_clean_up``): a slip is one edit
+    (a letter wrong, missing, extra, or two swapped: ``filter_recipients``,
+    ``filter_beign``, ``filter_hello``) from a hook's short name, two from a long one
+    (seven letters or more: ``filter_mulitparts``).  A helper's name says something
+    else and is further away (``filter_bad_filename``, ``filter_partial``, ``filter_send``).
+    """
+    word = name.removeprefix("filter_").replace("_", "")
+    best, best_distance = None, 3
+    for hook in NAMES:
+        target = hook.removeprefix("filter_")
+        allowed = 2 if len(target) >= 7 else 1
+        distance = _edits(word, target, allowed)
+        if distance <= allowed and distance < best_distance:
+            best, best_distance = hook, distance
+    return best
+
+
+def _edits(a: str, b: str, limit: int) -> int:
+    """The edit distance of ``a`` and ``b`` with a swap of neighbours as one edit (optimal
+    string alignment); anything over ``limit`` is ``limit + 1``."""
+    if abs(len(a) - len(b)) > limit:
+        return limit + 1
+    before: list[int] = []
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            current[j] = min(row[j] + 1, current[j - 1] + 1, row[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                current[j] = min(current[j], before[j - 2] + 1)
+        if min(current) > limit:
+            return limit + 1
+        before, row = row, current
+    return min(row[-1], limit + 1)
 
 
 def signature_problem(name: str, fn: Any) -> str | None:

@@ -129,6 +129,50 @@ def test_check_warns_on_a_misspelt_hook_and_fails_with_strict(tmp_path: Path):
     assert r.returncode == 1 and r.stderr.endswith(f"{f}: 2 warning(s) and --strict\n")
 
 
+MIMEDEFANG_HELPER = """\
+import re
+from defang import reject
+
+BAD_EXTS = r"(ade|adp|app|asd|asf|asx|bas|bat|chm|cmd|com|cpl|crt|dll|exe|hlp|hta|inf|ins|isp|js|jse|lnk|mdb|\
+mde|msc|msi|msp|mst|ocx|pcd|pif|reg|scr|sct|shb|shs|sys|url|vb|vbe|vbs|vcs|vxd|wmd|wms|wmz|wsc|wsf|wsh|\\{[^\\}]+\\})"
+
+
+def filter_bad_filename(part):
+    \"\"\"MIMEDefang's helper, ported: a dangerous file name (or a CLSID trick).\"\"\"
+    return any(re.search(r"\\." + BAD_EXTS + r"\\.*$", n, re.I) for n in part.filenames if n)
+
+
+def filter_part(msg, part):
+    if filter_bad_filename(part):
+        return reject("An attachment of yours has a dangerous name")
+"""
+
+
+def test_strict_passes_mimedefang_s_helper_and_fails_real_misspellings(tmp_path: Path):
+    f = tmp_path / "f.py"
+    f.write_text(MIMEDEFANG_HELPER)
+    r = defang("check", "--strict", "--filter", str(f))
+    assert (r.returncode, r.stderr) == (0, "") and "hooks: filter_part" in r.stdout
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(b"From: a@example.org\r\nMIME-Version: 1.0\r\n"
+                    b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+                    b"Content-Type: application/octet-stream; name=\"invoice.pdf.exe\"\r\n\r\n"
+                    b"MZ\r\n--b--\r\n")
+    r = defang("test", str(msg), "--filter", str(f))
+    assert r.returncode == 1 and "reject 550 5.7.1 An attachment of yours has a dangerous name" in r.stdout
+    helpers = "".join(f"def filter_{n}(msg):\n    pass\n" for n in
+                      ("partial", "send_notice", "sender_ok", "virus_name", "helper", "log"))  # fmt: skip
+    slips = {"filter_beign": "filter_begin", "filter_mulitparts": "filter_multipart",
+             "filter_Recipient": "filter_recipient", "filter_clean_up": "filter_cleanup",
+             "filter_hello": "filter_helo", "filter_initialise": "filter_initialize",
+             "filter_ends": "filter_end", "filter_rcpt": "filter_recipient"}  # fmt: skip
+    f.write_text(MIMEDEFANG_HELPER + helpers + "".join(f"def {n}(msg):\n    pass\n" for n in slips))
+    r = defang("check", "--strict", "--filter", str(f))
+    said = {line.split(": ", 1)[1] for line in r.stderr.splitlines()[:-1]}
+    assert said == {f"{n} is not a hook defang calls; the closest is {h}" for n, h in slips.items()}
+    assert r.returncode == 1 and r.stderr.endswith(f"{f}: {len(slips)} warning(s) and --strict\n")
+
+
 def test_each_command_takes_only_its_own_options():
     assert defang("check", "--socket", "unix:/x").returncode == 2
     assert defang("quarantine", "list", "--filter", "f.py").returncode == 2
