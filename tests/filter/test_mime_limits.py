@@ -103,9 +103,52 @@ def test_walk_limits_directly() -> None:
     from email import message_from_bytes, policy
 
     msg = message_from_bytes(many_parts(3), policy=policy.default)
-    assert len(list(walk(msg, MimeLimits(max_parts=4)))) == 4
-    with pytest.raises(MimeLimitError):
-        list(walk(msg, MimeLimits(max_parts=3)))
+    assert len(list(walk(msg, MimeLimits(max_parts=3)))) == 4  # the message and its 3 parts
+    with pytest.raises(MimeLimitError, match="max_parts exceeded: 3 > 2"):
+        list(walk(msg, MimeLimits(max_parts=2)))
+
+
+@pytest.mark.parametrize("limit", [1, 5000])
+def test_max_parts_counts_the_parts_below_the_message(limit: int, tmp_path: Path) -> None:
+    """max_parts = N: a multipart/mixed of N parts passes, of N + 1 gets on_limit (the
+    message itself is not a part: etc/defang.toml)."""
+    cfg = cfg_with(tmp_path, mime_max_parts=limit)
+    runner = runner_for(inline_filter(tmp_path, "def filter_part(msg, part):\n    pass\n"), config=cfg)
+    assert run(runner, many_parts(limit), tmp_path)["verdict"]["action"] == "continue"
+    reply = run(runner, many_parts(limit + 1), tmp_path)
+    assert reply["verdict"]["code"] == "554" and reply["verdict"]["dsn"] == "5.6.0"
+
+
+def test_max_parts_counts_containers_and_files_found_in_text(tmp_path: Path) -> None:
+    """Nested containers count, and so do files hidden in a text part (uuencode)."""
+    inner = crlf("""
+        --b
+        Content-Type: multipart/alternative; boundary=c
+
+        --c
+        Content-Type: text/plain
+
+        plain
+        --c
+        Content-Type: text/plain
+
+        begin 644 a.exe
+        #35H`
+        `
+        end
+        --c--
+        --b--
+        """)  # fmt: skip
+    raw = crlf("""
+        From: a@example.com
+        Content-Type: multipart/mixed; boundary="b"
+
+        """) + inner
+    # parts: the multipart/alternative, its two text parts, the uuencoded a.exe = 4
+    for limit, action in ((4, "continue"), (3, "reject")):
+        cfg = cfg_with(tmp_path, mime_max_parts=limit)
+        runner = runner_for(inline_filter(tmp_path, "def filter_part(msg, part):\n    pass\n"), config=cfg)
+        assert run(runner, raw, tmp_path)["verdict"]["action"] == action, limit
 
 
 def test_config_sections(tmp_path: Path) -> None:

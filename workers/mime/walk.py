@@ -131,7 +131,9 @@ def walk(
     """Every entity in document order; containers before their children.
 
     Iterative, not recursive: a message nested a thousand levels deep must not
-    blow the stack of a worker.  With ``limits``, passing ``max_parts``,
+    blow the stack of a worker.  With ``limits``, passing ``max_parts`` (the entities
+    below the message: every part, containers and files found in text parts included,
+    the message itself not: a multipart/mixed of N attachments is N parts),
     ``max_depth`` or ``max_decoded_size`` (estimated from the encoded sizes) raises
     ``MimeLimitError`` and ends the walk.  ``owner`` is the message whose actions
     the parts record (None: parts without actions).  ``spans``: the bodies of ``root``
@@ -146,8 +148,8 @@ def walk(
     while stack:
         entity, depth, parent, boundaries, defects, hidden_child = stack.pop()
         if limits is not None:
-            if exceeds(index + 1, limits.max_parts):
-                raise MimeLimitError("max_parts", index + 1, limits.max_parts)
+            if exceeds(index, limits.max_parts):  # index = the parts before it, the message not counted
+                raise MimeLimitError("max_parts", index, limits.max_parts)
             if exceeds(depth, limits.max_depth):
                 raise MimeLimitError("max_depth", depth, limits.max_depth)
         try:
@@ -195,8 +197,8 @@ def walk(
         yield part  # after the look at its children, so part.defects is complete
         if kind is None and owner is not None:
             for hidden_file in _embedded_parts(part, limits, owner, spans):
-                if limits is not None and exceeds(index + 1, limits.max_parts):
-                    raise MimeLimitError("max_parts", index + 1, limits.max_parts)
+                if limits is not None and exceeds(index, limits.max_parts):
+                    raise MimeLimitError("max_parts", index, limits.max_parts)
                 hidden_file.index = index
                 index += 1
                 yield hidden_file
