@@ -83,6 +83,8 @@ class FilterRunner:
             self.services, self.submission = ServiceSettings(), Submission()
         #: the notices of the last message, sent after its reply (``send_notices``)
         self.outbox: list[Notice] = []
+        #: set by ``defang test`` and ``replay``: the hooks see ``conn.trial`` and ``msg.trial``
+        self.trial = False
         self._outbox_queue_id = "-"
         self._hooks: dict[str, Callable[..., Any]] = dict(loaded.hooks)
         self.hooks: frozenset[str] = frozenset(self._hooks)
@@ -131,6 +133,7 @@ class FilterRunner:
         """The reply to one decision request; never raises."""
         self.outbox = []
         conn = Connection.from_request(request)
+        conn.trial = self.trial
         received_notes = conn.notes
         if isinstance(request, wire.EndOfMessage):
             return self._message(request, conn, received_notes)

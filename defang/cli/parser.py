@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-out", metavar="FILE", help="write the rewritten message body here, if the "
                    "filter changes it")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    send_mail_argument(p)
     p = command("replay", "run many messages through the filter (or two filters), with a summary", REPLAY)
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="a .eml file, a directory of .eml files, an mbox, a Maildir, or a quarantine store")
@@ -95,11 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--release-accepted", action="store_true",
                    help="release the quarantined messages the filter now accepts (asks first)")
     p.add_argument("--yes", action="store_true", help="release without asking")
+    send_mail_argument(p)
     envelope_arguments(p, "for a message with no saved envelope: ")
     add_quarantine_parser(sub, options("quarantine"))
     return ap
 
 
+
+
+def send_mail_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--send-mail", action="store_true",
+                   help="send the notices the filter asks for, as the worker would after its reply "
+                   "(without it they are listed, not sent; msg.trial is True either way)")  # fmt: skip
 
 
 def envelope_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:

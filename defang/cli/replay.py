@@ -9,6 +9,9 @@ quarantine entries the filter now accepts.
 
 Filter errors and their tracebacks are not logged by the pool's processes: each is in
 the summary with its message's name, and ``defang test NAME`` shows the traceback.
+
+Like ``defang test``, a replay sends no notices unless ``--send-mail``; the summary
+counts those the filter asked for, and those sent.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ from defang.workers.stores.submit import Submission
 EXIT_DIFFER = 1  # --compare found differences, or a release failed
 EXIT_USAGE = 2
 # What a replay keeps of each trial (``trial.as_json``): the stages are left to ``defang test``.
-KEEP = ("outcome", "ended", "actions", "would", "tags", "quarantine", "notices", "recipients", "error",
-        "exit", "seconds")  # fmt: skip
+KEEP = ("outcome", "ended", "actions", "would", "tags", "quarantine", "notices", "sent", "recipients",
+        "error", "exit", "seconds")  # fmt: skip
 
 # The per-process state of the pool: the trials, one per filter, and the envelope of
 # messages without a saved one.
@@ -81,7 +84,8 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
             return EXIT_ERROR
     start = time.monotonic()
     try:
-        records = run(items, configs, envelope_from_args(args), args.jobs, show_progress=not args.json)
+        records = run(items, configs, envelope_from_args(args), args.jobs, show_progress=not args.json,
+                      send_mail=args.send_mail)  # fmt: skip
     except BrokenProcessPool:
         print("defang replay: a replay process died (the filter crashed it?); --jobs 1 shows on which "
               "message", file=sys.stderr)  # fmt: skip
@@ -91,6 +95,7 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
         return 130
     summary = summarise(records, [str(c.filter) for c in configs], time.monotonic() - start, args.jobs,
                         skipped, args.slowest)  # fmt: skip
+    summary["send_mail"] = args.send_mail
     released: list[dict[str, Any]] = []
     release_failed = False
     if args.release_accepted:
@@ -103,7 +108,7 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def run(items: list[Item], configs: list[Config], default: Envelope, jobs: int,
-        show_progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+        show_progress: bool = True, send_mail: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     """One record per item, in order: ``{"name", "qid", "results": [one per filter]}``."""
     from defang.cli.replayview import progress
 
@@ -111,7 +116,7 @@ def run(items: list[Item], configs: list[Config], default: Envelope, jobs: int,
     try:
         with progress(len(items), show_progress) as advance:
             if jobs == 1 or len(items) == 1:
-                _start(configs, default, spool, quiet=False)
+                _start(configs, default, spool, send_mail, quiet=False)
                 try:
                     return [advance(_replay(item)) for item in items]
                 finally:
@@ -119,17 +124,18 @@ def run(items: list[Item], configs: list[Config], default: Envelope, jobs: int,
             context = multiprocessing.get_context("fork")  # the parent's imports, already done
             chunk = max(1, min(32, len(items) // (jobs * 16)))
             with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start,
-                                     initargs=(configs, default, spool)) as pool:  # fmt: skip
+                                     initargs=(configs, default, spool, send_mail)) as pool:  # fmt: skip
                 return [advance(record) for record in pool.map(_replay, items, chunksize=chunk)]
     finally:
         shutil.rmtree(spool, ignore_errors=True)
 
 
-def _start(configs: list[Config], default: Envelope, spool: str, quiet: bool = True) -> None:
+def _start(configs: list[Config], default: Envelope, spool: str, send_mail: bool = False,
+           quiet: bool = True) -> None:  # fmt: skip
     global _trials, _default
     if quiet:
         logging.getLogger("defang").setLevel(logging.CRITICAL)
-    _trials = [Trial(c, spool) for c in configs]
+    _trials = [Trial(c, spool, send_mail=send_mail) for c in configs]
     _default = default
 
 
@@ -148,7 +154,7 @@ def _replay(item: Item) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         error = f"{getattr(exc, 'strerror', None) or exc}"
         record["results"] = [{"outcome": {"action": "error"}, "actions": [], "would": [], "tags": [],
-                              "quarantine": [], "notices": [], "error": error, "seconds": 0.0}
+                              "quarantine": [], "notices": [], "sent": [], "error": error, "seconds": 0.0}
                              for _ in _trials]  # fmt: skip
         return record
     record["results"] = [_compact(as_json(trial.run(raw, env, item.name))) for trial in _trials]
@@ -191,6 +197,7 @@ def summarise(records: list[dict[str, Any]], filters: list[str], seconds: float,
         actions: Counter[str] = Counter()
         would: Counter[str] = Counter()
         tags: Counter[str] = Counter()
+        notices = {"asked": 0, "sent": 0}
         errors = []
         for msg, res in results:
             o = res["outcome"]
@@ -205,11 +212,13 @@ def summarise(records: list[dict[str, Any]], filters: list[str], seconds: float,
                 actions["quarantine"] += 1
             would.update(entry.split(" ", 1)[0] for entry in res["would"])
             tags.update(res["tags"])
+            notices["asked"] += len(res["notices"])
+            notices["sent"] += sum(1 for how in res["sent"] if how.startswith("via "))
         out["filters"].append({
             "filter": name, "outcomes": dict(outcomes.most_common()),
             "replies": dict(replies.most_common(10)), "actions": dict(actions.most_common()),
             "would": dict(would.most_common()),
-            "tags": dict(tags.most_common(20)), "errors": errors,
+            "tags": dict(tags.most_common(20)), "notices": notices, "errors": errors,
             "slowest": [{"name": msg, "seconds": round(res["seconds"], 4)}
                         for msg, res in sorted(results, key=lambda x: -x[1]["seconds"])[:slowest]],
         })  # fmt: skip

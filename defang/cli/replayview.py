@@ -53,6 +53,10 @@ def show(summary: dict[str, Any], records: list[dict[str, Any]], as_json: bool) 
         _counts(out, "action (delivered messages)", f["actions"])
         _counts(out, "monitor: would", f["would"])
         _counts(out, "tag", f["tags"])
+        if f["notices"]["asked"]:
+            n = f["notices"]
+            how = f"{n['sent']} sent" if summary.get("send_mail") else "none sent: --send-mail sends them"
+            out.print(f"  notices the filter asked for: {n['asked']} ({how})", markup=False)
         if f["errors"]:
             out.print(f"  errors: {len(f['errors'])} (defang test FILE shows the traceback)", markup=False)
             for e in f["errors"][:20]:

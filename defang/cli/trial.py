@@ -15,6 +15,11 @@ stop, so that it never shows an answer production would not give:
 
 The message is spooled as the front end spools it.  ``Trial`` loads the filter once and
 runs any number of messages (``defang replay`` runs one per worker process).
+
+A trial changes nothing outside itself unless asked: the quarantine is not written (it
+says what would be stored), and the filter's notices are listed, not sent, unless
+``send_mail`` (``--send-mail``).  The hooks see ``conn.trial`` and ``msg.trial`` True, so
+that a filter which sends mail by itself can hold back too.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from defang.core.config import Config, ReplySpec
 from defang.core.verdicts import CONTINUE, Verdict
 from defang.workers.loader import FilterLoadError, load_filter
 from defang.workers.runner import FilterRunner
+from defang.workers.stores.submit import SubmitError, submit
 
 #: exit codes of ``defang test``, by how the message ended
 EXIT = {"continue": 0, "accept": 0, "reject": 1, "tempfail": 2, "discard": 3}
@@ -80,6 +86,7 @@ class Result:
     tags: list[str] = field(default_factory=list)
     quarantine: list[str] = field(default_factory=list)  # the reasons, had the filter run for real
     notices: list[str] = field(default_factory=list)  # what would be sent after the reply
+    sent: list[str] = field(default_factory=list)  # with send_mail: per notice, "via ..." or why not
     error: str | None = None
     seconds: float = 0.0
 
@@ -91,11 +98,13 @@ class Result:
 class Trial:
     """The filter loaded once; ``run`` a message through it as an MTA and the front end would."""
 
-    def __init__(self, cfg: Config, spool_dir: str | None = None) -> None:
+    def __init__(self, cfg: Config, spool_dir: str | None = None, *, send_mail: bool = False) -> None:
         self.cfg = cfg
+        self.send_mail = send_mail
         loaded = load_filter(str(cfg.filter))  # FilterLoadError: the caller says it in one line
         self.warnings = loaded.warnings
         self.runner = FilterRunner.from_config(loaded, cfg)
+        self.runner.trial = True
         self.quarantined = self.runner.quarantine_store = DryRunQuarantine()
         try:
             self.runner.initialize()
@@ -203,10 +212,19 @@ class Trial:
             r.stages.append(("end of message", wire.verdict_to_wire(reply.verdict)))
             end("end of message", reply.verdict, _at_eom(reply.verdict, len(r.recipients)))
             r.actions = [self._body(a, body_out) if a[0] == "replace_body" else a for a in reply.actions]
-            r.notices = [str(n) for n in self.runner.outbox]  # shown, never sent
+            r.notices = [str(n) for n in self.runner.outbox]  # shown; sent only with send_mail
+            if self.send_mail:
+                r.sent = [self._send(n) for n in self.runner.outbox]
             self.runner.outbox = []
         if r.outcome["action"] in ("continue", "accept"):
             r.actions += [["add_header", wire.WOULD_HEADER, entry] for entry in r.would]
+
+    def _send(self, notice: Any) -> str:
+        """Send one notice as the worker would after its reply: ``via ...`` or why not."""
+        try:
+            return "via " + submit(self.runner.submission, "", list(notice.recipients), notice.data)
+        except SubmitError as exc:
+            return f"not sent: {exc}"
 
     @staticmethod
     def _body(action: list[Any], body_out: str | None) -> list[Any]:
@@ -302,7 +320,7 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
         print(f"{args.message}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        trial = Trial(cfg)
+        trial = Trial(cfg, send_mail=args.send_mail)
     except FilterLoadError as exc:
         print(exc, file=sys.stderr)
         return EXIT_ERROR
@@ -330,8 +348,8 @@ def as_json(r: Result) -> dict[str, Any]:
         else:
             out[stage] = verdict
     out.update(outcome=r.outcome, ended=r.ended, why=r.why, recipients=r.recipients, actions=r.actions,
-               would=r.would, tags=r.tags, quarantine=r.quarantine, notices=r.notices, error=r.error,
-               exit=r.exit_code, seconds=round(r.seconds, 6))  # fmt: skip
+               would=r.would, tags=r.tags, quarantine=r.quarantine, notices=r.notices, sent=r.sent,
+               error=r.error, exit=r.exit_code, seconds=round(r.seconds, 6))  # fmt: skip
     return out
 
 
@@ -355,8 +373,9 @@ def render(r: Result) -> str:
         lines.append(f"  {action[0]}: {', '.join(str(a) for a in action[1:])}")
     for reason in r.quarantine:
         lines.append(f"  quarantine: {reason}  (a trial stores nothing)")
-    for notice in r.notices:
-        lines.append(f"  {notice}  (a trial sends nothing)")
+    for i, notice in enumerate(r.notices):
+        how = f"sent {r.sent[i]}" if i < len(r.sent) else "not sent: a trial; --send-mail sends it"
+        lines.append(f"  {notice}  ({how})")
     for entry in r.would:
         lines.append(f"  monitor: would {entry}")
     if r.tags:

@@ -27,11 +27,13 @@ class Connection:
     ``esmtp_args`` are the MAIL FROM ESMTP arguments (e.g. ``["SIZE=1234",
     "BODY=8BITMIME"]``); ``rcpt_args`` are the RCPT TO arguments of the recipient
     being decided in ``filter_recipient`` (empty elsewhere).  ``conn.tag(name)`` names
-    what fired, as ``msg.tag`` does.
+    what fired, as ``msg.tag`` does.  ``trial`` is True when ``defang test`` or ``defang
+    replay`` runs the hooks, not the MTA: a filter that sends mail or changes the world
+    by itself (notices of its own, re-injection, a database) checks it.
     """
 
     __slots__ = ("id", "ip", "hostname", "port", "helo", "macros", "notes", "esmtp_args", "rcpt_args",
-                 "decision")  # fmt: skip
+                 "decision", "trial")  # fmt: skip
 
     def __init__(
         self,
@@ -56,6 +58,8 @@ class Connection:
         self.rcpt_args = rcpt_args if rcpt_args is not None else []
         #: the running hook's decision (the runner sets it): where conn.tag() goes
         self.decision: Any = None
+        #: a trial (defang test, replay), not live mail: the runner sets it
+        self.trial = False
 
     def tag(self, name: str) -> None:
         """Name what fired (``conn.tag("rbl_zen")``): counted by tag in ``defangctl status``."""

@@ -124,6 +124,12 @@ class Message(Services):
     def __repr__(self) -> str:
         return f"<Message queue_id={self.queue_id!r} sender={self.sender!r}>"
 
+    @property
+    def trial(self) -> bool:
+        """True in ``defang test`` and ``defang replay``, False for live mail (``conn.trial``):
+        a filter that sends mail itself does so only when it is False."""
+        return bool(self.conn.trial)
+
     # --- reading ---
 
     @property

@@ -5,7 +5,8 @@ A notice is composed when the filter asks (``msg.notify(...)``) and sent by the 
 **after** its reply to the MTA (``FilterRunner.send_notices``): the SMTP client never
 waits for it, and a notice that cannot be sent is logged (with the queue ID) and changes
 nothing.  Notices of a message whose hooks failed (a filter error: the message comes back
-with the retry) are not sent.  ``defang test`` and ``replay`` show them and send none.
+with the retry) are not sent.  ``defang test`` and ``replay`` show them and send none
+unless ``--send-mail`` (``defang.cli.trial``).
 
 A notice's envelope sender is the null sender (``<>``): a notice to a forged address
 cannot start a loop of bounces (RFC 3834); it says ``Auto-Submitted: auto-generated``.
