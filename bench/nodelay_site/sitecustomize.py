@@ -7,9 +7,9 @@ TCP_NODELAY is set on it.  Linux copies TCP_NODELAY from a listening socket to e
 socket accept() returns, so each milter connection libmilter accepts then sends its
 small replies at once instead of waiting for the MTA's delayed ACK (Nagle).
 
-This is the change proposed for defang/milterd.py (``serve``, right after
-``milter.opensocket(True)``); running it from here measures it without touching the
-daemon code.  Any other process (and any run without the variable) is left alone.
+This was the change proposed for the front end (then ``defang/milterd.py``; it has since
+been made in ``defang/frontend/daemon.py``, ``serve``); running it from here measured it
+without touching the daemon code.  Any other process (and any run without the variable) is left alone.
 """
 
 from __future__ import annotations

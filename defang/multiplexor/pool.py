@@ -4,7 +4,7 @@ No sockets, no fork, no clock.  ``Pool.handle(event, now)`` takes one event
 (``defang.multiplexor.events``) and the monotonic time it happened, and returns the
 commands the multiplexor's loop must carry out, in order.  The random part of
 ``max_requests`` (its jitter) comes from the ``rng`` given.  So every lifecycle rule is a
-unit test that runs in milliseconds (tests/unit/test_pool.py).
+unit test that runs in milliseconds (tests/unit/test_pool_rules.py).
 
 Theory of operation
 -------------------

@@ -87,7 +87,7 @@ def test_the_tables_are_bounded(monkeypatch) -> None:
 
 def test_boundaries_leave_no_patterns_in_re_cache(tmp_path) -> None:
     """The stdlib's feed parser compiles a pattern per boundary; a worker's does not
-    (workers.boundarymatch), so nothing piles up in re's cache message after message."""
+    (defang.workers.mime.boundarymatch), so nothing piles up in re's cache message after message."""
     import re
 
     from defang.workers.api import message as message_mod

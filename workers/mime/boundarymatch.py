@@ -12,7 +12,7 @@ line's text, then an optional ``--``, blanks, an optional line end, and the end 
 answers it with a matcher that tests the text with ``str.startswith`` and the rest with one
 pattern compiled here once.  Any other pattern goes to ``re.compile``; so would the
 boundary pattern of a Python release that wrote it differently (the feed parser then
-works as before; tests/test_boundary_match.py fails to say the saving is gone).
+works as before; tests/unit/test_boundary_match.py fails to say the saving is gone).
 
 A match is ``re``'s match of the rest of the line: it has the groups the feed parser reads
 (``end``, ``ws``, ``linesep``) but not ``sep``, and its span starts after the boundary.

@@ -7,7 +7,7 @@ filename besides -- yet every one of those readers (``get_content_type``, ``get_
 ``get_boundary``, ``get_filename``) looks only at the header's *string*.  Only a header's
 attributes (``params``, ``content_type``, ``defects``, ``fold``...) need the parse, and a
 filter seldom reads them.  The parse was a third of a worker's CPU on the benchmark's
-140 KB message (each multipart has a boundary made for it, so ``workers.mailpolicy``'s
+140 KB message (each multipart has a boundary made for it, so ``defang.workers.mime.mailpolicy``'s
 tables never hold it), and the parser's code and objects, touched in every worker, were
 pages each forked worker copied from the zygote (CPython 3.11 writes reference counts).
 
@@ -21,7 +21,7 @@ as such), no parameter named twice, no backslash or quote inside a quoted value.
 such a value the stdlib's string is the raw text up to the first ``;``, then
 ``' ' + '; '.join(name="value")`` (``name`` alone for an empty value) -- without
 parameters, the raw text.  Anything else goes to the stdlib at once, as before.
-``tests/test_deferred_headers.py`` holds every corpus value and generated ones to the
+``tests/unit/test_deferred_headers.py`` holds every corpus value and generated ones to the
 stdlib's string and attributes.
 """
 

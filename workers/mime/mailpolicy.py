@@ -15,7 +15,7 @@ worker 4 MB per 300 messages of the benchmark's 140 KB profile, and would have r
 
 Content-Type, Content-Disposition and Content-Transfer-Encoding values in their plain
 form are not parsed at all until a filter reads a header's attributes
-(``workers.deferredheaders``): what the feed parser and the walk read is the string.
+(``defang.workers.mime.deferredheaders``): what the feed parser and the walk read is the string.
 
 Header objects are immutable strings with read-only attributes, so one object can be
 handed out any number of times.  Behaviour is exactly ``policy.default``'s.
