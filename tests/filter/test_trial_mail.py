@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 from paths import REPO
-from test_mime_rewrite import crlf, inline_filter, run
+from test_mime_rewrite import inline_filter, run
+from test_notify import MESSAGE
 
 from defang.core import config as configmod
 from defang.testbed.ports import free_port
@@ -26,13 +27,6 @@ from defang.workers.runner import FilterRunner
 needs_sink = pytest.mark.skipif(os.geteuid() != 0 or not postfix_available(),
                                 reason="smtp-sink needs root and Postfix (scripts/bootstrap)")  # fmt: skip
 
-MESSAGE = crlf("""
-    From: Alice <alice@example.com>
-    To: bob@example.org
-    Subject: Quarterly figures
-
-    See the figures.
-    """)
 NOTIFYING = """
     def filter_sender(conn, sender):
         conn.notes["sender_hook_trial"] = conn.trial
