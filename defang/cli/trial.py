@@ -96,6 +96,7 @@ class Trial:
         loaded = load_filter(str(cfg.filter))  # FilterLoadError: the caller says it in one line
         self.warnings = loaded.warnings
         self.runner = FilterRunner.from_config(loaded, cfg)
+        self.runner.prepare()  # FilterLoadError: a signing key that cannot sign, in one line
         self.quarantined = self.runner.quarantine_store = DryRunQuarantine()
         try:
             self.runner.initialize()

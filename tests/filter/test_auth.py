@@ -157,9 +157,9 @@ def test_a_signed_message_passes_dkim_and_dmarc_and_gets_its_header(auth, keydir
     reply = run(runner_for(tmp_path, CHECK_AND_STAMP), signed(keydir), tmp_path)
     assert seen(reply) == "fail ['pass'] pass reject"  # 198.51.100.7 fails SPF: DKIM aligns
     assert results(reply) == (
-        "mx.relay.test; spf=fail (SPF fail - not authorized) smtp.mailfrom=alice@example.test; "
-        "dkim=pass header.d=example.test header.s=sel; arc=none (Message is not ARC signed); "
-        "dmarc=pass (Used From Domain Record) header.from=example.test policy.dmarc=REJECT")
+        "mx.relay.test;\n\tspf=fail (SPF fail - not authorized) smtp.mailfrom=alice@example.test;\n"
+        "\tdkim=pass header.d=example.test header.s=sel;\n\tarc=none (Message is not ARC signed);\n"
+        "\tdmarc=pass (aligned: dkim example.test) header.from=example.test\n\tpolicy.dmarc=REJECT")
     assert seen(run(runner_for(tmp_path, CHECK_AND_STAMP), MESSAGE, tmp_path, ip="192.0.2.5")).startswith(
         "pass [] pass"), "SPF alone aligns too"  # fmt: skip
 
