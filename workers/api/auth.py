@@ -189,7 +189,7 @@ def add_results_header(msg: Any, results: AuthResults | None = None) -> str:
     found = msg.get_all_headers(arheader.NAME)
     forged = [i for i in range(len(found), 0, -1) if arheader.claims(found[i - 1], ours)]
     for index in forged:  # last first: the indexes of the others stay valid
-        msg.change_header(arheader.NAME, "", index)
+        msg.delete_header(arheader.NAME, index)
     if forged:
         log.info("%s: removed %d Authentication-Results claiming %s (RFC 8601 5)", msg.queue_id or "-",
                  len(forged), ours)  # fmt: skip
