@@ -27,7 +27,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 
 from defang.workers.checks import arheader
 from defang.workers.checks.dmarc import DmarcResult, combine, evaluate
-from defang.workers.checks.resolver import Resolver, TempError
+from defang.workers.checks.resolver import Resolver, TempError, describe
 
 log = logging.getLogger("defang.filter")
 
@@ -91,6 +91,8 @@ def check_spf(ip: str, sender: str, helo: str, timeout: float) -> SpfResult:
         return SpfResult("temperror", str(exc), identity, scope)
     except Exception as exc:  # pyspf's own failures: a malformed identity, an address it cannot read
         return SpfResult("permerror", f"{type(exc).__name__}: {exc}", identity, scope)
+    if result == "temperror":  # pyspf's text is dnspython's, with ports and seconds
+        explanation = f"SPF temporary error: {describe(explanation)}"
     return SpfResult(result, explanation, identity, scope)
 
 
