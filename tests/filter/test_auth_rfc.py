@@ -115,6 +115,14 @@ def test_every_author_domain_is_checked_and_the_strictest_failure_stands(cfg, pr
     assert r["outcome"]["text"] == "DMARC policy of example.test rejects this message"
 
 
+@pytest.mark.parametrize("frm", ["Bank <b@example.test>>", "b@example.test (", "Bank <b@example.test> x"])
+def test_a_from_the_strict_parser_cannot_read_does_not_escape_the_policy(cfg, probe, tmp_path, frm):
+    # Python's parser reads no address here; a mail client shows b@example.test
+    d = seen(run(body(frm), tmp_path, cfg, probe, sender="a@relay.test"))["dmarc"]
+    assert (d["result"], d["from_domain"], d["disposition"]) == ("fail", "example.test", "reject")
+    assert run(body(frm), tmp_path, cfg, DMARC, sender="a@relay.test")["outcome"]["code"] == "550"
+
+
 # --- 2. bounces: SPF of the HELO name (RFC 7208 2.4, RFC 7489 4.1) -------------------------------
 
 

@@ -167,10 +167,22 @@ def check(msg: Any) -> AuthResults:
     return results
 
 
+_LENIENT_DOMAIN = re.compile(r"@\[?([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)")
+
+
 def _author_domains(fields: list[str]) -> list[str]:
-    """The domain of every address in the From field(s), in order."""
-    addresses = [addr for _, addr in getaddresses(fields) if "@" in addr]
-    return [addr.rpartition("@")[2].lower().strip(">").rstrip(".") for addr in addresses]
+    """The domain of every address in the From field(s), in order.  A field the stdlib's
+    strict parser cannot read (``Bank <a@bank.example>>``) still shows a mail client's
+    reader an address: its domains are read leniently, so that a malformed From cannot
+    take a p=reject domain out of DMARC (reading more domains can only be stricter)."""
+    domains = []
+    for value in fields:
+        addresses = [addr for _, addr in getaddresses([value]) if "@" in addr]
+        if addresses:
+            domains += [addr.rpartition("@")[2].lower().strip(">").rstrip(".") for addr in addresses]
+        else:
+            domains += [d.lower().rstrip(".") for d in _LENIENT_DOMAIN.findall(value)]
+    return domains
 
 
 def _from_domain(msg: Any) -> str:
