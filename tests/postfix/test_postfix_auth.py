@@ -7,6 +7,7 @@ stopped mid-test."""
 from __future__ import annotations
 
 import time
+from itertools import takewhile
 from pathlib import Path
 
 import dkim
@@ -130,8 +131,13 @@ def test_dmarc_example_several_from_bounces_and_forged_results_through_postfix(n
         bounce = mail("MAILER-DAEMON@example.test", "bounce ok")
         r = stack.send(bounce, sender="", helo="bouncer.example.test")
         assert r.data[0] == 250, r
-        fields = results_fields(stack.arrived(b"bounce ok").raw)
+        raw = stack.arrived(b"bounce ok").raw
+        fields = results_fields(raw)
         (ours,) = [v for v in fields if v.startswith("mx.relay.test;")]
+        start = raw.index(b"Authentication-Results: mx.relay.test;")
+        lines = raw[start:].split(b"\r\n")
+        lines = lines[:1] + list(takewhile(lambda x: x[:1] == b"\t", lines[1:]))
+        assert len(lines) > 2 and max(len(x) for x in lines) <= 78, lines  # folded by Postfix as we sent it
         assert "spf=pass" in ours and "smtp.helo=bouncer.example.test" in ours and "dmarc=pass" in ours, ours
         r = stack.send(mail("MAILER-DAEMON@example.test", "bounce bad"), sender="", helo="fails.example.test")
         assert r.data == (550, "5.7.1 DMARC policy of example.test rejects this message"), r
