@@ -12,7 +12,7 @@ DMARC at end of message, an Authentication-Results header).  DNS: NSD on loopbac
 empty blocklists; each worker caches answers for their TTL (300 s), as in production,
 so after the warm-up most lookups are answered from the cache and the figures show
 defang's and the libraries' own cost (pyspf, dkimpy's RSA verification in Python,
-authheaders).
+publicsuffixlist for DMARC).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -37,7 +38,7 @@ from defang.workers.api.decision import Decision, FilterError
 from defang.workers.api.message import Message
 from defang.workers.api.notify import Notice
 from defang.workers.api.services import ServiceSettings
-from defang.workers.loader import LoadedFilter
+from defang.workers.loader import FilterLoadError, LoadedFilter
 from defang.workers.mime.limits import MimeLimitError, MimeLimits
 from defang.workers.stores.quarantine import QuarantineStore, quarantine_dir
 from defang.workers.stores.submit import Submission, SubmitError, submit
@@ -95,6 +96,18 @@ class FilterRunner:
         """The runner as the daemons configure it ([replies], [filter], [mime], [quarantine])."""
         return cls(loaded, on_filter_error=cfg.on_filter_error.verdict,
                    max_notes_bytes=cfg.max_notes_bytes, config=cfg)  # fmt: skip
+
+    def prepare(self) -> None:
+        """What the filter's libraries need read before any message (``defang.auth``: its
+        signing keys, its public suffix list): FilterLoadError, one line, when they cannot
+        be used; so a bad key refuses a start or a reload, not every message."""
+        auth = sys.modules.get("defang.workers.api.auth")
+        if auth is None:
+            return
+        try:
+            auth.prepare()
+        except auth.SigningError as exc:
+            raise FilterLoadError(f"{self.loaded.path}: {exc}") from None
 
     def initialize(self) -> None:
         """Run ``filter_initialize``; an exception means the worker must not boot."""

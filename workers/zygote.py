@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     for line in loaded.warnings:
         log.warning("%s", line)
     runner = FilterRunner.from_config(loaded, cfg)
+    try:
+        runner.prepare()
+    except FilterLoadError as exc:
+        send(chan, wire.LoadFailed(str(exc)))
+        return 2
     warm_up()
     # Everything imported so far is shared with the workers copy-on-write.  A garbage
     # collection in a worker would write to every one of those objects (GC headers) and

@@ -108,9 +108,11 @@ def daemon_identity(cfg: configmod.Config) -> None:
 def check(cfg: configmod.Config, strict: bool) -> int:
     """Exit 0 when the filter loads (1 with ``--strict`` and a warning), 1 when it does not."""
     from defang.workers.loader import FilterLoadError, load_filter
+    from defang.workers.runner import FilterRunner
 
     try:
         loaded = load_filter(str(cfg.filter))
+        FilterRunner.from_config(loaded, cfg).prepare()  # the signing keys, the suffix list
     except FilterLoadError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -171,6 +171,8 @@ class Config:
     dkim_keys: tuple[tuple[str, str, str], ...] = ()  # (domain, selector, key file)
     dkim_body_canonicalization: str = "relaxed"
     arc_key: tuple[str, str, str] | None = None
+    public_suffix_list: str = ""
+    dkim_accept_rsa_sha1: bool = False
     source: Path | None = field(default=None, compare=False)
 
     def effective_request_timeout(self) -> float:
@@ -284,6 +286,8 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("dns", "lifetime"): ("dns_lifetime", as_pos_num),
     ("dns", "cache_size"): ("dns_cache_size", as_pos_int),
     ("auth", "authserv_id"): ("authserv_id", as_str),
+    ("auth", "public_suffix_list"): ("public_suffix_list", as_str),
+    ("dkim", "accept_rsa_sha1"): ("dkim_accept_rsa_sha1", as_bool),
     ("dkim", "keys"): ("dkim_keys", lambda v: tuple(as_key(k) for k in as_list(v))),
     ("dkim", "body_canonicalization"): ("dkim_body_canonicalization", as_canon),
     ("arc", "key"): ("arc_key", lambda v: as_key(v) if v else None),

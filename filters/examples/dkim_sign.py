@@ -1,14 +1,20 @@
 """DKIM signing for the relay's own domains.
 
 Mail from our own clients (OUR_NETWORKS, or authenticated: the {auth_authen} macro) whose
-From domain is ours is signed with that domain's key from [dkim] keys, as it leaves:
-the signature covers every header and body change made before it (a disclaimer added by
-another hook included).  Configure, e.g.:
+From domain is ours is signed with that domain's keys from [dkim] keys, as it leaves:
+each signature covers every header and body change made before it (a disclaimer added
+by another hook included).  Two keys for a domain, RSA and Ed25519 (RFC 8463), give two
+signatures: verifiers that know Ed25519 check that one, the others the RSA one.
+Configure, e.g.:
 
     [dkim]
-    keys = [{domain = "example.com", selector = "s2026", key = "/etc/defang/dkim/example.com.pem"}]
+    keys = [{domain = "example.com", selector = "s2026", key = "/etc/defang/dkim/example.com.pem"},
+            {domain = "example.com", selector = "ed2026", key = "/etc/defang/dkim/example.com.ed25519"}]
 
-and publish the public key at s2026._domainkey.example.com.  Postfix: the milter must
+(the RSA key a PEM file, the Ed25519 key the base64 seed "dknewkey --ktype ed25519"
+writes) and publish each public key at its selector: s2026._domainkey.example.com
+(k=rsa), ed2026._domainkey.example.com (k=ed25519).  A key that cannot sign refuses
+the filter's load, in one line.  Postfix: the milter must
 also see submitted mail (smtpd_milters on the submission service, non_smtpd_milters for
 sendmail).
 """

@@ -7,6 +7,7 @@ stopped mid-test."""
 from __future__ import annotations
 
 import time
+from itertools import takewhile
 from pathlib import Path
 
 import dkim
@@ -97,3 +98,55 @@ def test_dkim_verified_on_arrival_and_signed_on_the_way_out(ns, keydir):
     d = dkim.DKIM(good.raw)
     assert d.verify(idx=0, dnsfunc=ns.txt_lookup()) and d.signature_fields[b"d"] == b"relay.test"
     assert dkim.DKIM(bad.raw).verify(idx=0, dnsfunc=ns.txt_lookup()), "ours signs what left, altered or not"
+
+
+# --- issue 26: DMARC and Authentication-Results through Postfix, with the dmarc_reject example ---
+
+FORGED = ["mx.relay.test 1; dkim=pass header.d=example.test", "mx.relay.test (ours); dkim=pass",
+          '"mx.relay.test"; dmarc=pass', '"mx.relay\\.test" ; dkim=pass',
+          "(c) MX.Relay.Test;\r\n\tspf=pass"]  # fmt: skip
+KEPT = ["other.example; spf=pass", '"mx.relay.test x"; dkim=pass']
+
+
+def mail(frm: str, subject: str, extra: str = "") -> bytes:
+    mid = subject.replace(" ", "")
+    return (f"From: {frm}\r\nTo: bob@relay.test\r\nSubject: {subject}\r\n{extra}"
+            f"Message-ID: <{mid}@example.test>\r\n\r\n{subject}: the figures.\r\n").encode()  # fmt: skip
+
+
+def results_fields(raw: bytes) -> list[str]:
+    head = raw.split(b"\r\n\r\n", 1)[0].decode().replace("\r\n ", " ").replace("\r\n\t", " ")
+    fields = [x for x in head.split("\r\n") if x.lower().startswith("authentication-results:")]
+    return [x.partition(":")[2].strip() for x in fields]
+
+
+def test_dmarc_example_several_from_bounces_and_forged_results_through_postfix(ns, keydir):
+    with Stack(EXAMPLES / "dmarc_reject.py", settings(ns, keydir)) as stack:
+        # 1. a p=reject author hidden behind a second address, or a second From field
+        for frm, extra in (("a@relay.test, b@example.test", ""),
+                           ("a@relay.test", "From: b@example.test\r\n")):  # fmt: skip
+            r = stack.send(mail(frm, "two authors", extra), sender="a@relay.test", helo="mx.relay.test")
+            assert r.data == (550, "5.7.1 DMARC policy of example.test rejects this message"), r
+        # 2. a bounce from a p=reject domain: SPF of its HELO name aligns
+        bounce = mail("MAILER-DAEMON@example.test", "bounce ok")
+        r = stack.send(bounce, sender="", helo="bouncer.example.test")
+        assert r.data[0] == 250, r
+        raw = stack.arrived(b"bounce ok").raw
+        fields = results_fields(raw)
+        (ours,) = [v for v in fields if v.startswith("mx.relay.test;")]
+        start = raw.index(b"Authentication-Results: mx.relay.test;")
+        lines = raw[start:].split(b"\r\n")
+        lines = lines[:1] + list(takewhile(lambda x: x[:1] == b"\t", lines[1:]))
+        assert len(lines) > 2 and max(len(x) for x in lines) <= 78, lines  # folded by Postfix as we sent it
+        assert "spf=pass" in ours and "smtp.helo=bouncer.example.test" in ours and "dmarc=pass" in ours, ours
+        r = stack.send(mail("MAILER-DAEMON@example.test", "bounce bad"), sender="", helo="fails.example.test")
+        assert r.data == (550, "5.7.1 DMARC policy of example.test rejects this message"), r
+        # 6. Authentication-Results claiming our authserv-id, however written, never reach the mailbox
+        extra = "".join(f"Authentication-Results: {v}\r\n" for v in FORGED + KEPT)
+        r = stack.send(mail("alice@example.test", "forged results", extra), sender="alice@example.test")
+        assert r.data[0] == 250, r
+        fields = results_fields(stack.arrived(b"forged results").raw)
+        ours = [v for v in fields if v.startswith("mx.relay.test;")]
+        assert len(ours) == 1 and "dmarc=pass" in ours[0], fields
+        assert sorted(v for v in fields if v not in ours) == sorted(KEPT), fields
+        stack.defang.wait_log(f"removed {len(FORGED)} Authentication-Results claiming mx.relay.test")

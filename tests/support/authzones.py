@@ -34,9 +34,24 @@ def key(name: str, workdir: Path) -> tuple[Path, str]:
     return pem, base64.b64encode(der).decode()
 
 
+@cache
+def ed_key(name: str, workdir: Path) -> tuple[Path, str]:
+    """An Ed25519 key (RFC 8463, PyNaCl): (the file as dkimpy signs with it: the base64 of
+    the 32-byte seed, the p= value for its DNS record)."""
+    import nacl.signing
+
+    signing = nacl.signing.SigningKey.generate()
+    seed = workdir / f"{name}.ed25519"
+    seed.write_bytes(base64.b64encode(bytes(signing)) + b"\n")
+    share_with_daemons(seed, 0o640)
+    return seed, base64.b64encode(bytes(signing.verify_key)).decode()
+
+
 def zones(workdir: Path) -> dict[str, list[str]]:
     _, sender_key = key("sender", workdir)
     _, relay_key = key("relay", workdir)
+    _, sender_ed = ed_key("sender", workdir)
+    _, relay_ed = ed_key("relay", workdir)
     return {
         "bl.test": [  # an IP list: 192.0.2.99, 127.0.0.2 (the lists' test entry), 2001:db8::99
             "99.2.0.192 A 127.0.0.4", "99.2.0.192 TXT " + txt("192.0.2.99 is a spam source, see bl.test"),
@@ -55,11 +70,36 @@ def zones(workdir: Path) -> dict[str, list[str]]:
             "_dmarc TXT " + txt("v=DMARC1; p=reject"),
             "quiet TXT " + txt("v=spf1 -all"),
             "_dmarc.quiet TXT " + txt("v=DMARC1; p=quarantine"),
+            # a bounce's HELO name (SPF of postmaster@bouncer.example.test, RFC 7208 2.4)
+            "bouncer TXT " + txt("v=spf1 ip4:192.0.2.0/24 ip4:127.0.0.1 -all"),
+            # several TXT records at _dmarc: one DMARC record among others; two DMARC records
+            "mixed TXT " + txt("v=spf1 -all"),
+            "_dmarc.mixed TXT " + txt("v=spf1 -all"), "_dmarc.mixed TXT " + txt("v=DMARC1; p=reject"),
+            "_dmarc.mixed TXT " + txt("google-site-verification=abc"),
+            "twice TXT " + txt("v=spf1 -all"),
+            "_dmarc.twice TXT " + txt("v=DMARC1; p=reject"), "_dmarc.twice TXT " + txt("v=DMARC1; p=none"),
+            # pct (RFC 7489 6.6.4): nobody sampled, everybody sampled
+            "sampled TXT " + txt("v=spf1 -all"),
+            "_dmarc.sampled TXT " + txt("v=DMARC1; p=reject; pct=0"),
+            "everyone TXT " + txt("v=spf1 -all"),
+            "_dmarc.everyone TXT " + txt("v=DMARC1; p=reject; pct=100"),
+            # Ed25519 (RFC 8463); a key record that allows sha1 only (h=, RFC 6376 3.6.1)
+            "ed._domainkey TXT " + txt(f"v=DKIM1; k=ed25519; p={sender_ed}"),
+            "sha1only._domainkey TXT " + txt(f"v=DKIM1; h=sha1; k=rsa; p={sender_key}"),
+            "both._domainkey TXT " + txt(f"v=DKIM1; h=sha1:sha256; k=rsa; p={sender_key}"),
         ],
         "relay.test": [
             "@ TXT " + txt("v=spf1 ip4:127.0.0.1 -all"),
             "s2026._domainkey TXT " + txt(f"v=DKIM1; k=rsa; p={relay_key}"),
             "arc._domainkey TXT " + txt(f"v=DKIM1; k=rsa; p={relay_key}"),
+            "ed2026._domainkey TXT " + txt(f"v=DKIM1; k=ed25519; p={relay_ed}"),
+        ],
+        # a TLD the public suffix list does not know: its organisational domains are one
+        # label below it (the list's default rule "*"), so evil. does not align with bank.
+        "nosuchtld": [
+            "bank TXT " + txt("v=spf1 -all"), "_dmarc.bank TXT " + txt("v=DMARC1; p=reject"),
+            "mail.bank TXT " + txt("v=spf1 ip4:192.0.2.0/24 ip4:127.0.0.1 -all"),
+            "evil TXT " + txt("v=spf1 ip4:192.0.2.0/24 ip4:127.0.0.1 -all"),
         ],
         "nodmarc.test": ["@ TXT " + txt("v=spf1 ip4:192.0.2.0/24 -all")],
         # the public suffix list knows no .test: DMARC's organizational domain of x.test is

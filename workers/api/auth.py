@@ -20,12 +20,15 @@ The SPF result of MAIL FROM is kept in ``conn.notes`` (key ``defang.spf``), so t
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
+from email.utils import getaddresses
 from functools import cache
 from typing import Any
 
 from defang.workers.api import services
+from defang.workers.checks import arheader
 from defang.workers.checks import dnsbl as lists
 from defang.workers.checks.auth import (
     ArcResult,
@@ -39,15 +42,18 @@ from defang.workers.checks.auth import (
     verify_arc,
     verify_dkim,
 )
+from defang.workers.checks.dmarc import org_domain, suffix_list
 from defang.workers.checks.dnsbl import Listing, Listings
 from defang.workers.checks.resolver import DnsSettings, Resolver, warm_up
-from defang.workers.checks.signing import Key, Keys, SigningError, final_message, seal, sign
+from defang.workers.checks.signing import Keys, SigningError, final_message, seal, sign
 
 __all__ = ["ArcResult", "AuthResults", "DkimResult", "DmarcResult", "Listing", "Listings", "SigningError",
            "SpfResult", "add_results_header", "arc_seal", "authserv_id", "check", "dkim_sign", "dnsbl",
            "rhsbl", "spf", "uribl"]  # fmt: skip
 
 warm_up()  # at the filter's load, in the zygote: see resolver.warm_up
+suffix_list()  # the shipped public suffix list, read once in the zygote for every worker
+log = logging.getLogger("defang.filter")
 
 NOTES_KEY = "defang.spf"
 MAX_URI_DOMAINS = 20
@@ -65,7 +71,21 @@ def resolver() -> Resolver:
 @cache
 def keys() -> Keys:
     a = services.CURRENT.auth
-    return Keys({d: Key(d, s, p) for d, s, p in a.dkim_keys}, Key(*a.arc_key) if a.arc_key else None)
+    return Keys.of(a.dkim_keys, a.arc_key)
+
+
+def prepare() -> None:
+    """When the filter loads (and on every reload), with its settings: read the signing keys
+    and the public suffix list, so that one that cannot be used refuses the load, in one
+    line (SigningError, OSError), never a message; both are then shared by the workers."""
+    keys.cache_clear()
+    keys().check()
+    path = services.CURRENT.auth.public_suffix_list
+    try:
+        suffix_list(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise SigningError(f"[auth] public_suffix_list {path}: {why}") from None
 
 
 def authserv_id() -> str:
@@ -96,15 +116,13 @@ def rhsbl(domain: str, zones: str | list[str]) -> Listings:
 def uribl(msg: Any, zones: str | list[str], max_domains: int = MAX_URI_DOMAINS) -> Listings:
     """The registered domains of the http(s) links in the text and HTML parts (the first
     ``max_domains`` different ones) in URI blocklists; ``subject`` lists them."""
-    import authheaders  # publicsuffix2, through it: the registered domain
-
     found: list[str] = []
     for part in msg.parts:
         if part.is_multipart or not part.content_type.startswith("text/"):
             continue
         for host in _URL.findall(part.payload[: 1 << 20]):
             host = host.decode("ascii").lower()
-            domain = authheaders.get_org_domain(host)
+            domain = org_domain(host, services.CURRENT.auth.public_suffix_list)
             if domain not in found:
                 found.append(domain)
             if len(found) >= max_domains:
@@ -139,30 +157,56 @@ def check(msg: Any) -> AuthResults:
         return kept
     with open(msg.path, "rb") as f:
         data = f.read()
-    r = resolver()
-    results = AuthResults(spf=spf(msg), dkim=verify_dkim(data, r), arc=verify_arc(data, r))
-    results.dmarc = check_dmarc(_from_domain(msg), results.spf, results.dkim, r)
+    r, a = resolver(), services.CURRENT.auth
+    results = AuthResults(spf=spf(msg), dkim=verify_dkim(data, r, a.dkim_accept_rsa_sha1),
+                          arc=verify_arc(data, r))  # fmt: skip
+    fields = msg.get_all_headers("From")
+    results.dmarc = check_dmarc(_author_domains(fields), results.spf, results.dkim, r, a.public_suffix_list,
+                                len(fields))  # fmt: skip
     msg._auth = results
     return results
 
 
-def _from_domain(msg: Any) -> str:
-    from email.utils import getaddresses
+_LENIENT_DOMAIN = re.compile(r"@\[?([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)")
 
-    froms = [addr for _, addr in getaddresses(msg.get_all_headers("From")) if "@" in addr]
-    return froms[0].rpartition("@")[2].lower().strip(">") if len(froms) == 1 else ""
+
+def _author_domains(fields: list[str]) -> list[str]:
+    """The domain of every address in the From field(s), in order.  A field the stdlib's
+    strict parser cannot read (``Bank <a@bank.example>>``) still shows a mail client's
+    reader an address: its domains are read leniently, so that a malformed From cannot
+    take a p=reject domain out of DMARC (reading more domains can only be stricter)."""
+    domains = []
+    for value in fields:
+        addresses = [addr for _, addr in getaddresses([value]) if "@" in addr]
+        if addresses:
+            domains += [addr.rpartition("@")[2].lower().strip(">").rstrip(".") for addr in addresses]
+        else:
+            domains += [d.lower().rstrip(".") for d in _LENIENT_DOMAIN.findall(value)]
+    return domains
+
+
+def _from_domain(msg: Any) -> str:
+    """The one From domain ("" with none or several)."""
+    domains = _author_domains(msg.get_all_headers("From"))
+    return domains[0] if len(domains) == 1 else ""
 
 
 def add_results_header(msg: Any, results: AuthResults | None = None) -> str:
     """Add ``Authentication-Results: <authserv-id>; spf=... dkim=... arc=... dmarc=...`` at
-    the top (after removing any that claim our authserv-id); its value."""
+    the top, after removing every one that claims our authserv-id however written (read
+    by RFC 8601's grammar: a version, comments, a quoted-string), with a log line counting
+    them and the tag ``forged_auth_results``; its value."""
     value = results_header(authserv_id(), results or check(msg))
-    ours = authserv_id().lower()
-    found = msg.get_all_headers("Authentication-Results")
-    for index in range(len(found), 0, -1):  # forged ones, last first: indexes stay valid
-        if found[index - 1].strip().split(";", 1)[0].strip().lower() == ours:
-            msg.change_header("Authentication-Results", "", index)
-    msg.insert_header(0, "Authentication-Results", value)
+    ours = authserv_id()
+    found = msg.get_all_headers(arheader.NAME)
+    forged = [i for i in range(len(found), 0, -1) if arheader.claims(found[i - 1], ours)]
+    for index in forged:  # last first: the indexes of the others stay valid
+        msg.delete_header(arheader.NAME, index)
+    if forged:
+        log.info("%s: removed %d Authentication-Results claiming %s (RFC 8601 5)", msg.queue_id or "-",
+                 len(forged), ours)  # fmt: skip
+        msg.tag("forged_auth_results")
+    msg.insert_header(0, arheader.NAME, value)
     return value
 
 
@@ -170,16 +214,17 @@ def add_results_header(msg: Any, results: AuthResults | None = None) -> str:
 
 
 def dkim_sign(msg: Any, domain: str | None = None) -> None:
-    """Sign the message with ``domain``'s key (default: the From domain) as it leaves:
+    """Sign the message with ``domain``'s keys (default: the From domain; an RSA and an
+    Ed25519 key: two signatures) as it leaves:
     after every header and body change.  No key for the domain: the message is tempfailed
     with an ERROR line (a configuration mistake must not send unsigned mail)."""
     domain = (domain or _from_domain(msg)).lower()
     keys().for_domain(domain)  # now: a missing key is the filter's error, with its line
 
     def step(message: Any, actions: list[list[Any]]) -> list[list[Any]]:
-        name, value = sign(final_message(message.path, actions), keys(), domain,
-                           services.CURRENT.auth.dkim_body_canonicalization)  # fmt: skip
-        return [["insert_header", 0, name, value]]
+        headers = sign(final_message(message.path, actions), keys(), domain,
+                       services.CURRENT.auth.dkim_body_canonicalization)  # fmt: skip
+        return [["insert_header", 0, name, value] for name, value in reversed(headers)]
 
     _last(msg, step)
 

@@ -407,13 +407,18 @@ class Message(Services):
             ["change_header", check_header_name(name), check_header_value(value), check_index(index, 1)]
         )
 
-    def delete_header(self, name: str) -> None:
-        """Delete every ``name`` header of the message as received.
+    def delete_header(self, name: str, index: int | None = None) -> None:
+        """Delete every ``name`` header of the message as received, or the ``index``-th (1-based).
 
         Deleted from the last occurrence down to the first, so that each index
-        still names the same header when the MTA applies it.
+        still names the same header when the MTA applies it.  (``change_header`` to an
+        empty value is not a deletion: libmilter deletes only for a NULL value, and
+        Postfix keeps the field, empty.)
         """
         check_header_name(name)
+        if index is not None:
+            self.actions.append(["delete_header", name, check_index(index, 1)])
+            return
         count = len(self.get_all_headers(name))
         self.actions.extend(["delete_header", name, i] for i in range(count, 0, -1))
 

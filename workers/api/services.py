@@ -34,11 +34,14 @@ class AuthSettings:
     dkim_keys: tuple[tuple[str, str, str], ...] = ()
     dkim_body_canonicalization: str = "relaxed"
     arc_key: tuple[str, str, str] | None = None
+    public_suffix_list: str = ""  # "" = the list that ships with publicsuffixlist
+    dkim_accept_rsa_sha1: bool = False  # RFC 8301: rsa-sha1 signatures fail
 
     @classmethod
     def from_config(cls, cfg: Any) -> AuthSettings:
         return cls(cfg.dns_servers, cfg.dns_timeout, cfg.dns_lifetime, cfg.dns_cache_size, cfg.authserv_id,
-                   cfg.dkim_keys, cfg.dkim_body_canonicalization, cfg.arc_key)  # fmt: skip
+                   cfg.dkim_keys, cfg.dkim_body_canonicalization, cfg.arc_key, cfg.public_suffix_list,
+                   cfg.dkim_accept_rsa_sha1)  # fmt: skip
 
 
 @dataclass(frozen=True)

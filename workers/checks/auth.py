@@ -1,5 +1,5 @@
 """Sender authentication: SPF (pyspf), DKIM and ARC verification (dkimpy), DMARC
-(authheaders), and the Authentication-Results header (authres, RFC 8601).
+(``dmarc``), and the Authentication-Results header (``arheader``, authres, RFC 8601).
 
 Each check is one well-kept library; this module runs them through the worker's resolver
 (``resolver.Resolver``: configured servers, one cache) and turns every outcome into a
@@ -10,47 +10,27 @@ result with an RFC 8601 result word, never an exception:
 - DKIM: one result per signature (pass, fail, neutral for a malformed one, temperror
   when the key lookup got no answer: dkimpy itself would call that a fail);
 - ARC: the chain's validation (pass, fail, none);
-- DMARC: pass, fail, none, temperror, permerror, with the From domain and its policy;
-  aligned with SPF's MAIL FROM domain or any passing DKIM signature's d= (relaxed or
-  strict, as the record says).
+- DMARC (``dmarc``): pass, fail, none, temperror, permerror for every author domain, with
+  the policy, pct and the disposition.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
-import authheaders
-import authres
-import authres.arc
-import authres.dmarc
 import dkim
 import spf
-from authheaders import dmarc_lookup
+from dkim.util import InvalidTagValueList, parse_tag_value
 
-from defang.workers.checks.resolver import Resolver, TempError
+from defang.workers.checks import arheader
+from defang.workers.checks.dmarc import DmarcResult, combine, evaluate
+from defang.workers.checks.resolver import Resolver, TempError, describe
 
 log = logging.getLogger("defang.filter")
 
-
-# authheaders reads and parses the public suffix list (12,000 rules) on every call that
-# needs an organizational domain: 230 ms, twice or more per message (measured: DMARC took
-# 1.15 s a message).  Parsed once per process instead, here, at import: in the zygote, for
-# every worker to share.  Same list, same answers; only the reading is kept.
-@cache
-def _suffix_list(location: str) -> Any:
-    with open(location) as f:
-        return dmarc_lookup.PublicSuffixList(f)
-
-
-def _org_domain_from(location: Any, domain: str) -> str:
-    return _suffix_list(str(location)).get_public_suffix(domain)
-
-
-dmarc_lookup.get_org_domain_from_suffix_list = _org_domain_from
-authheaders.get_org_domain("example.com")
 # dkimpy logs every bad signature at ERROR: ordinary traffic, not defang's errors
 _DKIM_LOG = logging.getLogger("defang.dkimpy")
 _DKIM_LOG.addHandler(logging.NullHandler())
@@ -74,14 +54,6 @@ class DkimResult:
     domain: str = ""  # d=
     selector: str = ""  # s=
     identity: str = ""  # i=
-    comment: str = ""
-
-
-@dataclass(frozen=True)
-class DmarcResult:
-    result: str  # pass fail none temperror permerror
-    from_domain: str = ""
-    policy: str = ""  # none quarantine reject ("" without a record)
     comment: str = ""
 
 
@@ -119,6 +91,8 @@ def check_spf(ip: str, sender: str, helo: str, timeout: float) -> SpfResult:
         return SpfResult("temperror", str(exc), identity, scope)
     except Exception as exc:  # pyspf's own failures: a malformed identity, an address it cannot read
         return SpfResult("permerror", f"{type(exc).__name__}: {exc}", identity, scope)
+    if result == "temperror":  # pyspf's text is dnspython's, with ports and seconds
+        explanation = f"SPF temporary error: {describe(explanation)}"
     return SpfResult(result, explanation, identity, scope)
 
 
@@ -133,6 +107,7 @@ class _Txt:
         self.resolver = resolver
         self.temp: str | None = None  # a lookup that got no answer
         self.missing: str | None = None  # a name that has no TXT record
+        self.data: bytes = b""  # the last record read (a DKIM key record: its h=)
 
     def __call__(self, name: Any, timeout: float = 5) -> Any:
         qname = name.decode("ascii", "replace") if isinstance(name, bytes) else str(name)
@@ -144,12 +119,16 @@ class _Txt:
         if not records:
             self.missing = qname.rstrip(".")
             return None
-        data = b"".join(records[0].strings)
+        data = self.data = b"".join(records[0].strings)
         return data if isinstance(name, bytes) else data.decode("utf-8", "replace")
 
 
-def verify_dkim(message: bytes, resolver: Resolver) -> list[DkimResult]:
-    """Every DKIM-Signature of ``message`` (in order), each verified on its own."""
+def verify_dkim(message: bytes, resolver: Resolver, accept_rsa_sha1: bool = False) -> list[DkimResult]:
+    """Every DKIM-Signature of ``message`` (in order), each verified on its own; RSA and
+    Ed25519 (RFC 8463, through PyNaCl).  dkimpy passes what RFC 8301 and the key record
+    refuse, so a verified signature is also checked here: ``rsa-sha1`` fails unless
+    ``accept_rsa_sha1`` (RFC 8301 §3.1), and so does a hash the key's ``h=`` leaves out
+    (RFC 6376 §3.6.1)."""
     try:
         d = dkim.DKIM(message, logger=_DKIM_LOG)
     except Exception as exc:  # dkimpy cannot parse the message (malformed mail: IndexError too)
@@ -162,15 +141,16 @@ def verify_dkim(message: bytes, resolver: Resolver) -> list[DkimResult]:
         try:
             ok = d.verify(idx=idx, dnsfunc=txt)
         except dkim.ValidationError as exc:  # body hash mismatch, a bad signature
-            results.append(DkimResult("fail", *_sig(d), comment=str(exc)[:120]))
+            results.append(DkimResult("fail", *_sig(d), comment=plain(str(exc))))
             continue
         except Exception as exc:  # a signature that cannot be read (dkimpy's errors, and its bugs)
             result = "temperror" if txt.temp else "neutral"
-            why = txt.temp or f"{type(exc).__name__}: {exc}"[:120]
+            why = txt.temp or plain(f"{type(exc).__name__}: {exc}")
             results.append(DkimResult(result, *_sig(d), comment=why))
             continue
         if ok:
-            results.append(DkimResult("pass", *_sig(d)))
+            refused = _refused(d.signature_fields.get(b"a", b""), txt.data, accept_rsa_sha1)
+            results.append(DkimResult("fail" if refused else "pass", *_sig(d), comment=refused))
         elif txt.temp:
             results.append(DkimResult("temperror", *_sig(d), comment=txt.temp))
         elif txt.missing:
@@ -178,6 +158,31 @@ def verify_dkim(message: bytes, resolver: Resolver) -> list[DkimResult]:
         else:
             results.append(DkimResult("fail", *_sig(d), comment="signature did not verify"))
     return results
+
+
+def _refused(algorithm: bytes, key_record: bytes, accept_rsa_sha1: bool) -> str:
+    """Why a signature dkimpy verified does not count ("" when it does)."""
+    if algorithm.lower() == b"rsa-sha1" and not accept_rsa_sha1:
+        return "rsa-sha1 is not accepted (RFC 8301 3.1)"
+    try:
+        allowed = parse_tag_value(key_record).get(b"h")
+    except InvalidTagValueList:
+        return ""  # dkimpy read the key: its record parses
+    hashes = [h.strip().lower() for h in allowed.split(b":")] if allowed else []
+    used = algorithm.lower().rpartition(b"-")[2]
+    if hashes and used not in hashes:
+        return f"the key record allows h={b':'.join(hashes).decode('ascii', 'replace')}, not {used.decode()}"
+    return ""
+
+
+_BYTES_REPR = re.compile(r"""\bb(['"])(.*?)\1""")
+
+
+def plain(text: str, limit: int = 120) -> str:
+    """A library's message as words for a header comment: no Python byte reprs
+    (``got b'x'`` -> ``got x``), at most ``limit`` characters."""
+    text = _BYTES_REPR.sub(lambda m: m.group(2), text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _sig(d: Any) -> tuple[str, str, str]:
@@ -197,7 +202,9 @@ def verify_arc(message: bytes, resolver: Resolver) -> ArcResult:
         return ArcResult("fail", str(exc))
     except Exception as exc:  # a message dkimpy cannot parse
         return ArcResult("none", f"message not readable by dkimpy: {type(exc).__name__}")
-    result = cv.decode("ascii") if cv else "none"
+    # dkimpy answers None for a chain whose latest seal says cv=fail: the chain failed
+    # (RFC 8617 §5.2), not "no chain"
+    result = cv.decode("ascii") if cv is not None else "fail"
     if txt.temp and result == "fail":
         return ArcResult("fail", f"temperror: {txt.temp}")
     return ArcResult(result, "" if comment in (None, "success") else str(comment))
@@ -206,60 +213,34 @@ def verify_arc(message: bytes, resolver: Resolver) -> ArcResult:
 # --- DMARC -----------------------------------------------------------------------------
 
 
-def check_dmarc(from_domain: str, spf_result: SpfResult | None, dkims: list[DkimResult],
-                resolver: Resolver) -> DmarcResult:  # fmt: skip
-    """DMARC for ``from_domain`` (the RFC5322.From domain) given the SPF and DKIM results."""
-    if not from_domain:
+def check_dmarc(from_domains: list[str], spf_result: SpfResult | None, dkims: list[DkimResult],
+                resolver: Resolver, psl: str = "", fields: int = 1) -> DmarcResult:  # fmt: skip
+    """DMARC for the author domains (the RFC5322.From field's; more than one: each, the
+    strictest failure stands, RFC 7489 §6.6.1) given the SPF and DKIM results.  SPF's
+    identifier is its identity's domain: MAIL FROM's, or the HELO name for the null
+    sender (RFC 7208 §2.4)."""
+    if not from_domains:
         return DmarcResult("permerror", comment="no From domain")
-    spf_ar = None
-    if spf_result is not None and spf_result.scope == "mailfrom":
-        spf_ar = authres.SPFAuthenticationResult(result=spf_result.result, smtp_mailfrom=spf_result.identity)
-    # the best DKIM result for alignment: an aligned pass, else any pass, else the first
-    org = authheaders.get_org_domain(from_domain)
-    passing = [d for d in dkims if d.result == "pass"]
-    aligned = [d for d in passing if d.domain == from_domain or authheaders.get_org_domain(d.domain) == org]
-    best = (aligned or passing or dkims or [None])[0]
-    dkim_ar = None
-    if best is not None:
-        dkim_ar = authres.DKIMAuthenticationResult(result=best.result, header_d=best.domain)
-    txt = _Txt(resolver)
-    try:
-        result, comment, _domain, policy = authheaders.dmarc_per_from(
-            from_domain, spf_result=spf_ar, dkim_result=dkim_ar, dnsfunc=txt)  # fmt: skip
-    except dkim.DnsTimeoutError:
-        return DmarcResult("temperror", from_domain, comment=txt.temp or "DNS")
-    except Exception as exc:  # a malformed record: authheaders' DMARCException, or worse
-        return DmarcResult("permerror", from_domain, comment=f"{type(exc).__name__}: {exc}")
-    return DmarcResult(result, from_domain, policy or "", str(comment or ""))
+    spf_res = spf_result.result if spf_result is not None else "none"
+    spf_domain = spf_result.identity.rpartition("@")[2] if spf_result is not None else ""
+    passes = [d.domain for d in dkims if d.result == "pass"]
+    unique = list(dict.fromkeys(from_domains))
+    return combine([evaluate(d, spf_res, spf_domain, passes, resolver, psl) for d in unique], fields)
 
 
 # --- the header ------------------------------------------------------------------------
 
 
-def results_header(authserv_id: str, r: AuthResults) -> str:
-    """The value of an Authentication-Results header for ``r`` (RFC 8601, via authres)."""
+def results_header(serv_id: str, r: AuthResults) -> str:
+    """The value of an Authentication-Results header for ``r`` (RFC 8601), folded."""
     parts: list[Any] = []
     if r.spf is not None:
-        where = ({"smtp_mailfrom": r.spf.identity} if r.spf.scope == "mailfrom"
-                 else {"smtp_helo": r.spf.identity.partition("@")[2]})  # fmt: skip
-        comment = _comment(r.spf.explanation)
-        parts.append(authres.SPFAuthenticationResult(result=r.spf.result, result_comment=comment, **where))
+        parts.append(arheader.spf_result(r.spf.result, r.spf.scope, r.spf.identity, r.spf.explanation))
     for d in r.dkim or [DkimResult("none")]:
-        parts.append(authres.DKIMAuthenticationResult(result=d.result, header_d=d.domain or None,
-                                                      header_s=d.selector or None,
-                                                      result_comment=_comment(d.comment)))  # fmt: skip
+        parts.append(arheader.dkim_result(d.result, d.domain, d.selector, d.comment))
     if r.arc is not None:
-        comment = _comment(r.arc.comment)
-        parts.append(authres.arc.ARCAuthenticationResult(result=r.arc.result, result_comment=comment))
+        parts.append(arheader.arc_result(r.arc.result, r.arc.comment))
     if r.dmarc is not None:
-        parts.append(authres.dmarc.DMARCAuthenticationResult(
-            result=r.dmarc.result, header_from=r.dmarc.from_domain or None,
-            policy=r.dmarc.policy.upper() or None, result_comment=_comment(r.dmarc.comment)))  # fmt: skip
-    text = str(authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=parts))
-    return text.partition(":")[2].strip()
-
-
-def _comment(text: str) -> str | None:
-    """A comment authres can write: no parentheses or backslashes inside, short."""
-    clean = "".join(c for c in text if c not in "()\\\r\n").strip()
-    return clean[:120] or None
+        d = r.dmarc
+        parts.append(arheader.dmarc_result(d.result, d.from_domain, d.policy, d.comment))
+    return arheader.header_value(serv_id, parts)

@@ -133,11 +133,19 @@ def warm_up() -> None:
 
 
 def _why(exc: Exception) -> str:
-    """dnspython's text, shortened: "NoNameservers: ... answered SERVFAIL" -> "SERVFAIL"."""
-    text = str(exc)
+    if isinstance(exc, dns.exception.Timeout):
+        return "DNS timeout: no answer within the lifetime"
+    return describe(str(exc))
+
+
+def describe(text: str) -> str:
+    """dnspython's text (or a library's that carries it, pyspf's), shortened and without
+    what varies between two runs of one lookup (servers' ports, seconds waited):
+    "... Server Do53:127.0.0.1@5353 answered REFUSED" -> "DNS server answered REFUSED",
+    "The resolution lifetime expired after 2.003 seconds" -> "DNS timeout"."""
     for rcode in ("SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"):
         if f"answered {rcode}" in text:
             return f"DNS server answered {rcode}"
-    if isinstance(exc, dns.exception.Timeout):
-        return f"DNS timeout: {text}"
+    if "lifetime expired" in text or "timed out" in text.lower() or "Timeout" in text:
+        return "DNS timeout: no answer within the lifetime"
     return text if len(text) < 200 else text[:197] + "..."

@@ -10,8 +10,8 @@ header of that name and an empty value (or ``delete_header``) removes it; a
 insert at the top, folded as dkimpy folds them (the front end passes the folds to the
 MTA as LF + TAB, which it writes back as CRLF + TAB).
 
-The keys are read once per worker (``Keys``): a PEM file per domain and selector, named
-in ``[dkim]`` and ``[arc]``.
+The keys are read and checked once, when the filter loads (``Keys.check``): a file per
+domain and selector, named in ``[dkim]`` and ``[arc]``; RSA (PEM) or Ed25519 (RFC 8463).
 """
 
 from __future__ import annotations
@@ -21,10 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import dkim
+import dkim.crypto
 
 
 class SigningError(Exception):
     """No key for the domain, or the key cannot be used; the text says which."""
+
+
+RSA, ED25519 = b"rsa-sha256", b"ed25519-sha256"
 
 
 @dataclass(frozen=True)
@@ -36,29 +40,68 @@ class Key:
 
 @dataclass
 class Keys:
-    """The signing keys of ``[dkim] keys`` and ``[arc]``, loaded on first use."""
+    """The signing keys of ``[dkim] keys`` (one or more per domain: an RSA and an Ed25519
+    key sign side by side, RFC 8463 §4) and ``[arc]``, read and checked by ``check`` when
+    the filter loads: a key that cannot sign is refused then, in one line, never on a
+    message."""
 
-    dkim: dict[str, Key] = field(default_factory=dict)  # domain (lowercase) -> key
+    dkim: dict[str, list[Key]] = field(default_factory=dict)  # domain (lowercase) -> its keys
     arc: Key | None = None
-    _pem: dict[str, bytes] = field(default_factory=dict)
+    _loaded: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
 
-    def pem(self, key: Key) -> bytes:
-        if key.path not in self._pem:
-            try:
-                data = Path(key.path).read_bytes()
-            except OSError as exc:
-                raise SigningError(f"key for {key.domain} ({key.path}): {exc.strerror}") from None
-            if b"PRIVATE KEY" not in data:
-                raise SigningError(f"key for {key.domain} ({key.path}): not a PEM private key")
-            self._pem[key.path] = data
-        return self._pem[key.path]
+    @classmethod
+    def of(cls, dkim_keys: Any, arc_key: Any) -> Keys:
+        """From the config's (domain, selector, path) triples."""
+        by_domain: dict[str, list[Key]] = {}
+        for domain, selector, path in dkim_keys:
+            by_domain.setdefault(domain.lower(), []).append(Key(domain.lower(), selector, path))
+        return cls(by_domain, Key(*arc_key) if arc_key else None)
 
-    def for_domain(self, domain: str) -> Key:
-        key = self.dkim.get(domain.lower())
-        if key is None:
+    def load(self, key: Key) -> tuple[bytes, bytes]:
+        """(algorithm, key data as dkimpy takes it): an RSA key in PEM, or an Ed25519 key
+        as the base64 of its 32-byte seed (what dkimpy's ``dknewkey --ktype ed25519`` writes)."""
+        if key.path not in self._loaded:
+            self._loaded[key.path] = _read_key(key)
+        return self._loaded[key.path]
+
+    def check(self) -> None:
+        """Read every key now; SigningError (one line) for the first that cannot sign."""
+        for key in [k for keys in self.dkim.values() for k in keys] + ([self.arc] if self.arc else []):
+            self.load(key)
+        if self.arc is not None and self.load(self.arc)[0] != RSA:
+            raise SigningError(f"[arc] key {self.arc.path}: ARC seals with rsa-sha256 only (RFC 8617)")
+
+    def for_domain(self, domain: str) -> list[Key]:
+        keys = self.dkim.get(domain.lower())
+        if not keys:
             known = ", ".join(sorted(self.dkim)) or "none"
             raise SigningError(f"no [dkim] key for {domain} (keys for: {known})")
-        return key
+        return keys
+
+
+def _read_key(key: Key) -> tuple[bytes, bytes]:
+    where = f"key for {key.domain} ({key.path})"
+    try:
+        data = Path(key.path).read_bytes()
+    except OSError as exc:
+        raise SigningError(f"{where}: {exc.strerror}") from None
+    if b"PRIVATE KEY" in data:
+        try:
+            dkim.crypto.parse_pem_private_key(data)
+        except dkim.crypto.UnparsableKeyError:
+            raise SigningError(f"{where}: not an RSA private key dkimpy can read (an Ed25519 key goes "
+                               "in as the base64 of its seed, as dknewkey --ktype ed25519 writes it)"
+                               ) from None  # fmt: skip
+        return RSA, data
+    try:
+        import nacl.encoding
+        import nacl.signing
+
+        nacl.signing.SigningKey(data.strip(), encoder=nacl.encoding.Base64Encoder)
+    except Exception:  # PyNaCl: a seed that is not 32 bytes, not base64
+        why = "neither a PEM RSA private key nor an Ed25519 seed (base64, 32 bytes)"
+        raise SigningError(f"{where}: {why}") from None
+    return ED25519, data.strip()
 
 
 def _fields(head: bytes) -> list[bytes]:
@@ -112,15 +155,20 @@ def _as_header(signed: bytes) -> tuple[str, str]:
     return name.strip(), value.strip().replace("\r\n", "\n")
 
 
-def sign(message: bytes, keys: Keys, domain: str, body_canon: str = "relaxed") -> tuple[str, str]:
-    """A DKIM-Signature header (name, value) for ``message`` by ``domain``'s key."""
-    key = keys.for_domain(domain)
-    try:
-        signed = dkim.sign(message, key.selector.encode(), key.domain.encode(), keys.pem(key),
-                           canonicalize=(b"relaxed", body_canon.encode()))  # fmt: skip
-    except dkim.DKIMException as exc:
-        raise SigningError(f"DKIM signing for {domain}: {exc}") from None
-    return _as_header(signed)
+def sign(message: bytes, keys: Keys, domain: str, body_canon: str = "relaxed") -> list[tuple[str, str]]:
+    """A DKIM-Signature header (name, value) for ``message`` by each of ``domain``'s keys
+    (in the config's order), each computed over the same message."""
+    out = []
+    for key in keys.for_domain(domain):
+        algorithm, data = keys.load(key)
+        try:
+            signed = dkim.sign(message, key.selector.encode(), key.domain.encode(), data,
+                               canonicalize=(b"relaxed", body_canon.encode()),
+                               signature_algorithm=algorithm)  # fmt: skip
+        except dkim.DKIMException as exc:
+            raise SigningError(f"DKIM signing for {domain}: {exc}") from None
+        out.append(_as_header(signed))
+    return out
 
 
 def seal(message: bytes, keys: Keys, authserv_id: str) -> list[tuple[str, str]]:
@@ -130,7 +178,7 @@ def seal(message: bytes, keys: Keys, authserv_id: str) -> list[tuple[str, str]]:
     if key is None:
         raise SigningError("no [arc] key configured")
     try:
-        headers = dkim.arc_sign(message, key.selector.encode(), key.domain.encode(), keys.pem(key),
+        headers = dkim.arc_sign(message, key.selector.encode(), key.domain.encode(), keys.load(key)[1],
                                 authserv_id.encode())  # fmt: skip
     except dkim.DKIMException as exc:
         raise SigningError(f"ARC sealing: {exc}") from None
