@@ -14,6 +14,7 @@ from typing import Any
 
 from paths import FILTERS, REPO  # noqa: F401  (FILTERS: for the tests that import it from here)
 
+from defang.core.config import SYSTEM_RUNTIME_DIR
 from defang.testbed.access import reachable_by_others
 from defang.testbed.procs import stat_fields, titled
 
@@ -61,9 +62,12 @@ class Defang:
     """``defang run`` in a subprocess, its log in a file, stopped by PID."""
 
     def __init__(self, filter_path: Path | str, *, settings: dict | None = None,
-                 socket: str | None = None) -> None:  # fmt: skip
+                 socket: str | None = None, default_paths: bool = False) -> None:  # fmt: skip
+        """``default_paths``: no --runtime-dir or --socket, as an admin would start it (as root:
+        /run/defang, which only one test may use at a time: ``tests/daemons/test_rootdirs.py``)."""
         self.dir = traversable_dir("defang-test-")
-        self.runtime = self.dir / "run"
+        self.default_paths = default_paths
+        self.runtime = SYSTEM_RUNTIME_DIR if default_paths else self.dir / "run"
         base = {"daemon": {"log_level": "debug"}, "multiplexor": {"min_workers": 2, "max_workers": 2}}
         for section, table in (settings or {}).items():
             base.setdefault(section, {}).update(table)
@@ -83,9 +87,11 @@ class Defang:
         return self.runtime / "control.sock"
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "defang", "run", "--config", str(self.config),
-                "--filter", str(self.filter), "--runtime-dir", str(self.runtime),
-                "--socket", self.socket_spec]  # fmt: skip
+        argv = [sys.executable, "-m", "defang", "run", "--config", str(self.config),
+                "--filter", str(self.filter)]  # fmt: skip
+        if not self.default_paths:
+            argv += ["--runtime-dir", str(self.runtime), "--socket", self.socket_spec]
+        return argv
 
     def start(self, timeout: float = 30.0) -> Defang:
         self._log = open(self.log_path, "ab")
@@ -121,9 +127,9 @@ class Defang:
         raise AssertionError(f"{text!r} not in the defang log within {timeout}s:\n{self.log()}")
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "defang.cli.ctl", "--config", str(self.config),
-                               "--runtime-dir", str(self.runtime), *args],
-                              capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+        where = [] if self.default_paths else ["--runtime-dir", str(self.runtime)]
+        return subprocess.run([sys.executable, "-m", "defang.cli.ctl", "--config", str(self.config), *where,
+                               *args], capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
 
     def status(self) -> dict:
         import json
