@@ -5,8 +5,6 @@ change (the filter, the config), each say so in one line."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import grp
 import os
 import pwd
@@ -18,11 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon import FILTERS, REPO, Defang, traversable_dir
+from daemon import FILTERS, REPO, Defang, system_runtime_dir, traversable_dir
 from fakemta import MilterSession
 
 from defang.core import privileges
-from defang.core.config import SYSTEM_RUNTIME_DIR
 from defang.testbed.access import reachable_by_others
 
 REACHABLE = reachable_by_others(Path(sys.executable).resolve()) and reachable_by_others(REPO)
@@ -41,20 +38,6 @@ def uid_of(name: str) -> int:
 
 def owner(path: Path) -> str:
     return pwd.getpwuid(os.lstat(path).st_uid).pw_name
-
-
-@contextlib.contextmanager
-def system_runtime_dir():
-    """/run/defang for this test alone: locked, absent before (else skipped), removed after."""
-    with open("/run/defang-tests.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (SYSTEM_RUNTIME_DIR / "control.sock").exists():
-            pytest.skip("a defang serves from /run/defang on this machine")
-        subprocess.run(["rm", "-rf", str(SYSTEM_RUNTIME_DIR)], check=True)
-        try:
-            yield SYSTEM_RUNTIME_DIR
-        finally:
-            subprocess.run(["rm", "-rf", str(SYSTEM_RUNTIME_DIR)], check=False)
 
 
 def refused(d: Defang) -> subprocess.CompletedProcess:

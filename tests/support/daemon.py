@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -12,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from paths import FILTERS, REPO  # noqa: F401  (FILTERS: for the tests that import it from here)
 
 from defang.core.config import SYSTEM_RUNTIME_DIR
@@ -56,6 +60,22 @@ def write_config(path: Path, settings: dict[str, dict[str, Any]]) -> Path:
         lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def system_runtime_dir():
+    """/run/defang (a root defang's default) for one test at a time: locked, absent before
+    (else the test is skipped: a defang serves there), removed after."""
+    with open("/run/defang-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with socket.socket(socket.AF_UNIX) as probe:
+            if probe.connect_ex(str(SYSTEM_RUNTIME_DIR / "control.sock")) == 0:
+                pytest.skip("a defang serves from /run/defang on this machine")
+        subprocess.run(["rm", "-rf", str(SYSTEM_RUNTIME_DIR)], check=True)
+        try:
+            yield SYSTEM_RUNTIME_DIR
+        finally:
+            subprocess.run(["rm", "-rf", str(SYSTEM_RUNTIME_DIR)], check=False)
 
 
 class Defang:
