@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run" or args.command in ("milter", "multiplexor") and args.ready_fd is None:
         from defang.core.privileges import PrivilegeError, unsafe_files
 
-        for line in unsafe_files({"filter": cfg.filter, "config": cfg.source}):
+        for line in unsafe_files({"filter": cfg.filter, "config": cfg.source}, cfg.daemon_user):
             logging.getLogger("defang").warning("%s", line)
         try:
             daemon_identity(cfg)
@@ -122,7 +122,8 @@ def check(cfg: configmod.Config, strict: bool) -> int:
     except FilterLoadError as exc:
         print(exc, file=sys.stderr)
         return 1
-    warnings = [*loaded.warnings, *unsafe_files({"filter": cfg.filter, "config": cfg.source})]
+    files = {"filter": cfg.filter, "config": cfg.source}
+    warnings = [*loaded.warnings, *unsafe_files(files, cfg.daemon_user)]
     for line in warnings:
         print(line, file=sys.stderr)
     print(f"{cfg.filter}: OK; hooks: {', '.join(sorted(loaded.hooks)) or 'none'}")

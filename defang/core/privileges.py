@@ -155,18 +155,14 @@ def user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def others_may_change(path: Path) -> str | None:
-    """Who but root may change ``path`` (the filter, the config): the first of it and the
+def others_may_change(path: Path, trusted: frozenset[int] = frozenset({0})) -> str | None:
+    """Who but root (and ``trusted``) may change ``path``: the first of it and the
     directories above it that someone else may write to, said in a few words, or None.
 
-    The daemons run as the ``defang`` user: a filter (or a directory above it) that this
-    user may write lets a compromised worker rewrite the code every later worker runs, and
-    the config names the filter.  As ``postfix check`` does for Postfix's files: each must
-    be owned by root (or by the user running defang, when that is not root: nothing
-    separates the two then) and writable by no group but root's and by nobody else; a
-    directory writable by all with the sticky bit (``/tmp``) only lets others add names.
+    As ``postfix check`` does for Postfix's files: each must be owned by root and
+    writable by no group but root's and by nobody else; a directory writable by all with
+    the sticky bit (``/tmp``) only lets others add names, so it does not count.
     """
-    trusted = {0, os.geteuid()}
     path = Path(path).resolve()
     for p in (path, *path.parents):
         try:
@@ -186,11 +182,20 @@ def others_may_change(path: Path) -> str | None:
     return None
 
 
-def unsafe_files(files: dict[str, Path | None]) -> list[str]:
-    """One warning line for each of ``files`` (what: path) that others may change."""
+def unsafe_files(files: dict[str, Path | None], daemon_user: str) -> list[str]:
+    """One warning line for each of ``files`` (what: path) that others than root may change.
+
+    The daemons run as ``daemon_user`` (started as root) or as whoever started them: a
+    filter (or a directory above it) that user may write lets a compromised worker
+    rewrite the code every later worker runs, and the config names the filter.  A user
+    who is neither root nor ``daemon_user`` (someone trying a filter of their own) is
+    trusted with their own files: nothing would separate the workers from them anyway.
+    """
+    me = os.geteuid()
+    trusted = frozenset({0} if me == 0 or user_name(me) == daemon_user else {0, me})
     out = []
     for what, path in files.items():
-        why = others_may_change(path) if path is not None else None
+        why = others_may_change(path, trusted) if path is not None else None
         if why:
             out.append(f"{path}: warning: {why}: only root should be able to change the {what} or a "
                        "directory above it (SECURITY.md)")  # fmt: skip

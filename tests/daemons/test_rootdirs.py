@@ -287,13 +287,20 @@ def test_check_and_run_warn_when_others_may_change_the_filter_or_the_config():
         with d:
             logged = [x.split(" WARNING: ", 1)[1] for x in d.log().splitlines() if " WARNING: " in x]
             assert logged == want
+        # run as the daemons' user (a systemd unit with User=defang): the same words
+        check_filter = [sys.executable, "-m", "defang", "check", "--filter", str(flt)]  # the packaged config
+        as_defang = ["setpriv", "--reuid=defang", "--regid=defang", "--init-groups", *check_filter]
+        r = subprocess.run(as_defang, capture_output=True, text=True, timeout=60, cwd="/")
+        assert r.returncode == 0 and r.stderr.strip().splitlines() == want[:1], r.stderr
+        # someone trying a filter of their own, as themselves: their own files are not counted
+        os.chown(flt, uid_of("nobody"), -1)
+        os.chown(rules, uid_of("nobody"), -1)
+        r = subprocess.run([*NOBODY, *check_filter], capture_output=True, text=True, timeout=60, cwd="/")
+        assert r.returncode == 0 and r.stderr == "", r.stderr
         # owned by root and writable by root alone: not a word
         os.chown(rules, 0, -1)
-        config = work / "defang.toml"
-        config.write_text("")
-        config.chmod(0o644)
-        r = subprocess.run([*check[:4], "--config", str(config), "--filter", str(flt)], capture_output=True,
-                           text=True, timeout=60)  # fmt: skip
+        os.chown(flt, 0, -1)
+        r = subprocess.run(check_filter, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and r.stderr == "", r.stderr
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
