@@ -120,7 +120,8 @@ def _makedirs(path: Path) -> None:
         st = os.lstat(d)
         owners = (os.geteuid(), 0) if level == 0 else (os.geteuid(),)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid not in owners or st.st_mode & 0o022:
-            why = f"(uid {st.st_uid}, mode {st.st_mode:o}) is not a directory of the daemons' alone"
+            mode = stat.S_IMODE(st.st_mode)
+            why = f"(uid {st.st_uid}, mode {mode:04o}) is not a directory of the daemons' alone"
             raise QuarantineError(f"quarantine directory {d} {why}: refusing to use it; remove it")
 
 
