@@ -118,9 +118,9 @@ def run(cfg: Config, multiplexor: DaemonMain, milter: DaemonMain) -> int:
         print(f"defang: cannot start the milter: {exc}", file=sys.stderr)
         mx.stop(signal.SIGTERM, 10)
         return 1
-    log.info("defang running: milter on %s, filter %s, up to %d workers (pids: multiplexor %d, "
-             "milter %d)", cfg.milter_socket, cfg.filter, cfg.max_workers, mx.proc.pid,
-             fe.proc.pid)  # fmt: skip
+    log.info("defang running: milter on %s, control socket %s, filter %s, up to %d workers (pids: "
+             "multiplexor %d, milter %d)", cfg.milter_socket, cfg.control_socket, cfg.filter,
+             cfg.max_workers, mx.proc.pid, fe.proc.pid)  # fmt: skip
 
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)

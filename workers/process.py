@@ -41,7 +41,11 @@ def serve(sock: socket.socket, runner: FilterRunner, *, worker_id: int, generati
         log.exception("worker %d (pid %d): filter_initialize failed", worker_id, pid)
         sock.sendall(wire.encode(wire.WorkerBootFailed(pid, "filter_initialize raised")))
         return exits.BOOT_FAILED
-    sock.sendall(wire.encode(wire.WorkerReady(pid, generation, procinfo.rss() or 0)))
+    try:
+        sock.sendall(wire.encode(wire.WorkerReady(pid, generation, procinfo.rss() or 0)))
+    except (BrokenPipeError, ConnectionResetError):  # the multiplexor stopped while we booted
+        runner.cleanup()
+        return exits.RETIRED
     idle_title = "defang-worker: idle (%d served)"
     served = 0
     set_title(idle_title % served)

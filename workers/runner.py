@@ -40,7 +40,7 @@ from defang.workers.api.notify import Notice
 from defang.workers.api.services import ServiceSettings
 from defang.workers.loader import FilterLoadError, LoadedFilter
 from defang.workers.mime.limits import MimeLimitError, MimeLimits
-from defang.workers.stores.quarantine import QuarantineStore, quarantine_dir
+from defang.workers.stores.quarantine import QuarantineError, QuarantineStore, quarantine_dir
 from defang.workers.stores.submit import Submission, SubmitError, submit
 
 log = logging.getLogger("defang.worker")
@@ -275,8 +275,13 @@ class FilterRunner:
 
     def _local_problem(self, msg: Message, exc: Exception, conn: Connection,
                        received_notes: dict[str, Any]) -> wire.Reply:  # fmt: skip
-        """Quarantine or rewrite failed (disk full, a bug): tempfail, the sender retries."""
-        detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+        """Quarantine or rewrite failed (disk full, a bug): tempfail, the sender retries.
+
+        A QuarantineError says all there is to say in its text: one line, no traceback."""
+        if isinstance(exc, QuarantineError):
+            detail = str(exc)
+        else:
+            detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
         log.error("%s: conn %s: could not store or rewrite the message: %s", msg.queue_id or "-", conn.id,
                   detail)  # fmt: skip
         return wire.Reply(LOCAL_PROBLEM, [], received_notes,

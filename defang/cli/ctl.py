@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=["status", "reload", "workers", "histo"])
     args = ap.parse_args(argv)
     try:
-        cfg = configmod.load(args.config, runtime_dir=args.runtime_dir)
+        cfg = configmod.load(args.config, runtime_dir=args.runtime_dir, client=True)
     except configmod.ConfigError as exc:
         print(f"defangctl: {exc}", file=sys.stderr)
         return 2
@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         group = cfg.control_group or cfg.daemon_group
         print(f"defangctl: {cfg.control_socket}: Permission denied: the control socket is for root, "
               f"defang's user and group {group}", file=sys.stderr)  # fmt: skip
+        return 3
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        print(f"defangctl: cannot reach the multiplexor at {cfg.control_socket}: {exc.strerror}: is defang "
+              "running? Point defangctl at its runtime dir with --runtime-dir DIR, or at its config with "
+              "--config FILE ([daemon] runtime_dir, [multiplexor] control_socket)",
+              file=sys.stderr)  # fmt: skip
         return 3
     except (OSError, wire.ProtocolError) as exc:
         print(f"defangctl: cannot reach the multiplexor at {cfg.control_socket}: {exc}",

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = configmod.load(args.config, filter_path=getattr(args, FILTER, None),
                              socket=getattr(args, SOCKET, None),
-                             runtime_dir=getattr(args, RUNTIME, None))  # fmt: skip
+                             runtime_dir=getattr(args, RUNTIME, None),
+                             client=args.command == "quarantine")  # fmt: skip
     except configmod.ConfigError as exc:
         print(f"defang: {exc}", file=sys.stderr)
         return 2
@@ -39,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     # once, by the first process: the daemons `defang run` forks (they get --ready-fd) are
     # already unprivileged, their directories made
     if args.command == "run" or args.command in ("milter", "multiplexor") and args.ready_fd is None:
-        from defang.core.privileges import PrivilegeError
+        from defang.core.privileges import PrivilegeError, unsafe_files
 
+        for line in unsafe_files({"filter": cfg.filter, "config": cfg.source}, cfg.daemon_user):
+            logging.getLogger("defang").warning("%s", line)
         try:
             daemon_identity(cfg)
         except PrivilegeError as exc:
@@ -56,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         from defang.multiplexor import daemon as _multiplexor  # noqa: F401
         from defang.workers import zygote as _zygote  # noqa: F401
 
+        # The runtime dir was decided here, as the user defang was started as (root:
+        # /run/defang); the daemons, already unprivileged, are told it rather than
+        # deciding again (they would name the defang user's own default).
         def daemon(command: str) -> Callable[[int], int]:
-            return lambda fd: main([command, *_passthrough(args, command), "--ready-fd", str(fd)])
+            told = ["--runtime-dir", str(cfg.runtime_dir)]
+            return lambda fd: main([command, *_passthrough(args, command), *told, "--ready-fd", str(fd)])
 
         return supervisor.run(cfg, multiplexor=daemon("multiplexor"), milter=daemon("milter"))
     if args.command == "milter":
@@ -107,6 +114,7 @@ def daemon_identity(cfg: configmod.Config) -> None:
 
 def check(cfg: configmod.Config, strict: bool) -> int:
     """Exit 0 when the filter loads (1 with ``--strict`` and a warning), 1 when it does not."""
+    from defang.core.privileges import unsafe_files
     from defang.workers.loader import FilterLoadError, load_filter
     from defang.workers.runner import FilterRunner
 
@@ -116,10 +124,12 @@ def check(cfg: configmod.Config, strict: bool) -> int:
     except FilterLoadError as exc:
         print(exc, file=sys.stderr)
         return 1
-    for line in loaded.warnings:
+    files = {"filter": cfg.filter, "config": cfg.source}
+    warnings = [*loaded.warnings, *unsafe_files(files, cfg.daemon_user)]
+    for line in warnings:
         print(line, file=sys.stderr)
     print(f"{cfg.filter}: OK; hooks: {', '.join(sorted(loaded.hooks)) or 'none'}")
-    if strict and loaded.warnings:
-        print(f"{cfg.filter}: {len(loaded.warnings)} warning(s) and --strict", file=sys.stderr)
+    if strict and warnings:
+        print(f"{cfg.filter}: {len(warnings)} warning(s) and --strict", file=sys.stderr)
         return 1
     return 0

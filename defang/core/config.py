@@ -297,12 +297,49 @@ _ATTRS = {f.name for f in fields(Config)}
 assert all(attr in _ATTRS for attr, _ in KEYS.values())
 
 
+#: the runtime dir of a defang started as root, as a packaged daemon's (only root may
+#: create it, so no local user can take the name first)
+SYSTEM_RUNTIME_DIR = Path("/run/defang")
+
+
 def default_runtime_dir() -> Path:
-    """A runtime dir that needs no root: $XDG_RUNTIME_DIR/defang or /tmp/defang-UID."""
+    """Where the sockets and spool go when neither the config nor a flag says.
+
+    Started as root: ``/run/defang``.  Started by systemd with ``RuntimeDirectory=``: the
+    directory it made (``$RUNTIME_DIRECTORY``).  Otherwise a directory that needs no root:
+    ``$XDG_RUNTIME_DIR/defang``, else ``/tmp/defang-UID``.  Decided once, by the first
+    process and before it gives up root (``defang run`` hands it to the daemons it forks):
+    asked again after the switch it would name the unprivileged user's directory.
+    """
+    if os.geteuid() == 0:
+        return SYSTEM_RUNTIME_DIR
+    systemd = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if systemd.startswith("/"):
+        return Path(systemd)
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
         return Path(xdg) / "defang"
-    return Path(f"/tmp/defang-{os.getuid()}")
+    return Path(f"/tmp/defang-{os.geteuid()}")
+
+
+def running_runtime_dir() -> Path:
+    """The default runtime dir for a client (``defangctl``, ``defang quarantine``).
+
+    Its own default when a defang of its user runs there (the directory is the user's),
+    else ``/run/defang`` when the system's defang runs there (root, the ``defang`` user
+    and members of its group all find it with no flag), else its own default (which the
+    error then names).
+    """
+    mine = default_runtime_dir()
+    try:
+        ours = os.lstat(mine).st_uid in (0, os.geteuid())  # not a name another user took first
+    except OSError:
+        ours = False
+    if ours and os.path.exists(mine / "control.sock"):
+        return mine
+    if os.path.exists(SYSTEM_RUNTIME_DIR / "control.sock"):  # only root may make /run/defang
+        return SYSTEM_RUNTIME_DIR
+    return mine
 
 
 def load(
@@ -311,8 +348,13 @@ def load(
     filter_path: str | None = None,
     socket: str | None = None,
     runtime_dir: str | None = None,
+    client: bool = False,
 ) -> Config:
-    """Read the config file, apply overrides, fill in the derived paths."""
+    """Read the config file, apply overrides, fill in the derived paths.
+
+    ``client``: for a command that talks to running daemons rather than being one; an
+    unset runtime dir is then the one a defang runs in (``running_runtime_dir``).
+    """
     cfg_path = Path(path) if path else DEFAULT_CONFIG
     try:
         with open(cfg_path, "rb") as f:
@@ -345,6 +387,8 @@ def load(
         cfg = replace(cfg, milter_socket=socket)
     if runtime_dir:
         cfg = replace(cfg, runtime_dir=Path(runtime_dir).resolve())
+    if client and str(cfg.runtime_dir) in ("", "."):
+        cfg = replace(cfg, runtime_dir=running_runtime_dir())
     return finish(cfg)
 
 

@@ -18,11 +18,13 @@ Started as any other user, defang runs as that user and changes nothing.  ``user
 
 from __future__ import annotations
 
+import errno
 import grp
 import logging
 import os
 import pwd
 import socket
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,22 +79,127 @@ def lookup(user: str, group: str, socket_groups: tuple[str, ...]) -> Identity:
 def prepare(directories: list[tuple[Path, int]], ident: Identity | None) -> None:
     """Make each directory (mode as given) and, as root, give it to the daemons' user.
 
-    An existing directory is taken as it is, but its mode is set and, as root, its owner:
-    so a runtime dir made by an older version or by systemd ends up as documented.  A
-    symlink is refused: a directory of ours must be a directory.
+    Nothing here follows a link: a directory is made with ``mkdir`` in its parent
+    (opened once), opened with ``O_DIRECTORY | O_NOFOLLOW``, checked on that descriptor
+    and changed with ``fchown``/``fchmod`` on it, so swapping the name for a link between
+    the steps changes nothing of anyone else's (a compromised ``defang`` user must not
+    turn root's next start into a chown of /etc).  One that is there already is taken
+    only if it is a real directory owned by root, by us or by the daemons' user, and
+    writable by its owner alone; anything else stops defang with one line naming the
+    path, its owner and what was expected (``refusal``): a local user who made
+    ``/tmp/defang-1000`` first must not get the sockets, the spool or the quarantine.
     """
     for path, mode in directories:
-        if path.is_symlink():
-            raise PrivilegeError(f"{path}: is a symbolic link; defang's directories must be real ones")
+        _prepare(path, mode, ident)
+
+
+def _prepare(path: Path, mode: int, ident: Identity | None) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # the admin's path above ours, as written
+        parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise PrivilegeError(f"{path.parent}: cannot prepare: {exc.strerror}") from None
+    try:
         try:
-            if ident is None and path.is_dir() and path.stat().st_uid != os.geteuid():
-                continue  # not ours to change (a shared directory): used as it is
-            path.mkdir(parents=True, exist_ok=True)
-            if ident is not None:
-                os.chown(path, ident.uid, ident.gid)
-            os.chmod(path, mode)
-        except OSError as exc:
-            raise PrivilegeError(f"{path}: cannot prepare: {exc.strerror}") from None
+            os.mkdir(path.name, mode, dir_fd=parent)
+            made = True
+        except FileExistsError:
+            made = False
+        fd = os.open(path.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            what = "a symbolic link" if os.path.islink(path) else "not a directory"
+            raise PrivilegeError(f"{path}: is {what}; defang's directories must be real ones: remove "
+                                 "it") from None  # fmt: skip
+        raise PrivilegeError(f"{path}: cannot prepare: {exc.strerror}") from None
+    finally:
+        os.close(parent)
+    try:
+        st = os.fstat(fd)
+        owner = ident.uid if ident is not None else os.geteuid()
+        why = None if made else refusal(path, st, mode, owner)
+        if why:
+            raise PrivilegeError(why)
+        if ident is not None:
+            os.fchown(fd, ident.uid, ident.gid)
+        if ident is not None or st.st_uid == os.geteuid():
+            os.fchmod(fd, mode)  # else root's, not ours to change, and safe as it is (refusal)
+    except OSError as exc:
+        raise PrivilegeError(f"{path}: cannot prepare: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def refusal(path: Path, st: os.stat_result, mode: int, owner: int) -> str | None:
+    """Why an existing directory may not be taken as defang's (``owner``'s), or None.
+
+    Taken: owned by root or ``owner`` (then given to ``owner``), and writable by its
+    owner alone (what another user could have put inside is not trusted).
+    """
+    whose = "root" if owner == 0 else f"root or {user_name(owner)}"
+    expected = f"expected a directory owned by {whose}, mode {mode:04o}"
+    if st.st_uid not in (0, owner):
+        return (f"{path}: owned by {user_name(st.st_uid)}, not by {whose}: refusing to use it ({expected}; "
+                "remove it or name another in the config)")  # fmt: skip
+    if st.st_mode & 0o022:
+        return (f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets others write to it: refusing to use it "
+                f"({expected}; remove it or chmod {mode:04o} it)")  # fmt: skip
+    return None
+
+
+def user_name(uid: int) -> str:
+    """``name`` of a uid, or ``uid N`` when it has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def others_may_change(path: Path, trusted: frozenset[int] = frozenset({0})) -> str | None:
+    """Who but root (and ``trusted``) may change ``path``: the first of it and the
+    directories above it that someone else may write to, said in a few words, or None.
+
+    As ``postfix check`` does for Postfix's files: each must be owned by root and
+    writable by no group but root's and by nobody else; a directory writable by all with
+    the sticky bit (``/tmp``) only lets others add names, so it does not count.
+    """
+    path = Path(path).resolve()
+    for p in (path, *path.parents):
+        try:
+            st = os.stat(p)
+        except OSError:
+            return None  # not there: the command itself says so
+        if st.st_uid not in trusted:
+            return f"{p} is owned by {user_name(st.st_uid)}"
+        if st.st_mode & 0o020 and st.st_gid != 0:
+            try:
+                group = grp.getgrgid(st.st_gid).gr_name
+            except KeyError:
+                group = f"gid {st.st_gid}"
+            return f"{p} is writable by group {group}"
+        if st.st_mode & 0o002 and not (p != path and st.st_mode & stat.S_ISVTX):
+            return f"{p} is writable by everyone"
+    return None
+
+
+def unsafe_files(files: dict[str, Path | None], daemon_user: str) -> list[str]:
+    """One warning line for each of ``files`` (what: path) that others than root may change.
+
+    The daemons run as ``daemon_user`` (started as root) or as whoever started them: a
+    filter (or a directory above it) that user may write lets a compromised worker
+    rewrite the code every later worker runs, and the config names the filter.  A user
+    who is neither root nor ``daemon_user`` (someone trying a filter of their own) is
+    trusted with their own files: nothing would separate the workers from them anyway.
+    """
+    me = os.geteuid()
+    trusted = frozenset({0} if me == 0 or user_name(me) == daemon_user else {0, me})
+    out = []
+    for what, path in files.items():
+        why = others_may_change(path, trusted) if path is not None else None
+        if why:
+            out.append(f"{path}: warning: {why}: only root should be able to change the {what} or a "
+                       "directory above it (SECURITY.md)")  # fmt: skip
+    return out
 
 
 def drop(ident: Identity) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -12,8 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from paths import FILTERS, REPO  # noqa: F401  (FILTERS: for the tests that import it from here)
 
+from defang.core.config import SYSTEM_RUNTIME_DIR
 from defang.testbed.access import reachable_by_others
 from defang.testbed.procs import stat_fields, titled
 
@@ -57,13 +62,32 @@ def write_config(path: Path, settings: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def system_runtime_dir():
+    """/run/defang (a root defang's default) for one test at a time: locked, absent before
+    (else the test is skipped: a defang serves there), removed after."""
+    with open("/run/defang-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with socket.socket(socket.AF_UNIX) as probe:
+            if probe.connect_ex(str(SYSTEM_RUNTIME_DIR / "control.sock")) == 0:
+                pytest.skip("a defang serves from /run/defang on this machine")
+        subprocess.run(["rm", "-rf", str(SYSTEM_RUNTIME_DIR)], check=True)
+        try:
+            yield SYSTEM_RUNTIME_DIR
+        finally:
+            subprocess.run(["rm", "-rf", str(SYSTEM_RUNTIME_DIR)], check=False)
+
+
 class Defang:
     """``defang run`` in a subprocess, its log in a file, stopped by PID."""
 
     def __init__(self, filter_path: Path | str, *, settings: dict | None = None,
-                 socket: str | None = None) -> None:  # fmt: skip
+                 socket: str | None = None, default_paths: bool = False) -> None:  # fmt: skip
+        """``default_paths``: no --runtime-dir or --socket, as an admin would start it (as root:
+        /run/defang, which only one test may use at a time: ``tests/daemons/test_rootdirs.py``)."""
         self.dir = traversable_dir("defang-test-")
-        self.runtime = self.dir / "run"
+        self.default_paths = default_paths
+        self.runtime = SYSTEM_RUNTIME_DIR if default_paths else self.dir / "run"
         base = {"daemon": {"log_level": "debug"}, "multiplexor": {"min_workers": 2, "max_workers": 2}}
         for section, table in (settings or {}).items():
             base.setdefault(section, {}).update(table)
@@ -83,9 +107,11 @@ class Defang:
         return self.runtime / "control.sock"
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "defang", "run", "--config", str(self.config),
-                "--filter", str(self.filter), "--runtime-dir", str(self.runtime),
-                "--socket", self.socket_spec]  # fmt: skip
+        argv = [sys.executable, "-m", "defang", "run", "--config", str(self.config),
+                "--filter", str(self.filter)]  # fmt: skip
+        if not self.default_paths:
+            argv += ["--runtime-dir", str(self.runtime), "--socket", self.socket_spec]
+        return argv
 
     def start(self, timeout: float = 30.0) -> Defang:
         self._log = open(self.log_path, "ab")
@@ -121,9 +147,9 @@ class Defang:
         raise AssertionError(f"{text!r} not in the defang log within {timeout}s:\n{self.log()}")
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "defang.cli.ctl", "--config", str(self.config),
-                               "--runtime-dir", str(self.runtime), *args],
-                              capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+        where = [] if self.default_paths else ["--runtime-dir", str(self.runtime)]
+        return subprocess.run([sys.executable, "-m", "defang.cli.ctl", "--config", str(self.config), *where,
+                               *args], capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
 
     def status(self) -> dict:
         import json

@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -94,18 +95,34 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _makedirs(path: Path) -> None:
-    """Create ``path`` and missing parents, each made durable in its parent."""
+    """Create ``path`` and missing parents, each made durable in its parent.
+
+    ``path`` is a day directory, ``<root>/YYYY/MM/DD``: the root and each level below it
+    must be ours (the daemons' user's, or root's for the root) and writable by us alone,
+    checked before anything is made inside, else the write is refused (QuarantineError:
+    the message gets a 4xx).  One that another local user made would stay theirs, and
+    with it the power to rename or read entries.
+    """
     missing: list[Path] = []
     p = path
-    while not p.exists():
+    while not os.path.lexists(p):
         missing.append(p)
         p = p.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, DIR_MODE)
-        except FileExistsError:
-            continue
-        _fsync_dir(d.parent)
+    levels = (path.parents[2], path.parents[1], path.parents[0], path)
+    for level, d in enumerate(levels):
+        if d in missing:
+            try:
+                os.mkdir(d, DIR_MODE)
+            except FileExistsError:
+                pass
+            else:
+                _fsync_dir(d.parent)
+        st = os.lstat(d)
+        owners = (os.geteuid(), 0) if level == 0 else (os.geteuid(),)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid not in owners or st.st_mode & 0o022:
+            mode = stat.S_IMODE(st.st_mode)
+            why = f"(uid {st.st_uid}, mode {mode:04o}) is not a directory of the daemons' alone"
+            raise QuarantineError(f"quarantine directory {d} {why}: refusing to use it; remove it")
 
 
 def _write_file(path: Path, chunks: Any) -> tuple[int, str]:
