@@ -50,6 +50,7 @@ from defang.workers.api.headers import (
     unfold,
 )
 from defang.workers.api.services import Services
+from defang.workers.api.wholemessage import WholeMessage
 from defang.workers.mime import mailpolicy, skeleton
 from defang.workers.mime.limits import MimeLimitError, MimeLimits, PartActionError, SignedMessageError
 from defang.workers.mime.mailpolicy import POLICY
@@ -65,7 +66,7 @@ _PARSER = BytesParser(policy=POLICY)
 # --- the message ---------------------------------------------------------------------
 
 
-class Message(Services):
+class Message(Services, WholeMessage):
     """What the message hooks see: envelope, headers, the lazily parsed message.
 
     ``headers`` and ``raw_headers`` are the headers as received: the header actions
@@ -217,7 +218,7 @@ class Message(Services):
     @property
     def changed(self) -> bool:
         """True when body actions were recorded: the body will be rebuilt."""
-        return bool(self._edited or self._added or self._warnings)
+        return bool(self._edited or self._added or self._warnings or self.rebuild_all)
 
     # --- body actions ---
 
@@ -251,10 +252,11 @@ class Message(Services):
             self._edited.append(part)
         return True
 
-    def _add_warning(self, text: str) -> None:
+    def _add_warning(self, text: str, first: bool = False) -> None:
         if not isinstance(text, str):
             raise TypeError(f"warning text must be a str, not {type(text).__name__}")
         self._warnings.append(text)
+        self.warnings_first = self.warnings_first or first
 
     def add_part(
         self,
@@ -401,13 +403,18 @@ class Message(Services):
             ["change_header", check_header_name(name), check_header_value(value), check_index(index, 1)]
         )
 
-    def delete_header(self, name: str) -> None:
-        """Delete every ``name`` header of the message as received.
+    def delete_header(self, name: str, index: int | None = None) -> None:
+        """Delete every ``name`` header of the message as received, or only the
+        ``index``-th one (1-based, as MIMEDefang's ``action_delete_header``).
 
-        Deleted from the last occurrence down to the first, so that each index
-        still names the same header when the MTA applies it.
+        Every one: deleted from the last occurrence down to the first, so that each
+        index still names the same header when the MTA applies it.  Several single
+        deletions of one name: delete the higher index first, for the same reason.
         """
         check_header_name(name)
+        if index is not None:
+            self.actions.append(["delete_header", name, check_index(index, 1)])
+            return
         count = len(self.get_all_headers(name))
         self.actions.extend(["delete_header", name, i] for i in range(count, 0, -1))
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+#: clamd names that come from heuristics, not a signature of known malware
+HEURISTIC_PREFIXES = ("Heuristics.", "PUA.")
+
 
 @dataclass(frozen=True)
 class Result:
@@ -56,7 +59,26 @@ class VirusResult(Result):
 
     @property
     def clean(self) -> bool:
+        """Scanned, and nothing found."""
         return self.scanned and not self.infected
+
+    @property
+    def suspicious(self) -> list[str]:
+        """The names found by clamd's heuristics rather than a signature
+        (``Heuristics.*``, e.g. an encrypted archive or a broken executable, and
+        ``PUA.*``, potentially unwanted software)."""
+        return [v for v in self.viruses if v.startswith(HEURISTIC_PREFIXES)]
+
+    @property
+    def category(self) -> str:
+        """MIMEDefang's category of the result: "ok" (clean), "virus" (a signature
+        matched), "suspicious" (only heuristics matched), or "unscanned" (``error`` or
+        ``skipped`` says why)."""
+        if not self.scanned:
+            return "unscanned"
+        if not self.infected:
+            return "ok"
+        return "suspicious" if len(self.suspicious) == len(self.viruses) else "virus"
 
     def __str__(self) -> str:
         if not self.scanned:

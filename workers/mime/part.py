@@ -343,10 +343,13 @@ class Part:
             self._edit = ("drop",)
         return done
 
-    def drop_with_warning(self, text: str, *, force: bool = False, monitor: bool = False) -> None:
+    def drop_with_warning(self, text: str, *, first: bool = False, force: bool = False,
+                          monitor: bool = False) -> None:  # fmt: skip
         """Remove the part and add ``text`` to a warning part at the end of the message.
 
-        Warnings of one message are collected into one text/plain part.
+        Warnings of one message are collected into one text/plain part.  ``first``: that
+        part goes before the message's first part instead (MIMEDefang's default,
+        ``$WarningLocation = 0``), if any drop of the message asks for it.
         """
         msg = self._message()
         if self.embedded:
@@ -354,7 +357,7 @@ class Part:
         else:
             done = msg._edit_part(self, ("drop",), force, monitor)
         if done:
-            msg._add_warning(text)
+            msg._add_warning(text, first)
 
     def replace(
         self,

@@ -47,11 +47,12 @@ from defang.workers.mime.newparts import (
     placeholder_part,
     warning_part,
 )
-from defang.workers.mime.part import Part
+from defang.workers.mime.part import SIGNED_TYPES, Part
 from defang.workers.mime.text import boundary_bytes
 
 TOP_MIME_HEADERS = ("Content-Type", "Content-Transfer-Encoding", "Content-Disposition")
 _MESSAGE_TYPES = frozenset({"message/rfc822", "message/global"})
+_Entities = list[Any] | tuple[Any, ...]  # new parts (stdlib entities) to write
 
 
 def _keeps_eol(entity: Any) -> bool:
@@ -102,13 +103,16 @@ class _Writer:
 class Edits(Protocol):
     """What the rebuild needs of a message: the spool file, the walked parts (with the
     edits the part actions recorded on them), the parts added at the end, the warnings
-    for the warning part, and the header section as received.
+    for the warning part (``warnings_first``: it goes first), whether every container is
+    to be rewritten (``rebuild_all``), and the header section as received.
     ``defang.workers.api.message.Message`` is one."""
 
     path: str
     parts: list[Part]
     added_parts: list[Any]
     warnings: list[str]
+    warnings_first: bool
+    rebuild_all: bool
     raw_headers: list[tuple[str, bytes]]
 
     def get_all_headers(self, name: str) -> list[str]: ...
@@ -134,8 +138,9 @@ class Rebuild:
         self.dirty: set[Part] = set()
         self._boundaries: dict[Part, bytes] = {}
         self.added = list(edits.added_parts)
+        self.leading: list[Any] = []  # new parts that go before the first one (a warning first)
         if edits.warnings:
-            self.added.append(warning_part(edits.warnings))
+            (self.leading if edits.warnings_first else self.added).append(warning_part(edits.warnings))
         self._resolve()
 
     # --- what happens to which part
@@ -171,8 +176,15 @@ class Rebuild:
             while node is not None:
                 self.dirty.add(node)
                 node = node.parent
-        if self.added:
+        if self.added or self.leading:
             self.dirty.add(self.root)
+        if self.msg.rebuild_all:  # every container re-split; one that disagrees is generated
+            for part in self.parts:
+                signed = part.content_type in SIGNED_TYPES or part.signed_container is not None
+                up: Part | None = part if part.is_multipart and not signed else None
+                while up is not None:
+                    self.dirty.add(up)
+                    up = up.parent
 
     def _removed(self, part: Part | None) -> bool:
         """True when ``part`` or a container around it is dropped or replaced."""
@@ -189,15 +201,16 @@ class Rebuild:
         root, buf = self.root, self.buf
         replacement = self.new.get(root)
         mixed = root.content_type == "multipart/mixed" and root.is_multipart
-        if replacement is not None and not self.added:
+        extra = self.added or self.leading
+        if replacement is not None and not extra:
             out.write(flatten_body(replacement))
             names = self.changed_headers.get(root, set(TOP_MIME_HEADERS))
             self._top_headers(replacement, names)
         elif replacement is not None:
             self._wrap(out, flatten(replacement), replacement)
-        elif self.added and mixed:
-            self._body(root, buf, self.body_start, len(buf), out, self.added)
-        elif self.added:
+        elif extra and mixed:
+            self._body(root, buf, self.body_start, len(buf), out, self.added, self.leading)
+        elif extra:
             head = b"".join(name.encode("latin-1") + b": " + value + CRLF
                             for name, value in self.msg.raw_headers
                             if name.lower().startswith("content-"))  # fmt: skip
@@ -212,7 +225,8 @@ class Rebuild:
         """A new multipart/mixed around the old body (``first``) and the added parts."""
         boundary = new_boundary().encode()
         out.write(b"This is a multi-part message in MIME format." + CRLF)
-        chunks = [_with_eol(first, first_entity)] + [flatten(e) + CRLF for e in self.added]
+        chunks = [flatten(e) + CRLF for e in self.leading] + [_with_eol(first, first_entity)]
+        chunks += [flatten(e) + CRLF for e in self.added]
         for chunk in chunks:
             out.write(b"--" + boundary + CRLF)
             out.write(chunk)
@@ -264,7 +278,7 @@ class Rebuild:
         self._body(part, buf, body, end, out)
 
     def _body(self, part: Part, buf: bytes, start: int, end: int, out: _Writer,
-              added: list[Any] | tuple[Any, ...] = ()) -> None:  # fmt: skip
+              added: _Entities = (), leading: _Entities = ()) -> None:  # fmt: skip
         """The body of a container (or of an untouched leaf) at ``buf[start:end]``."""
         if part not in self.dirty:
             out.write(buf[start:end])
@@ -274,10 +288,12 @@ class Rebuild:
             layout = split_multipart(buf, start, end, boundary) if boundary else None
             if layout is None or any(c.hidden for c in part.children) or \
                     len(layout.segments) != len(part.children):  # fmt: skip
-                out.write(self._gen_body(part, added))
+                out.write(self._gen_body(part, added, leading))
                 return
             out.write(buf[start : layout.segments[0][0]])
-            kept = 0
+            for entity in leading:  # after the preamble (which ends at a line end), before the first part
+                out.write(b"--" + boundary + CRLF + flatten(entity) + CRLF)
+            kept = len(leading)
             for child, (seg, cstart, cend, seg_end) in zip(part.children, layout.segments, strict=True):
                 if child in self.dropped:
                     continue
@@ -292,7 +308,7 @@ class Rebuild:
                 out.write(b"--" + boundary + CRLF + flatten(entity) + CRLF)
             if layout.tail is not None:
                 out.write(buf[layout.tail : end])
-            elif extra or part.children[-1] in self.dropped:
+            elif extra or part.children[-1] in self.dropped or self.msg.rebuild_all:
                 # No close delimiter, and what ran to the end is gone: close it now, so
                 # that the part before keeps its bytes.
                 out.write(b"--" + boundary + b"--" + CRLF)
@@ -328,12 +344,16 @@ class Rebuild:
         return own
 
     def _gen_entity(self, part: Part) -> bytes:
-        if part not in self.dirty:
+        # a multipart the parser read as a leaf (its first delimiter is an outer one's)
+        # keeps no boundary that an outer multipart uses: readers would disagree again
+        clash = part.content_type.startswith("multipart/") and not part.is_multipart and \
+            boundary_bytes(part.head) not in (None, self._boundary(part))  # fmt: skip
+        if part not in self.dirty and not clash:
             return flatten(part.email)
         replacement = self.new.get(part)
         if replacement is not None:
             return flatten(replacement)
-        if part.is_multipart and part.content_type.startswith("multipart/"):
+        if part.content_type.startswith("multipart/") and (part.is_multipart or clash):
             boundary = self._boundary(part)
             head = part.email
             if boundary_bytes(head) != boundary:
@@ -343,7 +363,7 @@ class Rebuild:
             return header_bytes(head) + self._gen_body(part)
         return header_bytes(part.email) + self._gen_body(part)
 
-    def _gen_body(self, part: Part, added: list[Any] | tuple[Any, ...] = ()) -> bytes:
+    def _gen_body(self, part: Part, added: _Entities = (), leading: _Entities = ()) -> bytes:
         if part not in self.dirty:
             return flatten_body(part.email)
         if part.is_multipart and part.content_type.startswith("multipart/"):
@@ -356,8 +376,9 @@ class Rebuild:
             out = bytearray()
             if part.email.preamble is not None:
                 out += crlf_lines(part.email.preamble) + CRLF
-            chunks = [_with_eol(self._gen_entity(c), self.new.get(c) or c.email) for c in part.children
-                      if c not in self.dropped]  # fmt: skip
+            chunks = [flatten(e) + CRLF for e in leading]
+            chunks += [_with_eol(self._gen_entity(c), self.new.get(c) or c.email) for c in part.children
+                       if c not in self.dropped]  # fmt: skip
             chunks += [flatten(e) + CRLF for e in added]
             if not chunks:
                 chunks = [flatten(placeholder_part()) + CRLF]
