@@ -28,6 +28,7 @@ Content-Disposition, a missing MIME-Version -- come back as header actions.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from email.message import MIMEPart
@@ -43,7 +44,6 @@ from defang.workers.mime.newparts import (
     flatten_body,
     header_bytes,
     header_value,
-    new_boundary,
     placeholder_part,
     warning_part,
 )
@@ -137,11 +137,21 @@ class Rebuild:
         self.changed_headers: dict[Part, set[str]] = {}
         self.dirty: set[Part] = set()
         self._boundaries: dict[Part, bytes] = {}
+        self._seed: bytes | None = None
         self.added = list(edits.added_parts)
         self.leading: list[Any] = []  # new parts that go before the first one (a warning first)
         if edits.warnings:
             (self.leading if edits.warnings_first else self.added).append(warning_part(edits.warnings))
         self._resolve()
+
+    def _new_boundary(self) -> bytes:
+        """A boundary for a new multipart: from a digest of the message (no sender can put
+        the digest of a message inside it), so the same message is rebuilt to the same
+        bytes every time (``defang replay`` compares them)."""
+        if self._seed is None:
+            self._seed = hashlib.sha256(self.buf).digest()
+        self._seed = hashlib.sha256(self._seed).digest()
+        return b"defang-" + self._seed[:12].hex().encode()
 
     # --- what happens to which part
 
@@ -223,7 +233,7 @@ class Rebuild:
 
     def _wrap(self, out: _Writer, first: bytes, first_entity: Any) -> None:
         """A new multipart/mixed around the old body (``first``) and the added parts."""
-        boundary = new_boundary().encode()
+        boundary = self._new_boundary()
         out.write(b"This is a multi-part message in MIME format." + CRLF)
         chunks = [flatten(e) + CRLF for e in self.leading] + [_with_eol(first, first_entity)]
         chunks += [flatten(e) + CRLF for e in self.added]
@@ -339,7 +349,7 @@ class Rebuild:
                 outer.add(self._boundaries.get(node) or boundary_bytes(node.head) or b"")
             node = node.parent
         if not own or own in outer:
-            own = new_boundary().encode()
+            own = self._new_boundary()
         self._boundaries[part] = own
         return own
 
