@@ -86,10 +86,15 @@ class Message(Services, WholeMessage):
         size: int | None = None,
         monitor: bool = False,
     ) -> None:
+        #: the SMTP connection the message came in on (``conn.notes``, ``conn.ip``, ...)
         self.conn = conn
+        #: the envelope sender (MAIL FROM) without angle brackets; "" for a bounce
         self.sender = sender
+        #: the envelope recipients the MTA accepted (those refused at RCPT are not here)
         self.recipients = recipients
+        #: the MTA's queue ID (macro ``i``), for log lines; None if the MTA did not send it
         self.queue_id = queue_id
+        #: the spool file: the message as received, headers as the MTA passed them
         self.path = path
         self._size = size
         self._raw_headers: list[tuple[str, bytes]] | None = None
@@ -97,7 +102,9 @@ class Message(Services, WholeMessage):
         self._email: EmailMessage | None = None
         self._tree: EmailMessage | None = None  # the parse, long bodies still in the file
         self._spans: skeleton.Spans | None = None
+        #: what was wrong with the header section (read with ``raw_headers``)
         self.header_defects: list[str] = []
+        #: the header and envelope actions asked for so far, ``[name, arguments...]`` in order
         self.actions: list[list[Any]] = []
         #: the verdict, the refusals monitor mode noted, the tags (the runner reads it)
         self.decision = Decision(monitor_all=monitor, queue_id=queue_id or "")
@@ -143,6 +150,8 @@ class Message(Services, WholeMessage):
 
     @property
     def headers(self) -> list[tuple[str, str]]:
+        """``(name, value)`` of every header as received, in order, folding undone (values
+        are not RFC 2047-decoded: ``subject`` and ``defang.decode_words`` do that)."""
         if self._headers is None:
             self._headers = [(name, unfold(raw)) for name, raw in self.raw_headers]
         return self._headers
@@ -156,6 +165,7 @@ class Message(Services, WholeMessage):
         return default
 
     def get_all_headers(self, name: str) -> list[str]:
+        """Every ``name`` header's value (case-insensitive), in order; [] when none."""
         wanted = name.lower()
         return [value for key, value in self.headers if key.lower() == wanted]
 
@@ -271,8 +281,9 @@ class Message(Services, WholeMessage):
         """Add a leaf part at the end of the message.
 
         A multipart/mixed message gets it as its last part; any other message is
-        wrapped in a new multipart/mixed whose first part is the old body.
-        """
+        wrapped in a new multipart/mixed whose first part is the old body.  ``content``:
+        text (in ``charset``) or bytes; ``disposition``: "inline" or "attachment" (default:
+        attachment with a ``filename``, else inline)."""
         from defang.workers.mime.newparts import make_part  # lazily: see the module docstring
 
         self._check_signed(None, force)
@@ -404,13 +415,10 @@ class Message(Services, WholeMessage):
         )
 
     def delete_header(self, name: str, index: int | None = None) -> None:
-        """Delete every ``name`` header of the message as received, or only the
-        ``index``-th one (1-based, as MIMEDefang's ``action_delete_header``).
+        """Delete every ``name`` header as received, or only the ``index``-th (1-based).
 
-        Every one: deleted from the last occurrence down to the first, so that each
-        index still names the same header when the MTA applies it.  Several single
-        deletions of one name: delete the higher index first, for the same reason.
-        """
+        Every one: from the last occurrence down to the first, so that each index still
+        names the same header when the MTA applies it (single ones: the higher first)."""
         check_header_name(name)
         if index is not None:
             self.actions.append(["delete_header", name, check_index(index, 1)])
@@ -456,13 +464,16 @@ class Message(Services, WholeMessage):
 
     def reject(self, text: str = "Message rejected", code: str = "550", dsn: str = "5.7.1", *,
                monitor: bool = False) -> None:  # fmt: skip
+        """Refuse the message with ``code`` and ``dsn`` (5xx): the first decision stands."""
         self.decision.take(verdicts.reject(text, code, dsn, monitor=monitor))
 
     def tempfail(self, text: str = "Try again later", code: str = "451", dsn: str = "4.7.1", *,
                  monitor: bool = False) -> None:  # fmt: skip
+        """Ask the sender to retry later with ``code`` and ``dsn`` (4xx): the first decision stands."""
         self.decision.take(verdicts.tempfail(text, code, dsn, monitor=monitor))
 
     def discard(self, *, monitor: bool = False) -> None:
+        """Accept the message and throw it away, telling no one: the first decision stands."""
         self.decision.take(verdicts.discard(monitor=monitor))
 
     def tag(self, name: str) -> None:
