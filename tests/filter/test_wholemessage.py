@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from paths import CORPUS
 from test_mime_rewrite import (
+    HIDDEN_IN_EPILOGUE,
     MIXED,
     PARSER,
     SINGLE,
@@ -27,29 +28,6 @@ from test_mime_rewrite import (
 from defang.workers.checks.results import VirusResult
 from defang.workers.mime.walk import walk
 
-HIDDEN = crlf("""
-    From: a@example.com
-    Content-Type: multipart/mixed; boundary="same"
-
-    --same
-    Content-Type: multipart/alternative; boundary="same"
-
-    --same
-    Content-Type: text/plain
-
-    text
-    --same--
-    --same
-    Content-Type: application/x-msdownload; name="hidden.exe"
-
-    MZ
-    --same
-    Content-Type: text/plain; name="kept.txt"
-
-    kept
-    --same--
-    """)
-
 REBUILD = """
     def filter_end(msg):
         msg.rebuild()
@@ -64,8 +42,8 @@ def body(raw: bytes) -> bytes:
 
 
 def test_rebuild_writes_a_part_hidden_after_a_reused_boundary_as_a_regular_part(tmp_path: Path) -> None:
-    original = leaves(spool_form(HIDDEN))
-    new = rebuilt(run(runner_for(inline_filter(tmp_path, REBUILD)), HIDDEN, tmp_path), tmp_path)
+    original = leaves(spool_form(HIDDEN_IN_EPILOGUE))
+    new = rebuilt(run(runner_for(inline_filter(tmp_path, REBUILD)), HIDDEN_IN_EPILOGUE, tmp_path), tmp_path)
     assert new is not None, "rebuild() rebuilds a message nobody changed"
     walked = list(walk(PARSER.parsebytes(new)))
     assert not any(p.hidden for p in walked), "every reader now sees what the filter saw"
