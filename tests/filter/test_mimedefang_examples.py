@@ -155,11 +155,8 @@ def test_redundant_html_is_dropped_and_the_rest_kept(name: str, tmp_path: Path) 
 
 @needs_corpus
 def test_rebuild_leaves_a_signed_message_as_it_came(tmp_path: Path) -> None:
-    raw = corpus("enmime-mail-mime-signed.eml")
-    r = trial(raw, tmp_path, "--body-out", str(tmp_path / "body.out"), filter_path=MINIMUM)
-    assert r["exit"] == 0 and [a[0] for a in r["actions"]] == ["replace_body"]
-    body = raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1]
-    assert (tmp_path / "body.out").read_bytes().replace(b"\r\n", b"\n") == body
+    r = trial(corpus("enmime-mail-mime-signed.eml"), tmp_path, filter_path=MINIMUM)
+    assert (r["exit"], r["actions"]) == (0, []), "rebuild() copies a signed message: nothing to send"
 
 
 @needs_scanners

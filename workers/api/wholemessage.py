@@ -49,7 +49,8 @@ class WholeMessage:
         delimiter) is written anew as plain valid MIME, with a boundary of its own, so
         that every mail client reads what the filter read.  What agrees is copied byte
         for byte, and signed or encrypted entities are never touched, so well-formed
-        and signed mail come out as they went in.
+        and signed mail come out as they went in (and, with no other change, the MTA is
+        not even sent a new body).
         """
         self.rebuild_all = True
 

@@ -138,6 +138,7 @@ class Rebuild:
         self.dirty: set[Part] = set()
         self._boundaries: dict[Part, bytes] = {}
         self._seed: bytes | None = None
+        self.rewrote = False  # bytes written that are not a copy of the spool's
         self.added = list(edits.added_parts)
         self.leading: list[Any] = []  # new parts that go before the first one (a warning first)
         if edits.warnings:
@@ -298,6 +299,7 @@ class Rebuild:
             layout = split_multipart(buf, start, end, boundary) if boundary else None
             if layout is None or any(c.hidden for c in part.children) or \
                     len(layout.segments) != len(part.children):  # fmt: skip
+                self.rewrote = True
                 out.write(self._gen_body(part, added, leading))
                 return
             out.write(buf[start : layout.segments[0][0]])
@@ -321,11 +323,13 @@ class Rebuild:
             elif extra or part.children[-1] in self.dropped or self.msg.rebuild_all:
                 # No close delimiter, and what ran to the end is gone: close it now, so
                 # that the part before keeps its bytes.
+                self.rewrote = True
                 out.write(b"--" + boundary + b"--" + CRLF)
             return
         if part.is_multipart and part.children:  # an enclosed message
             inner = part.children[0]
             if part._inner_raw is not None:
+                self.rewrote = True  # encoded anew
                 sub = io.BytesIO()
                 self._entity(inner, part._inner_raw, 0, len(part._inner_raw), _Writer(sub))
                 out.write(crlf_lines(encode_body(sub.getvalue(), part._inner_cte or "base64")))
@@ -426,7 +430,8 @@ def rebuild(msg: Edits, path: str) -> list[list[Any]]:
 
     The actions are the top-level header changes the new body needs, then
     ``["replace_body", path]``.  The file is written completely (and flushed)
-    before the reply names it.
+    before the reply names it.  None when only ``rebuild_all`` was asked and the new
+    body is the old one byte for byte.
     """
     with open(msg.path, "rb") as f:
         spool = f.read()
@@ -434,4 +439,8 @@ def rebuild(msg: Edits, path: str) -> list[list[Any]]:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)  # never via a link
     with os.fdopen(fd, "wb") as f:
         job.write_body(f)
+    if msg.rebuild_all and not (job.dropped or job.new or job.added or job.leading or job.rewrote
+                                or job.header_actions):  # fmt: skip
+        os.unlink(path)  # rebuild() found nothing ambiguous: every byte was copied, the MTA keeps its own
+        return []
     return [*job.header_actions, ["replace_body", path]]
