@@ -44,10 +44,15 @@ class Verdict:
     ``monitor``: log and stamp the refusal, do not carry it out.
     """
 
+    #: "continue" (go on), "accept", "reject", "tempfail" or "discard"
     action: str
+    #: the SMTP reply code of a reject (5xx) or tempfail (4xx); None otherwise
     code: str | None = None
+    #: the enhanced status code (RFC 3463: "5.7.1"); None otherwise
     dsn: str | None = None
+    #: the reply text (several lines allowed); None otherwise
     text: str | None = None
+    #: a refusal only noted (``X-Defang-Would``), not carried out
     monitor: bool = False
 
     def __str__(self) -> str:

@@ -133,9 +133,10 @@ class Clamd(_Daemon):
     """``clamd`` on ``<dir>/clamd.sock`` and 127.0.0.1:``port``, with an EICAR signature."""
 
     def __init__(self, directory: Path | None = None, port: int | None = None,
-                 stream_max: str = "25M") -> None:  # fmt: skip
+                 stream_max: str = "25M", extra: tuple[str, ...] = ()) -> None:  # fmt: skip
         super().__init__("clamd", directory, port)
         self.stream_max = stream_max
+        self.extra = extra  # more clamd.conf lines (e.g. "AlertEncrypted yes")
 
     def start(self, timeout: float = 30.0) -> Clamd:
         db, tmp = self.dir / "db", self.dir / "tmp"
@@ -149,7 +150,7 @@ class Clamd(_Daemon):
             f"DatabaseDirectory {db}", f"TemporaryDirectory {tmp}", f"LocalSocket {self.socket_path}",
             "LocalSocketMode 666", f"TCPSocket {self.port}", "TCPAddr 127.0.0.1", "MaxThreads 4",
             "SelfCheck 0", "ScanArchive yes", "ScanMail yes", f"StreamMaxLength {self.stream_max}",
-            "MaxFileSize 25M", "MaxScanSize 100M", "Bytecode no", "",
+            "MaxFileSize 25M", "MaxScanSize 100M", "Bytecode no", *self.extra, "",
         ]))  # fmt: skip
         with open(self.dir / "clamd.out", "ab") as out:
             self.proc = subprocess.Popen(["clamd", "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,

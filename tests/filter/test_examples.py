@@ -18,7 +18,7 @@ MODULAR = EXAMPLES / "modular" / "filter.py"
 
 
 def example_filters() -> list[Path]:
-    return sorted([*EXAMPLES.glob("*.py"), *EXAMPLES.glob("*/filter.py")])
+    return sorted([*EXAMPLES.glob("*.py"), *EXAMPLES.glob("*/filter.py"), *EXAMPLES.glob("mimedefang/*.py")])
 
 
 def trial(msg: bytes, tmp_path: Path, *args: str, filter_path: Path = MODULAR) -> dict:

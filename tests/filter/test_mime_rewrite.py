@@ -519,31 +519,34 @@ def test_dropping_every_part_of_a_nested_multipart_drops_it(tmp_path: Path) -> N
         "multipart/mixed", "text/plain", "application/octet-stream"]  # fmt: skip
 
 
+# The inner multipart reuses the outer boundary: the stdlib ends it early and the
+# last attachment lands in the epilogue; the walk finds it there.
+HIDDEN_IN_EPILOGUE = crlf("""
+    From: a@example.com
+    Content-Type: multipart/mixed; boundary="same"
+
+    --same
+    Content-Type: multipart/alternative; boundary="same"
+
+    --same
+    Content-Type: text/plain
+
+    text
+    --same--
+    --same
+    Content-Type: application/x-msdownload; name="hidden.exe"
+
+    MZ
+    --same
+    Content-Type: text/plain; name="kept.txt"
+
+    kept
+    --same--
+    """)
+
+
 def test_a_part_hidden_in_an_epilogue_becomes_a_regular_part(tmp_path: Path) -> None:
-    # The inner multipart reuses the outer boundary: the stdlib ends it early and the
-    # last attachment lands in the epilogue; the walk found it there.
-    raw = crlf("""
-        From: a@example.com
-        Content-Type: multipart/mixed; boundary="same"
-
-        --same
-        Content-Type: multipart/alternative; boundary="same"
-
-        --same
-        Content-Type: text/plain
-
-        text
-        --same--
-        --same
-        Content-Type: application/x-msdownload; name="hidden.exe"
-
-        MZ
-        --same
-        Content-Type: text/plain; name="kept.txt"
-
-        kept
-        --same--
-        """)
+    raw = HIDDEN_IN_EPILOGUE
     f = inline_filter(tmp_path, """
         def filter_part(msg, part):
             if part.has_extension(["exe"]):

@@ -35,7 +35,8 @@ def replay(*args: str) -> tuple[int, dict]:
 
 
 EXAMPLES = ["filters/filter.py", *(str(p.relative_to(REPO)) for p in sorted(
-    [*(REPO / "filters" / "examples").glob("*.py"), *(REPO / "filters" / "examples").glob("*/filter.py")]))]
+    [*(REPO / "filters" / "examples").glob("*.py"), *(REPO / "filters" / "examples").glob("*/filter.py"),
+     *(REPO / "filters" / "examples").glob("mimedefang/*.py")]))]
 
 
 @needs_corpus

@@ -47,14 +47,26 @@ class Connection:
         esmtp_args: list[str] | None = None,
         rcpt_args: list[str] | None = None,
     ) -> None:
+        #: the connection's ID in defang's log lines (not the MTA's queue ID)
         self.id = id
+        #: the client's IP address as the MTA saw it (e.g. "203.0.113.5", "2001:db8::1")
         self.ip = ip
+        #: the client's host name as the MTA resolved it; "[ip]" when it did not
         self.hostname = hostname
+        #: the client's TCP port
         self.port = port
+        #: the HELO/EHLO name, from filter_helo on (None before)
         self.helo = helo
+        #: the milter macros the MTA sent, by name without braces ("i" the queue ID, "j"
+        #: the MTA's host name, "auth_authen" the SASL login, ...)
         self.macros = macros if macros is not None else {}
+        #: the filter's own JSON-safe dict for the whole SMTP connection, kept from hook to
+        #: hook even when different workers run them (at most ``[filter] max_notes_bytes``)
         self.notes = notes if notes is not None else {}
+        #: the MAIL FROM ESMTP arguments (["SIZE=1234", "BODY=8BITMIME"])
         self.esmtp_args = esmtp_args if esmtp_args is not None else []
+        #: the RCPT TO ESMTP arguments of the recipient filter_recipient is deciding
+        #: (["NOTIFY=NEVER"]); empty in the other hooks
         self.rcpt_args = rcpt_args if rcpt_args is not None else []
         #: the running hook's decision (the runner sets it): where conn.tag() goes
         self.decision: Any = None

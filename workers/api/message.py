@@ -50,6 +50,7 @@ from defang.workers.api.headers import (
     unfold,
 )
 from defang.workers.api.services import Services
+from defang.workers.api.wholemessage import WholeMessage
 from defang.workers.mime import mailpolicy, skeleton
 from defang.workers.mime.limits import MimeLimitError, MimeLimits, PartActionError, SignedMessageError
 from defang.workers.mime.mailpolicy import POLICY
@@ -65,7 +66,7 @@ _PARSER = BytesParser(policy=POLICY)
 # --- the message ---------------------------------------------------------------------
 
 
-class Message(Services):
+class Message(Services, WholeMessage):
     """What the message hooks see: envelope, headers, the lazily parsed message.
 
     ``headers`` and ``raw_headers`` are the headers as received: the header actions
@@ -85,10 +86,15 @@ class Message(Services):
         size: int | None = None,
         monitor: bool = False,
     ) -> None:
+        #: the SMTP connection the message came in on (``conn.notes``, ``conn.ip``, ...)
         self.conn = conn
+        #: the envelope sender (MAIL FROM) without angle brackets; "" for a bounce
         self.sender = sender
+        #: the envelope recipients the MTA accepted (those refused at RCPT are not here)
         self.recipients = recipients
+        #: the MTA's queue ID (macro ``i``), for log lines; None if the MTA did not send it
         self.queue_id = queue_id
+        #: the spool file: the message as received, headers as the MTA passed them
         self.path = path
         self._size = size
         self._raw_headers: list[tuple[str, bytes]] | None = None
@@ -96,7 +102,9 @@ class Message(Services):
         self._email: EmailMessage | None = None
         self._tree: EmailMessage | None = None  # the parse, long bodies still in the file
         self._spans: skeleton.Spans | None = None
+        #: what was wrong with the header section (read with ``raw_headers``)
         self.header_defects: list[str] = []
+        #: the header and envelope actions asked for so far, ``[name, arguments...]`` in order
         self.actions: list[list[Any]] = []
         #: the verdict, the refusals monitor mode noted, the tags (the runner reads it)
         self.decision = Decision(monitor_all=monitor, queue_id=queue_id or "")
@@ -148,6 +156,8 @@ class Message(Services):
 
     @property
     def headers(self) -> list[tuple[str, str]]:
+        """``(name, value)`` of every header as received, in order, folding undone (values
+        are not RFC 2047-decoded: ``subject`` and ``defang.decode_words`` do that)."""
         if self._headers is None:
             self._headers = [(name, unfold(raw)) for name, raw in self.raw_headers]
         return self._headers
@@ -161,6 +171,7 @@ class Message(Services):
         return default
 
     def get_all_headers(self, name: str) -> list[str]:
+        """Every ``name`` header's value (case-insensitive), in order; [] when none."""
         wanted = name.lower()
         return [value for key, value in self.headers if key.lower() == wanted]
 
@@ -223,7 +234,7 @@ class Message(Services):
     @property
     def changed(self) -> bool:
         """True when body actions were recorded: the body will be rebuilt."""
-        return bool(self._edited or self._added or self._warnings)
+        return bool(self._edited or self._added or self._warnings or self.rebuild_all)
 
     # --- body actions ---
 
@@ -257,10 +268,11 @@ class Message(Services):
             self._edited.append(part)
         return True
 
-    def _add_warning(self, text: str) -> None:
+    def _add_warning(self, text: str, first: bool = False) -> None:
         if not isinstance(text, str):
             raise TypeError(f"warning text must be a str, not {type(text).__name__}")
         self._warnings.append(text)
+        self.warnings_first = self.warnings_first or first
 
     def add_part(
         self,
@@ -275,8 +287,9 @@ class Message(Services):
         """Add a leaf part at the end of the message.
 
         A multipart/mixed message gets it as its last part; any other message is
-        wrapped in a new multipart/mixed whose first part is the old body.
-        """
+        wrapped in a new multipart/mixed whose first part is the old body.  ``content``:
+        text (in ``charset``) or bytes; ``disposition``: "inline" or "attachment" (default:
+        attachment with a ``filename``, else inline)."""
         from defang.workers.mime.newparts import make_part  # lazily: see the module docstring
 
         self._check_signed(None, force)
@@ -460,13 +473,16 @@ class Message(Services):
 
     def reject(self, text: str = "Message rejected", code: str = "550", dsn: str = "5.7.1", *,
                monitor: bool = False) -> None:  # fmt: skip
+        """Refuse the message with ``code`` and ``dsn`` (5xx): the first decision stands."""
         self.decision.take(verdicts.reject(text, code, dsn, monitor=monitor))
 
     def tempfail(self, text: str = "Try again later", code: str = "451", dsn: str = "4.7.1", *,
                  monitor: bool = False) -> None:  # fmt: skip
+        """Ask the sender to retry later with ``code`` and ``dsn`` (4xx): the first decision stands."""
         self.decision.take(verdicts.tempfail(text, code, dsn, monitor=monitor))
 
     def discard(self, *, monitor: bool = False) -> None:
+        """Accept the message and throw it away, telling no one: the first decision stands."""
         self.decision.take(verdicts.discard(monitor=monitor))
 
     def tag(self, name: str) -> None:

@@ -65,6 +65,7 @@ CURRENT = ServiceSettings()
 class Services:
     """Scanners and notices for one message (mixed into ``Message``)."""
 
+    #: where the scanners are and who gets notices (the runner sets it from the config)
     services: ServiceSettings = ServiceSettings()
     _scans: Scans | None = None
     _notices: list[Notice] | None = None
@@ -87,6 +88,8 @@ class Services:
 
     @property
     def scans(self) -> Scans:
+        """This message's checks (started, kept): what ``spamassassin()``, ``clamav()``
+        and ``part.clamav()`` use; a filter calls those instead."""
         if self._scans is None:
             self._scans = Scans(self.services.scans, self.path, self.size, self.queue_id or "")
         return self._scans

@@ -11,17 +11,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+#: clamd names that come from heuristics, not a signature of known malware
+HEURISTIC_PREFIXES = ("Heuristics.", "PUA.")
+
 
 @dataclass(frozen=True)
 class Result:
     """What every check's result has: why there is no verdict, if there is none."""
 
+    #: why there is no verdict (the daemon is down, timed out, answered garbage); None if there is one
     error: str | None = None
+    #: why the message was not sent at all (not configured, over the size cap); None if it was
     skipped: str | None = None
+    #: how long the check took, in seconds
     seconds: float = 0.0
 
     @property
     def scanned(self) -> bool:
+        """True when there is a verdict (neither ``error`` nor ``skipped``)."""
         return self.error is None and self.skipped is None
 
 
@@ -29,10 +36,15 @@ class Result:
 class SpamResult(Result):
     """SpamAssassin's verdict: score, the required score, the rules that hit."""
 
+    #: the message's score
     score: float = 0.0
+    #: the score from which SpamAssassin calls it spam (its ``required_score``)
     required: float = 0.0
+    #: True when ``score`` reached ``required``
     is_spam: bool = False
-    rules: dict[str, float] = field(default_factory=dict)  # rule name -> its points
+    #: rule name -> its points, for every rule that hit
+    rules: dict[str, float] = field(default_factory=dict)
+    #: SpamAssassin's report (its report template: the table of the rules that hit)
     report: str = ""
 
     def status_header(self) -> str:
@@ -51,12 +63,33 @@ class SpamResult(Result):
 class VirusResult(Result):
     """ClamAV's verdict: infected (with the signature names) or clean."""
 
+    #: True when clamd found anything (a signature, or a heuristic: see ``category``)
     infected: bool = False
+    #: the names clamd reported ("Win.Test.EICAR_HDB-1", "Heuristics.Encrypted.Zip")
     viruses: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
+        """Scanned, and nothing found."""
         return self.scanned and not self.infected
+
+    @property
+    def suspicious(self) -> list[str]:
+        """The names found by clamd's heuristics rather than a signature
+        (``Heuristics.*``, e.g. an encrypted archive or a broken executable, and
+        ``PUA.*``, potentially unwanted software)."""
+        return [v for v in self.viruses if v.startswith(HEURISTIC_PREFIXES)]
+
+    @property
+    def category(self) -> str:
+        """MIMEDefang's category of the result: "ok" (clean), "virus" (a signature
+        matched), "suspicious" (only heuristics matched), or "unscanned" (``error`` or
+        ``skipped`` says why)."""
+        if not self.scanned:
+            return "unscanned"
+        if not self.infected:
+            return "ok"
+        return "suspicious" if len(self.suspicious) == len(self.viruses) else "virus"
 
     def __str__(self) -> str:
         if not self.scanned:

@@ -52,12 +52,19 @@ class ArchiveMember:
     ``container`` names the enclosing archives inside the attachment.
     """
 
+    #: the member's name as the archive stores it (a path inside the archive)
     name: str
+    #: its uncompressed size, as the archive declares it
     size: int
+    #: its size inside the archive
     compressed_size: int
+    #: True when its content is encrypted (it cannot be inspected)
     encrypted: bool = False
+    #: True for a directory entry
     is_dir: bool = False
+    #: 1 for an entry of the attached archive, 2 for one of an archive inside it, ...
     depth: int = 1
+    #: the names of the archives it is inside, below the attachment (() at depth 1)
     container: tuple[str, ...] = ()
 
     @property
@@ -70,10 +77,14 @@ class ArchiveMember:
 class ArchiveListing:
     """Every member of an archive and its nested archives, plus what could not be read."""
 
+    #: the archive's format by content: "zip", "tar", "gzip", "bzip2", "xz", "rar", "7z"
     kind: str
+    #: every entry, nested archives' entries included (each with its ``depth``)
     members: list[ArchiveMember] = field(default_factory=list)
+    #: what could not be read (a corrupt or unsupported nested archive, ...)
     errors: list[str] = field(default_factory=list)
-    expanded: int = 0  # uncompressed bytes, summed over every level
+    #: uncompressed bytes, summed over every level
+    expanded: int = 0
 
     def __iter__(self) -> Iterator[ArchiveMember]:
         return iter(self.members)
@@ -88,6 +99,7 @@ class ArchiveListing:
 
     @property
     def names(self) -> list[str]:
+        """Every member's ``name``, in order."""
         return [m.name for m in self.members]
 
     def has_extension(self, exts: Iterable[str], *, anywhere: bool = False) -> bool:

@@ -119,11 +119,20 @@ class Part:
     ) -> None:
         self._entity = entity  # for header reads: its long bodies may still be in the file
         self._spans = spans
+        #: how deep the part is nested: 0 for the message itself, 1 for its parts, ...
         self.depth = depth
+        #: the part's number in the walk (document order): 0 is the message itself
         self.index = index
+        #: the enclosing container (a multipart, an enclosed message, or the text part
+        #: carrying a hidden file); None for the message itself
         self.parent = parent
+        #: the entities directly inside this one, in document order ([] for a leaf)
         self.children: list[Part] = []
-        self.hidden = False  # found by looking again where the stdlib hides parts
+        #: True for a part the stdlib's parser does not show but mail clients find: one
+        #: after a reused boundary, a file hidden in a text part or a winmail.dat
+        self.hidden = False
+        #: True for a container (multipart/*, an enclosed message/rfc822): it has
+        #: ``children`` and no ``payload``
         self.is_multipart = is_multipart
         self._defects = defects or []
         self._payload: bytes | None = None
@@ -133,7 +142,8 @@ class Part:
         self._edit: tuple[Any, ...] | None = None
         self._inner_raw: bytes | None = None  # a base64/QP message/rfc822, decoded
         self._inner_cte: str | None = None
-        self.embedded: str | None = None  # uuencode, yenc, binhex, tnef: see mime.embedded
+        #: how a hidden file was hidden: "uuencode", "yenc", "binhex" or "tnef"; None otherwise
+        self.embedded: str | None = None
         self._span: tuple[int, int] = (0, 0)  # an embedded file's bytes in its carrier's payload
         if parent is not None:
             parent.children.append(self)
@@ -147,6 +157,7 @@ class Part:
             if m:  # e.g. 'application/pdf name="x.pdf"' (a missing ';')
                 self._defects.append(f"Content-Type {content_type!r} read as {m.group(0)!r}")
                 content_type = m.group(0)
+        #: the MIME type, lower case ("text/plain"); "application/octet-stream" when unreadable
         self.content_type = content_type
 
     def __repr__(self) -> str:
@@ -174,12 +185,16 @@ class Part:
 
     @property
     def filename(self) -> str | None:
+        """The file name the part gives itself, decoded (RFC 2231, RFC 2047, also where the
+        stdlib gives up), Content-Disposition's first; None when it has none.  Any name
+        an attacker chose: check ``filenames``, ``extensions``, ``has_extension``."""
         if self._filename is _UNSET:
             self._filename = self._read_filename()
         return self._filename  # type: ignore[return-value]
 
     @property
     def charset(self) -> str | None:
+        """The Content-Type charset parameter, lower case; None when there is none."""
         try:
             charset = self._entity.get_content_charset()
         except Exception:
@@ -188,6 +203,8 @@ class Part:
 
     @property
     def disposition(self) -> str | None:
+        """The disposition: "attachment", "inline" or None (no Content-Disposition); an
+        unknown type counts as "attachment" (RFC 2183)."""
         try:
             value = self._entity.get_content_disposition()
         except Exception:
@@ -199,12 +216,16 @@ class Part:
 
     @property
     def payload(self) -> bytes:
+        """The decoded body (base64, quoted-printable undone), read from the spool file on
+        first use; b"" for a container.  Never raises: an undecodable body is its raw
+        bytes, with a defect."""
         if self._payload is None:
             self._payload = b"" if self.is_multipart else self._decode()
         return self._payload
 
     @property
     def size(self) -> int:
+        """The decoded body's length in bytes (reads ``payload``)."""
         return len(self.payload)
 
     # --- names -----------------------------------------------------------------------
@@ -343,10 +364,13 @@ class Part:
             self._edit = ("drop",)
         return done
 
-    def drop_with_warning(self, text: str, *, force: bool = False, monitor: bool = False) -> None:
+    def drop_with_warning(self, text: str, *, first: bool = False, force: bool = False,
+                          monitor: bool = False) -> None:  # fmt: skip
         """Remove the part and add ``text`` to a warning part at the end of the message.
 
-        Warnings of one message are collected into one text/plain part.
+        Warnings of one message are collected into one text/plain part.  ``first``: that
+        part goes before the message's first part instead (MIMEDefang's default,
+        ``$WarningLocation = 0``), if any drop of the message asks for it.
         """
         msg = self._message()
         if self.embedded:
@@ -354,7 +378,7 @@ class Part:
         else:
             done = msg._edit_part(self, ("drop",), force, monitor)
         if done:
-            msg._add_warning(text)
+            msg._add_warning(text, first)
 
     def replace(
         self,

@@ -28,13 +28,13 @@ Content-Disposition, a missing MIME-Version -- come back as header actions.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
-import re
-from collections.abc import Iterator
 from email.message import MIMEPart
 from typing import Any, Protocol
 
+from defang.workers.mime.mimesplit import split_headers, split_multipart
 from defang.workers.mime.newparts import (
     CRLF,
     POLICY,
@@ -44,108 +44,15 @@ from defang.workers.mime.newparts import (
     flatten_body,
     header_bytes,
     header_value,
-    new_boundary,
     placeholder_part,
     warning_part,
 )
-from defang.workers.mime.part import Part
+from defang.workers.mime.part import SIGNED_TYPES, Part
 from defang.workers.mime.text import boundary_bytes
 
 TOP_MIME_HEADERS = ("Content-Type", "Content-Transfer-Encoding", "Content-Disposition")
-_HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")  # feedparser's headerRE
-_EOL = re.compile(rb"\r\n|\r|\n")
 _MESSAGE_TYPES = frozenset({"message/rfc822", "message/global"})
-
-
-# --- splitting spooled bytes as the stdlib parser does ------------------------------------
-
-
-def split_headers(buf: bytes, start: int, end: int) -> int:
-    """Offset where the body of the entity in ``buf[start:end]`` starts.
-
-    As the feedparser reads it: header lines are those that look like a field or a
-    continuation; an empty line ends them (and is not part of the body); any other
-    line ends them and starts the body.
-    """
-    pos = start
-    while pos < end:
-        m = _EOL.search(buf, pos, end)
-        line_end = m.start() if m else end
-        if line_end == pos:  # an empty line: the separator
-            return m.end() if m else end
-        if not _HEADER_LINE.match(buf, pos, line_end):
-            return pos
-        pos = m.end() if m else end
-    return end
-
-
-class Layout:
-    """Where the parts of one multipart body lie in the spooled bytes.
-
-    ``segments``: (delimiter start, part start, part end, segment end) per part;
-    the bytes from part end to segment end are the line end that belongs to the
-    next delimiter.  ``tail``: start of the close delimiter (the close delimiter
-    and the epilogue run to the end), or None when it is missing.
-    """
-
-    __slots__ = ("segments", "tail")
-
-    def __init__(self, segments: list[tuple[int, int, int, int]], tail: int | None) -> None:
-        self.segments = segments
-        self.tail = tail
-
-
-def _eol_before(buf: bytes, pos: int, floor: int) -> int:
-    if pos - 2 >= floor and buf[pos - 2 : pos] == CRLF:
-        return 2
-    if pos - 1 >= floor and buf[pos - 1 : pos] in (b"\r", b"\n"):
-        return 1
-    return 0
-
-
-_DELIMITER_TAIL = re.compile(rb"(--)?[ \t]*(?:\r\n|\r|\n|\Z)")
-
-
-def _delimiters(buf: bytes, start: int, end: int, boundary: bytes) -> Iterator[tuple[int, int, bool]]:
-    """(line start, line end, is close) of each delimiter line in ``buf[start:end]``.
-
-    The feedparser's test: a line that is ``--boundary``, optionally ``--``, then
-    blanks.  Found with ``bytes.find`` on the literal (a regex with a look-behind
-    first would scan a 5 MB body a hundred times slower).
-    """
-    needle = b"--" + boundary
-    pos = start
-    while (i := buf.find(needle, pos, end)) >= 0:
-        if i == 0 or buf[i - 1] in (10, 13):  # at the start of a line
-            m = _DELIMITER_TAIL.match(buf, i + len(needle), end)
-            if m:
-                yield i, m.end(), m.group(1) is not None
-        pos = i + 1
-
-
-def split_multipart(buf: bytes, start: int, end: int, boundary: bytes) -> Layout | None:
-    """The parts of the multipart body ``buf[start:end]``; None without a start delimiter."""
-    segments: list[tuple[int, int, int, int]] = []
-    seg_start = part_start = -1
-    for line_start, line_end, close in _delimiters(buf, start, end, boundary):
-        if seg_start < 0:  # still in the preamble
-            if close:
-                return None  # a close delimiter before any delimiter: the stdlib sees no parts
-            seg_start, part_start = line_start, line_end
-            continue
-        if line_start == part_start:  # repeated delimiter lines are one delimiter
-            part_start = line_end
-            continue
-        part_end = line_start - _eol_before(buf, line_start, part_start)
-        segments.append((seg_start, part_start, part_end, line_start))
-        if close:
-            return Layout(segments, line_start)
-        seg_start, part_start = line_start, line_end
-    if seg_start < 0:
-        return None
-    trailing = _eol_before(buf, end, part_start) if end > part_start else 0
-    segments.append((seg_start, part_start, end - trailing, end))
-    return Layout(segments, None)
+_Entities = list[Any] | tuple[Any, ...]  # new parts (stdlib entities) to write
 
 
 def _keeps_eol(entity: Any) -> bool:
@@ -196,13 +103,16 @@ class _Writer:
 class Edits(Protocol):
     """What the rebuild needs of a message: the spool file, the walked parts (with the
     edits the part actions recorded on them), the parts added at the end, the warnings
-    for the warning part, and the header section as received.
+    for the warning part (``warnings_first``: it goes first), whether every container is
+    to be rewritten (``rebuild_all``), and the header section as received.
     ``defang.workers.api.message.Message`` is one."""
 
     path: str
     parts: list[Part]
     added_parts: list[Any]
     warnings: list[str]
+    warnings_first: bool
+    rebuild_all: bool
     raw_headers: list[tuple[str, bytes]]
 
     def get_all_headers(self, name: str) -> list[str]: ...
@@ -227,10 +137,22 @@ class Rebuild:
         self.changed_headers: dict[Part, set[str]] = {}
         self.dirty: set[Part] = set()
         self._boundaries: dict[Part, bytes] = {}
+        self._seed: bytes | None = None
+        self.rewrote = False  # bytes written that are not a copy of the spool's
         self.added = list(edits.added_parts)
+        self.leading: list[Any] = []  # new parts that go before the first one (a warning first)
         if edits.warnings:
-            self.added.append(warning_part(edits.warnings))
+            (self.leading if edits.warnings_first else self.added).append(warning_part(edits.warnings))
         self._resolve()
+
+    def _new_boundary(self) -> bytes:
+        """A boundary for a new multipart: from a digest of the message (no sender can put
+        the digest of a message inside it), so the same message is rebuilt to the same
+        bytes every time (``defang replay`` compares them)."""
+        if self._seed is None:
+            self._seed = hashlib.sha256(self.buf).digest()
+        self._seed = hashlib.sha256(self._seed).digest()
+        return b"defang-" + self._seed[:12].hex().encode()
 
     # --- what happens to which part
 
@@ -265,8 +187,15 @@ class Rebuild:
             while node is not None:
                 self.dirty.add(node)
                 node = node.parent
-        if self.added:
+        if self.added or self.leading:
             self.dirty.add(self.root)
+        if self.msg.rebuild_all:  # every container re-split; one that disagrees is generated
+            for part in self.parts:
+                signed = part.content_type in SIGNED_TYPES or part.signed_container is not None
+                up: Part | None = part if part.is_multipart and not signed else None
+                while up is not None:
+                    self.dirty.add(up)
+                    up = up.parent
 
     def _removed(self, part: Part | None) -> bool:
         """True when ``part`` or a container around it is dropped or replaced."""
@@ -283,15 +212,16 @@ class Rebuild:
         root, buf = self.root, self.buf
         replacement = self.new.get(root)
         mixed = root.content_type == "multipart/mixed" and root.is_multipart
-        if replacement is not None and not self.added:
+        extra = self.added or self.leading
+        if replacement is not None and not extra:
             out.write(flatten_body(replacement))
             names = self.changed_headers.get(root, set(TOP_MIME_HEADERS))
             self._top_headers(replacement, names)
         elif replacement is not None:
             self._wrap(out, flatten(replacement), replacement)
-        elif self.added and mixed:
-            self._body(root, buf, self.body_start, len(buf), out, self.added)
-        elif self.added:
+        elif extra and mixed:
+            self._body(root, buf, self.body_start, len(buf), out, self.added, self.leading)
+        elif extra:
             head = b"".join(name.encode("latin-1") + b": " + value + CRLF
                             for name, value in self.msg.raw_headers
                             if name.lower().startswith("content-"))  # fmt: skip
@@ -304,9 +234,10 @@ class Rebuild:
 
     def _wrap(self, out: _Writer, first: bytes, first_entity: Any) -> None:
         """A new multipart/mixed around the old body (``first``) and the added parts."""
-        boundary = new_boundary().encode()
+        boundary = self._new_boundary()
         out.write(b"This is a multi-part message in MIME format." + CRLF)
-        chunks = [_with_eol(first, first_entity)] + [flatten(e) + CRLF for e in self.added]
+        chunks = [flatten(e) + CRLF for e in self.leading] + [_with_eol(first, first_entity)]
+        chunks += [flatten(e) + CRLF for e in self.added]
         for chunk in chunks:
             out.write(b"--" + boundary + CRLF)
             out.write(chunk)
@@ -358,7 +289,7 @@ class Rebuild:
         self._body(part, buf, body, end, out)
 
     def _body(self, part: Part, buf: bytes, start: int, end: int, out: _Writer,
-              added: list[Any] | tuple[Any, ...] = ()) -> None:  # fmt: skip
+              added: _Entities = (), leading: _Entities = ()) -> None:  # fmt: skip
         """The body of a container (or of an untouched leaf) at ``buf[start:end]``."""
         if part not in self.dirty:
             out.write(buf[start:end])
@@ -368,10 +299,13 @@ class Rebuild:
             layout = split_multipart(buf, start, end, boundary) if boundary else None
             if layout is None or any(c.hidden for c in part.children) or \
                     len(layout.segments) != len(part.children):  # fmt: skip
-                out.write(self._gen_body(part, added))
+                self.rewrote = True
+                out.write(self._gen_body(part, added, leading))
                 return
             out.write(buf[start : layout.segments[0][0]])
-            kept = 0
+            for entity in leading:  # after the preamble (which ends at a line end), before the first part
+                out.write(b"--" + boundary + CRLF + flatten(entity) + CRLF)
+            kept = len(leading)
             for child, (seg, cstart, cend, seg_end) in zip(part.children, layout.segments, strict=True):
                 if child in self.dropped:
                     continue
@@ -386,14 +320,16 @@ class Rebuild:
                 out.write(b"--" + boundary + CRLF + flatten(entity) + CRLF)
             if layout.tail is not None:
                 out.write(buf[layout.tail : end])
-            elif extra or part.children[-1] in self.dropped:
+            elif extra or part.children[-1] in self.dropped or self.msg.rebuild_all:
                 # No close delimiter, and what ran to the end is gone: close it now, so
                 # that the part before keeps its bytes.
+                self.rewrote = True
                 out.write(b"--" + boundary + b"--" + CRLF)
             return
         if part.is_multipart and part.children:  # an enclosed message
             inner = part.children[0]
             if part._inner_raw is not None:
+                self.rewrote = True  # encoded anew
                 sub = io.BytesIO()
                 self._entity(inner, part._inner_raw, 0, len(part._inner_raw), _Writer(sub))
                 out.write(crlf_lines(encode_body(sub.getvalue(), part._inner_cte or "base64")))
@@ -417,17 +353,21 @@ class Rebuild:
                 outer.add(self._boundaries.get(node) or boundary_bytes(node.head) or b"")
             node = node.parent
         if not own or own in outer:
-            own = new_boundary().encode()
+            own = self._new_boundary()
         self._boundaries[part] = own
         return own
 
     def _gen_entity(self, part: Part) -> bytes:
-        if part not in self.dirty:
+        # a multipart the parser read as a leaf (its first delimiter is an outer one's)
+        # keeps no boundary that an outer multipart uses: readers would disagree again
+        clash = part.content_type.startswith("multipart/") and not part.is_multipart and \
+            boundary_bytes(part.head) not in (None, self._boundary(part))  # fmt: skip
+        if part not in self.dirty and not clash:
             return flatten(part.email)
         replacement = self.new.get(part)
         if replacement is not None:
             return flatten(replacement)
-        if part.is_multipart and part.content_type.startswith("multipart/"):
+        if part.content_type.startswith("multipart/") and (part.is_multipart or clash):
             boundary = self._boundary(part)
             head = part.email
             if boundary_bytes(head) != boundary:
@@ -437,7 +377,7 @@ class Rebuild:
             return header_bytes(head) + self._gen_body(part)
         return header_bytes(part.email) + self._gen_body(part)
 
-    def _gen_body(self, part: Part, added: list[Any] | tuple[Any, ...] = ()) -> bytes:
+    def _gen_body(self, part: Part, added: _Entities = (), leading: _Entities = ()) -> bytes:
         if part not in self.dirty:
             return flatten_body(part.email)
         if part.is_multipart and part.content_type.startswith("multipart/"):
@@ -450,8 +390,9 @@ class Rebuild:
             out = bytearray()
             if part.email.preamble is not None:
                 out += crlf_lines(part.email.preamble) + CRLF
-            chunks = [_with_eol(self._gen_entity(c), self.new.get(c) or c.email) for c in part.children
-                      if c not in self.dropped]  # fmt: skip
+            chunks = [flatten(e) + CRLF for e in leading]
+            chunks += [_with_eol(self._gen_entity(c), self.new.get(c) or c.email) for c in part.children
+                       if c not in self.dropped]  # fmt: skip
             chunks += [flatten(e) + CRLF for e in added]
             if not chunks:
                 chunks = [flatten(placeholder_part()) + CRLF]
@@ -489,7 +430,8 @@ def rebuild(msg: Edits, path: str) -> list[list[Any]]:
 
     The actions are the top-level header changes the new body needs, then
     ``["replace_body", path]``.  The file is written completely (and flushed)
-    before the reply names it.
+    before the reply names it.  None when only ``rebuild_all`` was asked and the new
+    body is the old one byte for byte.
     """
     with open(msg.path, "rb") as f:
         spool = f.read()
@@ -497,4 +439,8 @@ def rebuild(msg: Edits, path: str) -> list[list[Any]]:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)  # never via a link
     with os.fdopen(fd, "wb") as f:
         job.write_body(f)
+    if msg.rebuild_all and not (job.dropped or job.new or job.added or job.leading or job.rewrote
+                                or job.header_actions):  # fmt: skip
+        os.unlink(path)  # rebuild() found nothing ambiguous: every byte was copied, the MTA keeps its own
+        return []
     return [*job.header_actions, ["replace_body", path]]
