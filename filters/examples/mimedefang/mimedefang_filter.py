@@ -54,7 +54,8 @@ WARNING = ("An attachment named {name} was removed from this document as it\ncon
 def filter_bad_filename(part):
     """The original's filter_bad_filename, under its own name (``defang check --strict``
     flags only near misses of a hook's name, not helpers like this): a bad extension or
-    a CLSID in any name the part gives itself (Content-Disposition, Content-Type, Content-Description), or inside a zip."""
+    a CLSID in any name the part gives itself (Content-Disposition, Content-Type,
+    Content-Description), or inside a zip."""
     names = list(part.filenames)
     description = part.head.get("Content-Description")
     if description:
