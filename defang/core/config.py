@@ -149,6 +149,7 @@ class Config:
     spamassassin_timeout: float = 30.0
     spamassassin_max_size: int = 512000
     spamassassin_user: str = ""
+    spamassassin_add_received: bool = True
     clamav_address: str = ""
     clamav_connect_timeout: float = 2.0
     clamav_timeout: float = 60.0
@@ -267,6 +268,7 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("spamassassin", "timeout"): ("spamassassin_timeout", as_pos_num),
     ("spamassassin", "max_size"): ("spamassassin_max_size", as_pos_int),
     ("spamassassin", "user"): ("spamassassin_user", as_str),
+    ("spamassassin", "add_received"): ("spamassassin_add_received", as_bool),
     ("clamav", "address"): ("clamav_address", lambda v: _address(v, "clamd")),
     ("clamav", "connect_timeout"): ("clamav_connect_timeout", as_pos_num),
     ("clamav", "timeout"): ("clamav_timeout", as_pos_num),

@@ -94,11 +94,26 @@ class _Daemon:
 
 
 class Spamd(_Daemon):
-    """``spamd`` on 127.0.0.1:``port`` and ``<dir>/spamd.sock``."""
+    """``spamd`` on 127.0.0.1:``port`` and ``<dir>/spamd.sock``.
 
-    def __init__(self, directory: Path | None = None, port: int | None = None, children: int = 2) -> None:
+    With ``dns_server`` ("127.0.0.1:PORT", a test DNS server) the network rules are on and
+    SpamAssassin asks that server only (``dns_server``); ``rules`` is more ``local.cf``
+    text (a test's own DNSBL rule, say)."""
+
+    def __init__(self, directory: Path | None = None, port: int | None = None, children: int = 2,
+                 dns_server: str = "", rules: str = "") -> None:  # fmt: skip
         super().__init__("spamd", directory, port)
         self.children = children
+        self.dns_server = dns_server
+        self.rules = rules
+
+    def local_cf(self) -> str:
+        text = LOCAL_CF
+        if self.dns_server:
+            text = text.replace("skip_rbl_checks    1", "skip_rbl_checks    0")
+            dns = f"dns_available      yes\ndns_server {self.dns_server}"
+            text = text.replace("dns_available      no", dns)
+        return text + self.rules
 
     def start(self, timeout: float = 30.0) -> Spamd:
         site, home = self.dir / "site", self.dir / "home"
@@ -106,8 +121,9 @@ class Spamd(_Daemon):
         home.mkdir(exist_ok=True)
         for pre in Path("/etc/spamassassin").glob("*.pre"):
             shutil.copy(pre, site)
-        (site / "local.cf").write_text(LOCAL_CF)
-        argv = ["spamd", "-L", "-x", "-C", "/usr/share/spamassassin", f"--siteconfigpath={site}",
+        (site / "local.cf").write_text(self.local_cf())
+        local = [] if self.dns_server else ["-L"]
+        argv = ["spamd", *local, "-x", "-C", "/usr/share/spamassassin", f"--siteconfigpath={site}",
                 "-i", f"127.0.0.1:{self.port}", "-A", "127.0.0.1", f"--socketpath={self.socket_path}",
                 "--socketmode=0666", "-r", str(self.dir / "spamd.pid"), "-s", str(self.log),
                 "-m", str(self.children), "--min-children=1", "--min-spare=1",

@@ -187,3 +187,12 @@ def test_not_configured_is_skipped_and_silent(tmp_path, caplog):
 def test_start_checks_knows_its_checks(tmp_path):
     with pytest.raises(ValueError, match="start_checks\\('spam'\\): the checks are spamassassin, clamav"):
         scans(tmp_path, CLEAN).start("spam")
+
+
+def test_a_message_without_a_final_newline_is_scanned(daemons, tmp_path):
+    """spamd reads the message by lines: the last one, without its newline, ends only when
+    the client shuts its side of the connection (as spamc does)."""
+    data = SPAM.rstrip(b"\r\n")
+    assert not data.endswith(b"\n")
+    spam = scans(tmp_path, data, spam=daemons[0].inet, spam_timeout=20).result("spamassassin")
+    assert spam.error is None and spam.is_spam and spam.rules["GTUBE"] == 1000, spam

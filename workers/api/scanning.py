@@ -43,6 +43,7 @@ class Scanner:
     max_size: int = 512000
     user: str = ""
     fd_passing: bool = True
+    received: bool = False  # spamd: put the hop's Return-Path/Received before the message
 
     @property
     def off(self) -> str | None:
@@ -57,14 +58,15 @@ class Scanner:
 
 @dataclass(frozen=True)
 class ScanSettings:
-    spamassassin: Scanner = Scanner("spamassassin")
+    spamassassin: Scanner = Scanner("spamassassin", received=True)
     clamav: Scanner = Scanner("clamav", timeout=60.0, max_size=25 * 1024 * 1024)
 
     @classmethod
     def from_config(cls, cfg: Any) -> ScanSettings:
         return cls(
             Scanner("spamassassin", cfg.spamassassin_address, cfg.spamassassin_connect_timeout,
-                    cfg.spamassassin_timeout, cfg.spamassassin_max_size, cfg.spamassassin_user),
+                    cfg.spamassassin_timeout, cfg.spamassassin_max_size, cfg.spamassassin_user,
+                    received=cfg.spamassassin_add_received),
             Scanner("clamav", cfg.clamav_address, cfg.clamav_connect_timeout, cfg.clamav_timeout,
                     cfg.clamav_max_size, fd_passing=cfg.clamav_fd_passing),
         )  # fmt: skip
@@ -82,11 +84,13 @@ class _Pending:
 class Scans:
     """One message's checks: started at most once each, results kept, failures logged once."""
 
-    def __init__(self, settings: ScanSettings, path: str, size: int, queue_id: str) -> None:
+    def __init__(self, settings: ScanSettings, path: str, size: int, queue_id: str,
+                 hop: Callable[[], bytes] = bytes) -> None:  # fmt: skip
         self.settings = settings
         self.path = path
         self.size = size
         self.queue_id = queue_id or "-"
+        self._hop = hop  # the Return-Path/Received lines spamd gets before the message
         self.results: dict[str, Any] = {}
         self._pending: dict[str, _Pending] = {}
 
@@ -111,8 +115,9 @@ class Scans:
             if self.size > s.max_size:
                 return SpamResult(skipped=f"message is {self.size} bytes, over [spamassassin] max_size "
                                           f"{s.max_size}: not sent (as spamc does)")  # fmt: skip
-            request = spamd.request(self.size, self._chunks(), s.user)
-            return self._exchange(name, s, request, spamd.parse, None)
+            hop = self._hop() if s.received else b""
+            request = spamd.request(len(hop) + self.size, self._chunks(hop), s.user)
+            return self._exchange(name, s, request, spamd.parse, None, half_close=True)
         s = self.settings.clamav
         if s.off:
             return VirusResult(skipped=s.off)
@@ -128,13 +133,17 @@ class Scans:
                                      "not streamed")  # fmt: skip
         return self._exchange(name, s, clamd.instream(self._chunks()), clamd.parse, None)
 
-    def _exchange(self, name: str, s: Scanner, request: Iterator[Any], parse: Any, fd: int | None) -> None:
-        ex = Exchange(name, s.target(), request, connect_timeout=s.connect_timeout, timeout=s.timeout)
+    def _exchange(self, name: str, s: Scanner, request: Iterator[Any], parse: Any, fd: int | None,
+                  half_close: bool = False) -> None:  # fmt: skip
+        ex = Exchange(name, s.target(), request, connect_timeout=s.connect_timeout, timeout=s.timeout,
+                      half_close=half_close)  # fmt: skip
         self._pending[name] = _Pending(ex, parse, fd)
         ex.start()
         return None
 
-    def _chunks(self) -> Iterator[bytes]:
+    def _chunks(self, first: bytes = b"") -> Iterator[bytes]:
+        if first:
+            yield first
         with open(self.path, "rb") as f:
             while chunk := f.read(_READ):
                 yield chunk

@@ -10,12 +10,14 @@ sets ``services`` from the config.
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from defang.workers.api.notify import MAX_NOTICES, Notice, NoticeError, compose
 from defang.workers.api.scanning import Scans, ScanSettings, spam_headers
+from defang.workers.checks.received import hop_headers
 from defang.workers.checks.results import SpamResult, VirusResult
 
 log = logging.getLogger("defang.filter")
@@ -69,9 +71,11 @@ class Services:
     #: sealing): callables (message, actions so far) -> more actions
     _last_steps: list[Any] | None = None
     _auth: Any = None  # defang.auth.check(msg)'s results, kept
+    _hop: bytes | None = None  # the Return-Path/Received lines spamd gets, made once
 
     # provided by Message
     path: str
+    recipients: list[str]
     queue_id: str | None
     sender: str
     conn: Any
@@ -85,8 +89,27 @@ class Services:
     @property
     def scans(self) -> Scans:
         if self._scans is None:
-            self._scans = Scans(self.services.scans, self.path, self.size, self.queue_id or "")
+            self._scans = Scans(self.services.scans, self.path, self.size, self.queue_id or "",
+                                hop=self._hop_headers)  # fmt: skip
         return self._scans
+
+    def _hop_headers(self) -> bytes:
+        if self._hop is None:
+            c, macros = self.conn, self.conn.macros
+            by = macros.get("j") or socket.getfqdn()
+            self._hop = hop_headers(ip=c.ip, hostname=c.hostname, helo=c.helo, by=by,
+                                    queue_id=self.queue_id or macros.get("i", ""), sender=self.sender,
+                                    recipients=self.recipients, tls=bool(macros.get("tls_version")),
+                                    auth=bool(macros.get("auth_authen")))  # fmt: skip
+        return self._hop
+
+    @property
+    def spamassassin_headers(self) -> str:
+        """What spamd is given before the message: the ``Return-Path:`` and ``Received:``
+        lines of the hop being received (``[spamassassin] add_received``; "" when off)."""
+        if not self.services.scans.spamassassin.received:
+            return ""
+        return self._hop_headers().decode("ascii")
 
     def start_checks(self, *names: str) -> None:
         """Ask the scanners now (``"spamassassin"``, ``"clamav"``), read the results later:
