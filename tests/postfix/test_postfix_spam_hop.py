@@ -64,7 +64,8 @@ def test_a_forged_localhost_received_buys_no_trust(stack):
     # what the filter sees spamd is given: the client, its HELO, our name, Postfix's queue ID
     assert hop.startswith("Return-Path: <alice@example.org> "
                           "Received: from client.test (unknown [192.0.2.10]) "
-                          f"by testbed.defang.invalid (defang) with ESMTP id {queue_id} "
+                          "by testbed.defang.invalid (envelope-sender <alice@example.org>) (defang) "
+                          f"with ESMTP id {queue_id} "
                           "for <bob@example.org>; "), hop  # fmt: skip
 
 

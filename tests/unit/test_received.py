@@ -18,7 +18,8 @@ def test_postfix_s_form_one_recipient_unknown_name():
     lines = hop().split("\r\n")
     assert lines[:3] == ["Return-Path: <alice@example.org>",
                          "Received: from client.test (unknown [192.0.2.10])",
-                         "\tby mx.example.net (defang) with ESMTP id 4AbCd"]  # fmt: skip
+                         "\tby mx.example.net (envelope-sender <alice@example.org>) (defang) with ESMTP "
+                         "id 4AbCd"]  # fmt: skip
     assert lines[3].startswith("\tfor <bob@example.net>; Mon, 07 Dec 2026 ") and lines[4] == ""
 
 
@@ -27,7 +28,8 @@ def test_a_verified_name_ipv6_tls_auth_several_recipients_the_null_sender():
                tls=True, auth=True)  # fmt: skip
     assert text.startswith("Return-Path: <>\r\n"
                            "Received: from client.test (mail.example.org [IPv6:2001:db8::5])\r\n"
-                           "\tby mx.example.net (defang) with ESMTPSA id 4AbCd; Mon, 07 Dec 2026 ")
+                           "\tby mx.example.net (envelope-sender <>) (defang) with ESMTPSA id 4AbCd; "
+                           "Mon, 07 Dec 2026 ")
     assert "for <" not in text
 
 

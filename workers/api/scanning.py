@@ -9,9 +9,9 @@ others too (``defang.workers.checks.exchange``): the waits overlap.  A check not
 starts when it is first read.
 
 Every failure is a result (``result.error``, or ``result.skipped`` for a check that is
-not configured or a message over its size cap), never an exception, and is logged once
-per message with the queue ID (WARNING; a skip at INFO).  A check left unread when the
-hooks end is closed by the runner (``Scans.close``).
+not configured or a message over its size cap, with ``result.oversize``), never an
+exception, and is logged once per message with the queue ID (WARNING; a skip at INFO).  A
+check left unread when the hooks end is closed by the runner (``Scans.close``).
 """
 
 from __future__ import annotations
@@ -113,8 +113,9 @@ class Scans:
             if s.off:
                 return SpamResult(skipped=s.off)
             if self.size > s.max_size:
-                return SpamResult(skipped=f"message is {self.size} bytes, over [spamassassin] max_size "
-                                          f"{s.max_size}: not sent (as spamc does)")  # fmt: skip
+                why = (f"message is {self.size} bytes, over [spamassassin] max_size {s.max_size}: not sent "
+                       "(as spamc does)")
+                return SpamResult(skipped=why, oversize=self.size)
             hop = self._hop() if s.received else b""
             request = spamd.request(len(hop) + self.size, self._chunks(hop), s.user)
             return self._exchange(name, s, request, spamd.parse, None, half_close=True)
@@ -129,8 +130,8 @@ class Scans:
                 return VirusResult(error=f"cannot open the spool file: {exc.strerror}")
             return self._exchange(name, s, clamd.fildes(fd), clamd.parse, fd)
         if self.size > s.max_size:
-            return VirusResult(error=f"message is {self.size} bytes, over [clamav] max_size {s.max_size}: "
-                                     "not streamed")  # fmt: skip
+            return VirusResult(skipped=f"message is {self.size} bytes, over [clamav] max_size {s.max_size}: "
+                                       "not streamed", oversize=self.size)  # fmt: skip
         return self._exchange(name, s, clamd.instream(self._chunks()), clamd.parse, None)
 
     def _exchange(self, name: str, s: Scanner, request: Iterator[Any], parse: Any, fd: int | None,
@@ -184,7 +185,8 @@ class Scans:
         if s.off:
             return VirusResult(skipped=s.off)
         if len(data) > s.max_size:
-            result = VirusResult(error=f"{what} is {len(data)} bytes, over [clamav] max_size {s.max_size}")
+            result = VirusResult(skipped=f"{what} is {len(data)} bytes, over [clamav] max_size {s.max_size}: "
+                                         "not streamed", oversize=len(data))  # fmt: skip
         else:
             ex = Exchange("clamav", s.target(), clamd.instream([data]), connect_timeout=s.connect_timeout,
                           timeout=s.timeout)  # fmt: skip
@@ -192,6 +194,8 @@ class Scans:
             result = VirusResult(error=ex.error) if ex.error else clamd.parse(bytes(ex.answer), ex.seconds)
         if result.error:
             log.warning("%s: %s: %s", self.queue_id, what, result)
+        elif result.skipped:
+            log.info("%s: %s: %s", self.queue_id, what, result)
         return result
 
     def close(self) -> None:

@@ -34,10 +34,13 @@ def hop_headers(*, ip: str | None, hostname: str | None, helo: str | None, by: s
                 when: float | None = None) -> bytes:  # fmt: skip
     """``Return-Path:`` and ``Received:`` (CRLF line ends) for the hop from the client to us.
 
-    Postfix's form: ``from HELO (NAME [ADDR])``, ``by HOST (defang) with ESMTP id QUEUEID``
+    Postfix's form: ``from HELO (NAME [ADDR])``, ``by HOST ... with ESMTP id QUEUEID``
     (``ESMTPS`` under TLS, ``ESMTPA`` authenticated, ``ESMTPSA`` both), ``for <RCPT>`` when
     there is one recipient, then the date.  A client without a verified name is
-    ``unknown``; an IPv6 address is written ``IPv6:...``, as Postfix does.
+    ``unknown``; an IPv6 address is written ``IPv6:...``, as Postfix does.  After HOST,
+    MIMEDefang's ``(envelope-sender <SENDER>)``: SpamAssassin takes the envelope sender
+    (for SPF, HEADER_FROM_DIFFERENT_DOMAINS) from the last untrusted relay's line, and
+    distrusts ``Return-Path:`` when the message has one of its own below a ``Received:``.
     """
     addr = ip or "127.0.0.1"
     literal = f"IPv6:{addr}" if ":" in addr else addr
@@ -45,10 +48,10 @@ def hop_headers(*, ip: str | None, hostname: str | None, helo: str | None, by: s
     name = _safe(hostname) if verified else "unknown"
     greeting = _safe(helo) if helo else name
     protocol = "ESMTP" + ("S" if tls else "") + ("A" if auth else "")
-    host, qid = _safe(by) or "localhost", _safe(queue_id) or "unknown"
-    lines = [f"Return-Path: <{_safe(sender) if sender else ''}>",
+    host, qid, envelope = _safe(by) or "localhost", _safe(queue_id) or "unknown", _safe(sender)
+    lines = [f"Return-Path: <{envelope}>",
              f"Received: from {greeting} ({name} [{literal}])",
-             f"\tby {host} (defang) with {protocol} id {qid}"]  # fmt: skip
+             f"\tby {host} (envelope-sender <{envelope}>) (defang) with {protocol} id {qid}"]  # fmt: skip
     date = formatdate(time.time() if when is None else when, localtime=True)
     if len(recipients) == 1:
         lines.append(f"\tfor <{_safe(recipients[0])}>; {date}")

@@ -1,10 +1,11 @@
 """What a scanner said about a message: plain data, the same whatever went wrong.
 
 A result never raises.  ``error`` says why there is no verdict (the daemon is down, it
-timed out, it answered garbage); ``skipped`` says why the message was not sent at all
-(the check is not configured, or the message is over the size cap).  Either way
-``scanned`` is False and the filter decides (the default filter tempfails mail it could
-not scan for viruses).
+timed out, it answered garbage: asking again later may work); ``skipped`` says why the
+message was not sent at all (the check is not configured, or the message is over the size
+cap: asking again never will).  A message over the cap also has ``oversize``, its size in
+bytes.  Either way ``scanned`` is False and the filter decides (the default filter
+tempfails mail it could not scan for viruses, and refuses mail too big to scan).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class Result:
     error: str | None = None
     skipped: str | None = None
     seconds: float = 0.0
+    oversize: int = 0  # skipped for being over the check's max_size: the size, in bytes
 
     @property
     def scanned(self) -> bool:
