@@ -52,6 +52,10 @@ def test_spamd_finds_gtube_and_passes_ham(daemons, tmp_path, where):
     spam = scans(tmp_path, SPAM, spam=address).result("spamassassin")
     assert spam.scanned and spam.is_spam and spam.score >= 1000 and spam.rules["GTUBE"] == 1000
     assert spam.status_header().startswith("Yes, score=1000") and "GTUBE" in spam.report
+    # SpamAssassin's default form, every field there (spamd does not tell the last two)
+    tests = ",".join(sorted(spam.rules))
+    assert spam.status_header() == (f"Yes, score={spam.score:.1f} required=5.0 tests={tests} "
+                                    "autolearn=unavailable version=unknown")  # fmt: skip
     ham = scans(tmp_path, CLEAN, spam=address).result("spamassassin")
     assert ham.scanned and not ham.is_spam and ham.score < 5 and ham.required == 5.0
 

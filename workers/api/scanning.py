@@ -208,9 +208,10 @@ class Scans:
 
 
 def spam_headers(result: SpamResult) -> list[tuple[str, str]]:
-    """The headers SpamAssassin itself adds: ``X-Spam-Status``, ``X-Spam-Score``, and
-    ``X-Spam-Flag: YES`` on spam; for a message not scanned, why (``X-Spam-Status: No,
-    not scanned: ...``)."""
+    """``X-Spam-Status`` (SpamAssassin's form: ``SpamResult.status_header``),
+    ``X-Spam-Score``, and ``X-Spam-Flag: YES`` on spam; for a message not scanned only
+    ``X-Spam-Status: No, not scanned: <why>`` (200 characters at most): a parser of the
+    first word still reads No, and nobody takes it for a score of 0."""
     if not result.scanned:
         return [("X-Spam-Status", f"No, not scanned: {result.error or result.skipped}"[:200])]
     out = [("X-Spam-Status", result.status_header()), ("X-Spam-Score", f"{result.score:.1f}")]

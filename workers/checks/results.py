@@ -38,10 +38,14 @@ class SpamResult(Result):
     report: str = ""
 
     def status_header(self) -> str:
-        """The ``X-Spam-Status`` value SpamAssassin itself writes."""
+        """``X-Spam-Status`` in SpamAssassin's own default form (``_YESNO_, score=_SCORE_
+        required=_REQD_ tests=_TESTS_ autolearn=_AUTOLEARN_ version=_VERSION_``), so tools
+        that parse it find every field.  spamd's REPORT answer says neither whether it
+        learned from the message nor its version: ``autolearn=unavailable`` (SpamAssassin's
+        own word when the outcome of learning is not known) and ``version=unknown``."""
         tests = ",".join(sorted(self.rules)) or "none"
         return (f"{'Yes' if self.is_spam else 'No'}, score={self.score:.1f} required={self.required:.1f} "
-                f"tests={tests}")  # fmt: skip
+                f"tests={tests} autolearn=unavailable version=unknown")  # fmt: skip
 
     def __str__(self) -> str:
         if not self.scanned:
