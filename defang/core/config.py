@@ -155,6 +155,11 @@ class Config:
     clamav_timeout: float = 60.0
     clamav_max_size: int = 25 * 1024 * 1024
     clamav_fd_passing: bool = True
+    # [rspamd]: "" = not asked
+    rspamd_address: str = ""
+    rspamd_connect_timeout: float = 2.0
+    rspamd_timeout: float = 30.0
+    rspamd_max_size: int = 20 * 1024 * 1024
     # [notify]
     notify_method: str = "sendmail"
     notify_sendmail_path: Path = Path("/usr/sbin/sendmail")
@@ -274,6 +279,10 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("clamav", "timeout"): ("clamav_timeout", as_pos_num),
     ("clamav", "max_size"): ("clamav_max_size", as_pos_int),
     ("clamav", "fd_passing"): ("clamav_fd_passing", as_bool),
+    ("rspamd", "address"): ("rspamd_address", lambda v: _address(v, "rspamd")),
+    ("rspamd", "connect_timeout"): ("rspamd_connect_timeout", as_pos_num),
+    ("rspamd", "timeout"): ("rspamd_timeout", as_pos_num),
+    ("rspamd", "max_size"): ("rspamd_max_size", as_pos_int),
     ("notify", "method"): ("notify_method", as_release_method),
     ("notify", "sendmail_path"): ("notify_sendmail_path", as_path),
     ("notify", "smtp_host"): ("notify_smtp_host", as_str),

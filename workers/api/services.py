@@ -2,9 +2,9 @@
 
 A mixin of ``Message`` (kept apart so that the message's own concerns, headers, parts and
 verdicts, stay in ``message``): ``msg.start_checks()``, ``msg.spamassassin()``,
-``msg.clamav()`` and ``msg.add_spam_headers()`` (``scanning``), ``msg.notify()``,
-``msg.notify_sender()`` and ``msg.notify_administrator()`` (``notify``).  The runner
-sets ``services`` from the config.
+``msg.rspamd()``, ``msg.clamav()`` and ``msg.add_spam_headers()`` (``scanning``),
+``msg.notify()``, ``msg.notify_sender()`` and ``msg.notify_administrator()``
+(``notify``).  The runner sets ``services`` from the config.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from defang.workers.api.notify import MAX_NOTICES, Notice, NoticeError, compose
-from defang.workers.api.scanning import Scans, ScanSettings, spam_headers
-from defang.workers.checks.received import hop_headers
-from defang.workers.checks.results import SpamResult, VirusResult
+from defang.workers.api.scanning import Envelope, Scans, ScanSettings, spam_headers
+from defang.workers.checks.results import RspamdResult, SpamResult, VirusResult
 
 log = logging.getLogger("defang.filter")
 
@@ -71,7 +70,6 @@ class Services:
     #: sealing): callables (message, actions so far) -> more actions
     _last_steps: list[Any] | None = None
     _auth: Any = None  # defang.auth.check(msg)'s results, kept
-    _hop: bytes | None = None  # the Return-Path/Received lines spamd gets, made once
 
     # provided by Message
     path: str
@@ -89,36 +87,35 @@ class Services:
     @property
     def scans(self) -> Scans:
         if self._scans is None:
-            self._scans = Scans(self.services.scans, self.path, self.size, self.queue_id or "",
-                                hop=self._hop_headers)  # fmt: skip
-        return self._scans
-
-    def _hop_headers(self) -> bytes:
-        if self._hop is None:
             c, macros = self.conn, self.conn.macros
-            by = macros.get("j") or socket.getfqdn()
-            self._hop = hop_headers(ip=c.ip, hostname=c.hostname, helo=c.helo, by=by,
-                                    queue_id=self.queue_id or macros.get("i", ""), sender=self.sender,
-                                    recipients=self.recipients, tls=bool(macros.get("tls_version")),
-                                    auth=bool(macros.get("auth_authen")))  # fmt: skip
-        return self._hop
+            envelope = Envelope(c.ip, c.hostname, c.helo, self.sender, tuple(self.recipients),
+                                self.queue_id or macros.get("i", ""), macros.get("j") or socket.getfqdn(),
+                                bool(macros.get("tls_version")), macros.get("auth_authen", ""))  # fmt: skip
+            self._scans = Scans(self.services.scans, self.path, self.size, self.queue_id or "", envelope)
+        return self._scans
 
     @property
     def spamassassin_headers(self) -> str:
         """What spamd is given before the message: the ``Return-Path:`` and ``Received:``
         lines of the hop being received (``[spamassassin] add_received``; "" when off)."""
-        if not self.services.scans.spamassassin.received:
-            return ""
-        return self._hop_headers().decode("ascii")
+        return self.scans.hop().decode("ascii")
 
-    def start_checks(self, *names: str) -> None:
-        """Ask the scanners now (``"spamassassin"``, ``"clamav"``), read the results later:
-        the waits overlap.  A check already started or done is not asked again."""
-        self.scans.start(*names)
+    def start_checks(self, *names: str, user: str | None = None) -> None:
+        """Ask the scanners now (``"spamassassin"``, ``"rspamd"``, ``"clamav"``), read the
+        results later: the waits overlap.  A check already started or done is not asked
+        again.  ``user``: as for ``spamassassin()``."""
+        self.scans.start(*names, user=user)
 
-    def spamassassin(self) -> SpamResult:
-        """spamd's verdict on the message (asked once, kept); never raises: see ``error``."""
-        return self.scans.result("spamassassin")
+    def spamassassin(self, user: str | None = None) -> SpamResult:
+        """spamd's verdict on the message (asked once per user, kept); never raises: see
+        ``error``.  ``user`` (a recipient, a policy group): spamd applies that user's
+        settings (its ``User`` header); None: ``[spamassassin] user``."""
+        return self.scans.result("spamassassin", user)
+
+    def rspamd(self, user: str | None = None) -> RspamdResult:
+        """rspamd's verdict (asked once per user, kept); never raises.  ``user``: the
+        recipient whose settings apply (rspamd's ``Deliver-To``)."""
+        return self.scans.result("rspamd", user)
 
     def clamav(self) -> VirusResult:
         """clamd's verdict on the whole message (asked once, kept); never raises."""

@@ -68,3 +68,25 @@ class VirusResult(Result):
         if not self.scanned:
             return f"clamav: not scanned: {self.error or self.skipped}"
         return f"clamav: {'infected: ' + ', '.join(self.viruses) if self.infected else 'clean'}"
+
+
+@dataclass(frozen=True)
+class RspamdResult(Result):
+    """rspamd's verdict: its score, the score it rejects at, the action it advises
+    (``no action``, ``greylist``, ``add header``, ``rewrite subject``, ``soft reject``,
+    ``reject``) and the symbols that hit, with their points."""
+
+    score: float = 0.0
+    required: float = 0.0
+    action: str = ""
+    symbols: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def is_spam(self) -> bool:
+        """rspamd advises more than "no action" or "greylist" (it takes it for spam)."""
+        return self.scanned and self.action in ("add header", "rewrite subject", "soft reject", "reject")
+
+    def __str__(self) -> str:
+        if not self.scanned:
+            return f"rspamd: not scanned: {self.error or self.skipped}"
+        return f"rspamd: {self.score:.1f}/{self.required:.1f} {self.action}"
