@@ -55,7 +55,11 @@ class _Daemon:
 
     proc: subprocess.Popen[bytes] | None = None
 
+    #: the readiness probe: what to send, what the answer has when the daemon can answer
+    PING: tuple[bytes, bytes] = (b"", b"")
+
     def __init__(self, name: str, directory: Path | None, port: int | None) -> None:
+        self.name = name
         self.own_dir = directory is None
         self.dir = Path(directory or tempfile.mkdtemp(prefix=f"defang-{name}-"))
         self.port = port or free_port()
@@ -75,6 +79,18 @@ class _Daemon:
         stop_process(self.proc, timeout)
         if self.own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _launch(self, argv: list[str], timeout: float, **popen) -> None:  # noqa: ANN003
+        """Start ``argv`` in the foreground (its PID is ours to stop), output to <name>.out."""
+        with open(self.dir / f"{self.name}.out", "ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         **popen)  # fmt: skip
+        self._wait_ready(self._pong, timeout)
+
+    def _pong(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(self.PING[0])
+            return self.PING[1] in s.recv(200)
 
     def _wait_ready(self, probe, timeout: float) -> None:  # noqa: ANN001
         deadline = time.monotonic() + timeout
@@ -101,6 +117,8 @@ class Spamd(_Daemon):
     SpamAssassin asks that server only (``dns_server``); ``rules`` is more ``local.cf``
     text (a test's own DNSBL rule, say); ``users`` are per-user settings (spamd's virtual
     users: ``<dir>/users/<name>/user_prefs``, picked by the request's ``User`` header)."""
+
+    PING = (b"PING SPAMC/1.5\r\n\r\n", b"PONG")
 
     def __init__(self, directory: Path | None = None, port: int | None = None, children: int = 2,
                  dns_server: str = "", rules: str = "",
@@ -143,20 +161,14 @@ class Spamd(_Daemon):
             os.chmod(self.dir, 0o755)
             argv += ["-u", "nobody", "-g", "nogroup", "-H", str(home)]
         env = {**os.environ, "HOME": str(home)}
-        with open(self.dir / "spamd.out", "ab") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)  # fmt: skip
-        self._wait_ready(self._pong, timeout)
+        self._launch(argv, timeout, env=env)
         return self
-
-    def _pong(self) -> bool:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            s.sendall(b"PING SPAMC/1.5\r\n\r\n")
-            return b"PONG" in s.recv(100)
 
 
 class Clamd(_Daemon):
     """``clamd`` on ``<dir>/clamd.sock`` and 127.0.0.1:``port``, with an EICAR signature."""
+
+    PING = (b"zPING\0", b"PONG")
 
     def __init__(self, directory: Path | None = None, port: int | None = None,
                  stream_max: str = "25M") -> None:  # fmt: skip
@@ -177,29 +189,22 @@ class Clamd(_Daemon):
             "SelfCheck 0", "ScanArchive yes", "ScanMail yes", f"StreamMaxLength {self.stream_max}",
             "MaxFileSize 25M", "MaxScanSize 100M", "Bytecode no", "",
         ]))  # fmt: skip
-        with open(self.dir / "clamd.out", "ab") as out:
-            self.proc = subprocess.Popen(["clamd", "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)  # fmt: skip
-        self._wait_ready(self._pong, timeout)
+        self._launch(["clamd", "-c", str(conf)], timeout)
         return self
-
-    def _pong(self) -> bool:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            s.sendall(b"zPING\0")
-            return s.recv(100).startswith(b"PONG")
 
 
 class Rspamd(_Daemon):
     """Debian's ``rspamd``: its stock configuration, one normal worker on 127.0.0.1:``port``,
     no controller or proxy, no Redis (Bayes, fuzzy and the like are off without it), its own
     directories (``--var``: local.d, database, run, log), in the foreground; DNS only to
-    ``dns_server`` (a test server; default: a closed loopback port, so every lookup fails
-    at once).  Started as root it runs as ``_rspamd``.
+    ``dns_server`` (a test server; default: a closed loopback port, where every lookup
+    fails after rspamd's 1 s timeout).  Started as root it runs as ``_rspamd``.
 
     Its compiled Hyperscan regexps are kept in ``HS_CACHE`` between runs: compiling them
     is most of rspamd's start-up (30 s on a busy machine, 2 s from the cache)."""
 
     HS_CACHE = Path(tempfile.gettempdir()) / "defang-rspamd-hs-cache"
+    PING = (b"GET /ping HTTP/1.0\r\n\r\n", b"pong")
 
     def __init__(self, directory: Path | None = None, port: int | None = None, dns_server: str = "",
                  local_d: dict[str, str] | None = None) -> None:  # fmt: skip
@@ -237,16 +242,8 @@ class Rspamd(_Daemon):
             self.log.touch()
             os.chown(self.log, user.pw_uid, user.pw_gid)
             argv += ["-u", "_rspamd", "-g", "_rspamd"]
-        with open(self.dir / "rspamd.out", "ab") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                         cwd=self.dir)  # fmt: skip
-        self._wait_ready(self._pong, timeout)
+        self._launch(argv, timeout, cwd=self.dir)
         return self
-
-    def _pong(self) -> bool:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            s.sendall(b"GET /ping HTTP/1.0\r\n\r\n")
-            return b"pong" in s.recv(200)
 
 
 def rspamd_available() -> str | None:

@@ -11,6 +11,7 @@ tempfails mail it could not scan for viruses, and refuses mail too big to scan).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,21 @@ class Result:
     seconds: float = 0.0
     oversize: int = 0  # skipped for being over the check's max_size: the size, in bytes
 
+    #: the check's name, first in ``str(result)``
+    NAME: ClassVar[str] = "check"
+
     @property
     def scanned(self) -> bool:
         return self.error is None and self.skipped is None
+
+    def verdict(self) -> str:
+        """The verdict in a few words (a scanned result)."""
+        return "scanned"
+
+    def __str__(self) -> str:
+        if not self.scanned:
+            return f"{self.NAME}: not scanned: {self.error or self.skipped}"
+        return f"{self.NAME}: {self.verdict()}"
 
 
 @dataclass(frozen=True)
@@ -47,10 +60,10 @@ class SpamResult(Result):
         return (f"{'Yes' if self.is_spam else 'No'}, score={self.score:.1f} required={self.required:.1f} "
                 f"tests={tests} autolearn=unavailable version=unknown")  # fmt: skip
 
-    def __str__(self) -> str:
-        if not self.scanned:
-            return f"spamassassin: not scanned: {self.error or self.skipped}"
-        return f"spamassassin: {self.score:.1f}/{self.required:.1f} {'spam' if self.is_spam else 'ham'}"
+    NAME: ClassVar[str] = "spamassassin"
+
+    def verdict(self) -> str:
+        return f"{self.score:.1f}/{self.required:.1f} {'spam' if self.is_spam else 'ham'}"
 
 
 @dataclass(frozen=True)
@@ -64,10 +77,10 @@ class VirusResult(Result):
     def clean(self) -> bool:
         return self.scanned and not self.infected
 
-    def __str__(self) -> str:
-        if not self.scanned:
-            return f"clamav: not scanned: {self.error or self.skipped}"
-        return f"clamav: {'infected: ' + ', '.join(self.viruses) if self.infected else 'clean'}"
+    NAME: ClassVar[str] = "clamav"
+
+    def verdict(self) -> str:
+        return "infected: " + ", ".join(self.viruses) if self.infected else "clean"
 
 
 @dataclass(frozen=True)
@@ -86,7 +99,7 @@ class RspamdResult(Result):
         """rspamd advises more than "no action" or "greylist" (it takes it for spam)."""
         return self.scanned and self.action in ("add header", "rewrite subject", "soft reject", "reject")
 
-    def __str__(self) -> str:
-        if not self.scanned:
-            return f"rspamd: not scanned: {self.error or self.skipped}"
-        return f"rspamd: {self.score:.1f}/{self.required:.1f} {self.action}"
+    NAME: ClassVar[str] = "rspamd"
+
+    def verdict(self) -> str:
+        return f"{self.score:.1f}/{self.required:.1f} {self.action}"
