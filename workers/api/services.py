@@ -89,7 +89,7 @@ class Services:
         if self._scans is None:
             c, macros = self.conn, self.conn.macros
             envelope = Envelope(c.ip, c.hostname, c.helo, self.sender, tuple(self.recipients),
-                                self.queue_id or macros.get("i", ""), macros.get("j") or socket.getfqdn(),
+                                self.queue_id or macros.get("i", ""), macros.get("j") or socket.gethostname(),
                                 bool(macros.get("tls_version")), macros.get("auth_authen", ""))  # fmt: skip
             self._scans = Scans(self.services.scans, self.path, self.size, self.queue_id or "", envelope)
         return self._scans
