@@ -12,7 +12,9 @@ What it does:
   * with [clamav] address set in defang.toml: scans every message with clamd; a virus
     is refused (554), and a message that could not be scanned (clamd down, timing out,
     answering garbage) is TEMPFAILED (451): the sender retries later, and no message
-    is ever passed unscanned.  Without that setting nothing is scanned;
+    is ever passed unscanned.  One too big to stream to clamd ([clamav] max_size, clamd
+    over TCP) is refused (552 5.3.4): a retry could not help.  Without that setting
+    nothing is scanned;
   * every message that passes: adds an X-Scanned-By header.
 """
 
@@ -60,6 +62,9 @@ def filter_end(msg):
     virus = msg.clamav()  # "skipped" when [clamav] is not configured: nothing to do
     if virus.error:
         return tempfail("Virus scan unavailable, try again later", code="451", dsn="4.7.1")
+    if virus.oversize:  # over [clamav] max_size: a retry would be refused the same way
+        return reject(f"Message too big to scan for viruses ({virus.oversize} bytes)",
+                      code="552", dsn="5.3.4")
     if virus.infected:
         return reject(f"Virus found: {', '.join(virus.viruses)}", code="554", dsn="5.7.1")
     msg.add_header("X-Scanned-By", "defang")

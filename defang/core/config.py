@@ -149,11 +149,17 @@ class Config:
     spamassassin_timeout: float = 30.0
     spamassassin_max_size: int = 512000
     spamassassin_user: str = ""
+    spamassassin_add_received: bool = True
     clamav_address: str = ""
     clamav_connect_timeout: float = 2.0
     clamav_timeout: float = 60.0
     clamav_max_size: int = 25 * 1024 * 1024
     clamav_fd_passing: bool = True
+    # [rspamd]: "" = not asked
+    rspamd_address: str = ""
+    rspamd_connect_timeout: float = 2.0
+    rspamd_timeout: float = 30.0
+    rspamd_max_size: int = 20 * 1024 * 1024
     # [notify]
     notify_method: str = "sendmail"
     notify_sendmail_path: Path = Path("/usr/sbin/sendmail")
@@ -269,11 +275,16 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("spamassassin", "timeout"): ("spamassassin_timeout", as_pos_num),
     ("spamassassin", "max_size"): ("spamassassin_max_size", as_pos_int),
     ("spamassassin", "user"): ("spamassassin_user", as_str),
+    ("spamassassin", "add_received"): ("spamassassin_add_received", as_bool),
     ("clamav", "address"): ("clamav_address", lambda v: _address(v, "clamd")),
     ("clamav", "connect_timeout"): ("clamav_connect_timeout", as_pos_num),
     ("clamav", "timeout"): ("clamav_timeout", as_pos_num),
     ("clamav", "max_size"): ("clamav_max_size", as_pos_int),
     ("clamav", "fd_passing"): ("clamav_fd_passing", as_bool),
+    ("rspamd", "address"): ("rspamd_address", lambda v: _address(v, "rspamd")),
+    ("rspamd", "connect_timeout"): ("rspamd_connect_timeout", as_pos_num),
+    ("rspamd", "timeout"): ("rspamd_timeout", as_pos_num),
+    ("rspamd", "max_size"): ("rspamd_max_size", as_pos_int),
     ("notify", "method"): ("notify_method", as_release_method),
     ("notify", "sendmail_path"): ("notify_sendmail_path", as_path),
     ("notify", "smtp_host"): ("notify_smtp_host", as_str),

@@ -125,6 +125,7 @@ def send(
     helo: str = "client.test",
     timeout: float = 60,
     mail_options: Sequence[str] = (),
+    xclient: str = "",
 ) -> SendResult:
     """Run one SMTP transaction on a fresh connection and return every reply.
 
@@ -132,6 +133,9 @@ def send(
     failures (refused, reset, closed mid-reply, timeout) raise `OSError`.  ``data`` is
     sent as ``normalize_for_smtp(data)``, dot-stuffed (see the module docstring).
     ``mail_options`` are appended to MAIL FROM (e.g. "BODY=8BITMIME", "SMTPUTF8").
+    ``xclient`` (e.g. "ADDR=81.2.69.160 NAME=[UNAVAILABLE]") is sent as Postfix's XCLIENT
+    after EHLO, then EHLO again: the client is taken for that one (by the server and its
+    milters; the server's smtpd_authorized_xclient_hosts must list us).
     """
     conn = _Conn(host, port, timeout)
     try:
@@ -143,6 +147,13 @@ def send(
             ehlo = conn.command(f"HELO {helo}")
         if ehlo[0] != 250:
             return SendResult(mail=ehlo, greeting=greeting)
+        if xclient:
+            said = conn.command(f"XCLIENT {xclient}")
+            if said[0] != 220:
+                return SendResult(mail=said, greeting=greeting)
+            ehlo = conn.command(f"EHLO {helo}")
+            if ehlo[0] != 250:
+                return SendResult(mail=ehlo, greeting=greeting)
         opts = "".join(f" {o}" for o in mail_options)
         mail = conn.command(f"MAIL FROM:<{sender}>{opts}")
         result = SendResult(mail=mail, greeting=greeting)

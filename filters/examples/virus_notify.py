@@ -6,8 +6,13 @@ to clamd, no byte copied) and [notify] (how notices are sent, and the administra
   * infected: refused with 554 (the sender's MTA tells the sender); the administrator
     gets a notice with the virus names, the envelope and the client, sent after the
     reply (a notice that cannot be sent is logged and changes nothing);
-  * not scanned (clamd down, timing out, answering garbage, a stream over max_size):
-    451, the sending MTA retries later.  Mail is delayed, never passed unscanned;
+  * not scanned (clamd down, timing out, answering garbage): 451, the sending MTA retries
+    later.  Mail is delayed, never passed unscanned;
+  * too big to scan (streamed to clamd over TCP, bigger than [clamav] max_size): refused
+    with 552 5.3.4, as retrying cannot help (a 451 would be retried for days, then
+    bounced).  The other choice: deliver it unscanned with a header saying so (replace
+    the reject with msg.add_header("X-Virus-Scan", f"not scanned: {virus.skipped}"));
+    or raise max_size with clamd's StreamMaxLength, or pass clamd the file (unix socket);
   * clean: delivered.
 """
 
@@ -22,6 +27,10 @@ def filter_end(msg):
     virus = msg.clamav()
     if virus.error:
         return tempfail("Virus scan unavailable, try again later", code="451", dsn="4.7.1")
+    if virus.oversize:
+        msg.tag("virus_too_big")
+        return reject(f"Message too big to scan for viruses ({virus.oversize} bytes)",
+                      code="552", dsn="5.3.4")
     if virus.infected:
         names = ", ".join(virus.viruses)
         c = msg.conn

@@ -52,6 +52,10 @@ def test_spamd_finds_gtube_and_passes_ham(daemons, tmp_path, where):
     spam = scans(tmp_path, SPAM, spam=address).result("spamassassin")
     assert spam.scanned and spam.is_spam and spam.score >= 1000 and spam.rules["GTUBE"] == 1000
     assert spam.status_header().startswith("Yes, score=1000") and "GTUBE" in spam.report
+    # SpamAssassin's default form, every field there (spamd does not tell the last two)
+    tests = ",".join(sorted(spam.rules))
+    assert spam.status_header() == (f"Yes, score={spam.score:.1f} required=5.0 tests={tests} "
+                                    "autolearn=unavailable version=unknown")  # fmt: skip
     ham = scans(tmp_path, CLEAN, spam=address).result("spamassassin")
     assert ham.scanned and not ham.is_spam and ham.score < 5 and ham.required == 5.0
 
@@ -165,8 +169,10 @@ def test_size_caps(daemons, tmp_path):
     s = scans(tmp_path, big, spam=spamd.inet, clam=clamd.inet, spam_max_size=1000, clam_max_size=1000)
     spam, virus = s.result("spamassassin"), s.result("clamav")
     assert spam.error is None and spam.skipped.startswith("message is 3") and "max_size 1000" in spam.skipped
-    assert virus.error.startswith("message is 3")
-    assert virus.error.endswith("over [clamav] max_size 1000: not streamed")
+    assert spam.oversize == virus.oversize == len(big)
+    # too big to stream is not an error (asking again cannot help): skipped, with the size
+    assert virus.error is None and not virus.scanned
+    assert virus.skipped == f"message is {len(big)} bytes, over [clamav] max_size 1000: not streamed"
     # clamd's own StreamMaxLength below ours: clamd stops reading and says why
     small = Clamd(stream_max="1K").start()
     try:
@@ -187,3 +193,12 @@ def test_not_configured_is_skipped_and_silent(tmp_path, caplog):
 def test_start_checks_knows_its_checks(tmp_path):
     with pytest.raises(ValueError, match="start_checks\\('spam'\\): the checks are spamassassin, clamav"):
         scans(tmp_path, CLEAN).start("spam")
+
+
+def test_a_message_without_a_final_newline_is_scanned(daemons, tmp_path):
+    """spamd reads the message by lines: the last one, without its newline, ends only when
+    the client shuts its side of the connection (as spamc does)."""
+    data = SPAM.rstrip(b"\r\n")
+    assert not data.endswith(b"\n")
+    spam = scans(tmp_path, data, spam=daemons[0].inet, spam_timeout=20).result("spamassassin")
+    assert spam.error is None and spam.is_spam and spam.rules["GTUBE"] == 1000, spam

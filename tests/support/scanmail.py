@@ -8,15 +8,28 @@ import io
 import socket
 import threading
 import zipfile
+from email.utils import formatdate
 
 from defang.testbed.scanners import EICAR, GTUBE
 
+# dated now: spamd compares the Date with the Received: defang writes for the hop
+# (DATE_IN_PAST_96_XX and the like would score a message dated days ago)
 HEAD = (b"From: Alice <alice@example.org>\r\nTo: bob@example.org\r\nSubject: %s\r\n"
-        b"Date: Thu, 03 Dec 2026 10:00:00 +0000\r\nMessage-ID: <%s.1@example.org>\r\n")  # fmt: skip
+        b"Date: " + formatdate().encode() + b"\r\nMessage-ID: <%s.1@example.org>\r\n")  # fmt: skip
 
 
 def message(subject: str, body: bytes, extra: bytes = b"") -> bytes:
     return HEAD % (subject.encode(), subject.replace(" ", "").encode()) + extra + b"\r\n" + body + b"\r\n"
+
+
+def header(raw: bytes, name: bytes) -> str:
+    """The one value of header ``name`` in a message as it arrived (unfolded)."""
+    head = raw.split(b"\r\n\r\n", 1)[0].replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ")
+    prefix = name.lower() + b":"
+    lines = head.split(b"\r\n")
+    values = [line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(prefix)]
+    assert len(values) == 1, (name, values)
+    return values[0].decode()
 
 
 def zipped(name: str, data: bytes) -> bytes:

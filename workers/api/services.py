@@ -2,21 +2,22 @@
 
 A mixin of ``Message`` (kept apart so that the message's own concerns, headers, parts and
 verdicts, stay in ``message``): ``msg.start_checks()``, ``msg.spamassassin()``,
-``msg.clamav()`` and ``msg.add_spam_headers()`` (``scanning``), ``msg.notify()``,
-``msg.notify_sender()`` and ``msg.notify_administrator()`` (``notify``).  The runner
-sets ``services`` from the config.
+``msg.rspamd()``, ``msg.clamav()`` and ``msg.add_spam_headers()`` (``scanning``),
+``msg.notify()``, ``msg.notify_sender()`` and ``msg.notify_administrator()``
+(``notify``).  The runner sets ``services`` from the config.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from defang.workers.api.notify import MAX_NOTICES, Notice, NoticeError, compose
-from defang.workers.api.scanning import Scans, ScanSettings, spam_headers
-from defang.workers.checks.results import SpamResult, VirusResult
+from defang.workers.api.scanning import Envelope, Scans, ScanSettings, spam_headers
+from defang.workers.checks.results import RspamdResult, SpamResult, VirusResult
 
 log = logging.getLogger("defang.filter")
 
@@ -76,6 +77,7 @@ class Services:
 
     # provided by Message
     path: str
+    recipients: list[str]
     queue_id: str | None
     sender: str
     conn: Any
@@ -91,17 +93,35 @@ class Services:
         """This message's checks (started, kept): what ``spamassassin()``, ``clamav()``
         and ``part.clamav()`` use; a filter calls those instead."""
         if self._scans is None:
-            self._scans = Scans(self.services.scans, self.path, self.size, self.queue_id or "")
+            c, macros = self.conn, self.conn.macros
+            envelope = Envelope(c.ip, c.hostname, c.helo, self.sender, tuple(self.recipients),
+                                self.queue_id or macros.get("i", ""), macros.get("j") or socket.gethostname(),
+                                bool(macros.get("tls_version")), macros.get("auth_authen", ""))  # fmt: skip
+            self._scans = Scans(self.services.scans, self.path, self.size, self.queue_id or "", envelope)
         return self._scans
 
-    def start_checks(self, *names: str) -> None:
-        """Ask the scanners now (``"spamassassin"``, ``"clamav"``), read the results later:
-        the waits overlap.  A check already started or done is not asked again."""
-        self.scans.start(*names)
+    @property
+    def spamassassin_headers(self) -> str:
+        """What spamd is given before the message: the ``Return-Path:`` and ``Received:``
+        lines of the hop being received (``[spamassassin] add_received``; "" when off)."""
+        return self.scans.hop().decode("ascii")
 
-    def spamassassin(self) -> SpamResult:
-        """spamd's verdict on the message (asked once, kept); never raises: see ``error``."""
-        return self.scans.result("spamassassin")
+    def start_checks(self, *names: str, user: str | None = None) -> None:
+        """Ask the scanners now (``"spamassassin"``, ``"rspamd"``, ``"clamav"``), read the
+        results later: the waits overlap.  A check already started or done is not asked
+        again.  ``user``: as for ``spamassassin()``."""
+        self.scans.start(*names, user=user)
+
+    def spamassassin(self, user: str | None = None) -> SpamResult:
+        """spamd's verdict on the message (asked once per user, kept); never raises: see
+        ``error``.  ``user`` (a recipient, a policy group): spamd applies that user's
+        settings (its ``User`` header); None: ``[spamassassin] user``."""
+        return self.scans.result("spamassassin", user)
+
+    def rspamd(self, user: str | None = None) -> RspamdResult:
+        """rspamd's verdict (asked once per user, kept); never raises.  ``user``: the
+        recipient whose settings apply (rspamd's ``Deliver-To``)."""
+        return self.scans.result("rspamd", user)
 
     def clamav(self) -> VirusResult:
         """clamd's verdict on the whole message (asked once, kept); never raises."""

@@ -47,8 +47,10 @@ class Exchange:
     """One request and its answer, on a connection of its own."""
 
     def __init__(self, name: str, address: str | tuple[str, int], request: Iterable[bytes | PassFd], *,
-                 connect_timeout: float, timeout: float, max_answer: int = 1 << 20) -> None:  # fmt: skip
+                 connect_timeout: float, timeout: float, max_answer: int = 1 << 20,
+                 half_close: bool = False) -> None:  # fmt: skip
         self.name = name
+        self.half_close = half_close
         self.address = address
         self._request = iter(request)
         self.connect_timeout = connect_timeout
@@ -119,6 +121,8 @@ class Exchange:
                 item = next(self._request, None)
                 if item is None:
                     self._sending = False
+                    if self.half_close:
+                        self._shut_write()
                     return
                 if isinstance(item, PassFd):
                     try:
@@ -139,6 +143,16 @@ class Exchange:
             except OSError as exc:
                 return self._sent_early(exc)
             self._out = self._out[n:]
+
+    def _shut_write(self) -> None:
+        """Tell the daemon the request is over (spamd reads the message by lines: a last
+        line without a newline is only over at end of file, or it waits for more)."""
+        assert self._sock is not None
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET):
+                self._fail(f"sending to {self.where}: {exc.strerror or exc}")
 
     def _sent_early(self, exc: OSError) -> None:
         """The daemon stopped reading (clamd past StreamMaxLength answers, then closes):
