@@ -125,6 +125,7 @@ def send(
     helo: str = "client.test",
     timeout: float = 60,
     mail_options: Sequence[str] = (),
+    xclient: str = "",
 ) -> SendResult:
     """Run one SMTP transaction on a fresh connection and return every reply.
 
@@ -132,6 +133,9 @@ def send(
     failures (refused, reset, closed mid-reply, timeout) raise `OSError`.  ``data`` is
     sent as ``normalize_for_smtp(data)``, dot-stuffed (see the module docstring).
     ``mail_options`` are appended to MAIL FROM (e.g. "BODY=8BITMIME", "SMTPUTF8").
+    ``xclient`` (e.g. "ADDR=192.0.2.10 NAME=[UNAVAILABLE]") is sent as Postfix's XCLIENT
+    after EHLO (the server must list us in ``smtpd_authorized_xclient_hosts``), then EHLO
+    again: the transaction comes, for Postfix and its milters, from that client.
     """
     conn = _Conn(host, port, timeout)
     try:
@@ -141,6 +145,10 @@ def send(
         ehlo = conn.command(f"EHLO {helo}")
         if 500 <= ehlo[0] < 600 and ehlo[0] != 554:
             ehlo = conn.command(f"HELO {helo}")
+        if ehlo[0] == 250 and xclient:
+            ehlo = conn.command(f"XCLIENT {xclient}")
+            if ehlo[0] == 220:
+                ehlo = conn.command(f"EHLO {helo}")
         if ehlo[0] != 250:
             return SendResult(mail=ehlo, greeting=greeting)
         opts = "".join(f" {o}" for o in mail_options)
