@@ -16,7 +16,8 @@ Both ask a DNS server of the test's own, never the system's resolver:
 Each peer writes its verdicts into an Authentication-Results field under an authserv-id
 of its own (``OpenDkim.AUTHSERV_ID``, ``OpenDmarc.AUTHSERV_ID``); OpenDMARC takes the DKIM
 results from OpenDKIM's field (``TrustedAuthservIDs``) and checks SPF itself.  Neither
-refuses nor holds anything: the test reads what they wrote at the sink.
+refuses anything unless asked (``OpenDmarc(reject=True)``): the test reads what they
+wrote at the sink.
 
     with Nsd(zones, port=53, host=nameserver_address()) as ns, OpenDkim(ns.host, dir1) as dkim, \\
          OpenDmarc(ns.host, dir2) as dmarc:
@@ -161,15 +162,19 @@ class OpenDkim(_Milter):
 
 class OpenDmarc(_Milter):
     """OpenDMARC 1.4 taking DKIM results from OpenDKIM's Authentication-Results, checking
-    SPF itself (``SPFSelfValidate``), with resolv.conf naming ``nameserver`` (port 53)."""
+    SPF itself (``SPFSelfValidate``), with resolv.conf naming ``nameserver`` (port 53).
+    With ``reject`` it acts on the policy: refuses what p=reject refuses
+    (``RejectFailures``), holds what p=quarantine quarantines (``HoldQuarantinedMessages``,
+    Postfix's hold queue); otherwise it only writes its verdict."""
 
     name = "opendmarc"
     user = "opendmarc"
     AUTHSERV_ID = "dmarc.peer.test"
 
-    def __init__(self, nameserver: str, workdir: Path) -> None:
+    def __init__(self, nameserver: str, workdir: Path, reject: bool = False) -> None:
         super().__init__(workdir)
         self.nameserver = nameserver
+        self.reject = reject
 
     def config(self) -> str:
         (self.dir / "ignore.hosts").write_text(NOBODY + "\n")
@@ -178,7 +183,8 @@ class OpenDmarc(_Milter):
             f"Socket inet:{self.port}@[127.0.0.1]", f"AuthservID {self.AUTHSERV_ID}",
             f"TrustedAuthservIDs {OpenDkim.AUTHSERV_ID}", "IgnoreAuthenticatedClients true",
             f"IgnoreHosts {self.dir / 'ignore.hosts'}", "SPFSelfValidate true", "SPFIgnoreResults true",
-            f"PublicSuffixList {PUBLIC_SUFFIX_LIST}", "RejectFailures false", "FailureReports false",
+            f"PublicSuffixList {PUBLIC_SUFFIX_LIST}", f"RejectFailures {str(self.reject).lower()}",
+            f"HoldQuarantinedMessages {str(self.reject).lower()}", "FailureReports false",
             "Syslog false", f"UserID {self.user}",
         ]) + "\n"  # fmt: skip
 

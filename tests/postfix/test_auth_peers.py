@@ -8,6 +8,8 @@ would send; the test reads the three Authentication-Results fields at the sink. 
 the RFC says the answers agree, the test asserts they do; where the peer answers
 otherwise, the test asserts the RFC's answer for defang and the peer's answer as seen,
 and docs/auth.md ("Where defang and the peers disagree") records it with the clause.
+A second test has the dmarc_reject example and OpenDMARC act on the policy: refuse,
+quarantine, and what each does with a message outside a pct= sample.
 """
 
 from __future__ import annotations
@@ -21,17 +23,19 @@ import authres
 import dkim
 import pytest
 from authzones import ed_key, key, zones
-from daemon import FILTERS, traversable_dir
+from daemon import FILTERS, REPO, traversable_dir
 from mta import Stack, needs_postfix
 
 from defang.testbed.dns import Nsd
 from defang.testbed.peers import OpenDkim, OpenDmarc, nameserver_address, peers_available
+from defang.testbed.smtpclient import SendResult
 
 pytestmark = [
     pytest.mark.integration, needs_postfix,
     pytest.mark.skipif(not peers_available(), reason="opendkim/opendmarc not installed (scripts/bootstrap)"),
 ]  # fmt: skip
 OURS = "mx.relay.test"
+EXAMPLES = REPO / "filters" / "examples"
 CLIENT = "192.0.2.10"  # inside example.test's SPF record, outside relay.test's
 
 
@@ -65,16 +69,17 @@ class Peers:
     """NSD on port 53 of a loopback address of its own, OpenDKIM, OpenDMARC, and a Stack
     whose Postfix runs defang, then OpenDKIM, then OpenDMARC."""
 
-    def __init__(self, keydir: Path) -> None:
+    def __init__(self, keydir: Path, filter_path: Path = FILTERS / "auth_results.py",
+                 reject: bool = False) -> None:  # fmt: skip
         self.dir = traversable_dir("defang-peers-")  # the peers drop root to users of their own
         self.ns = Nsd(zones(keydir), port=53, host=nameserver_address())
         self.dkim = OpenDkim(f"{self.ns.host}@53", self.dir / "opendkim")
-        self.dmarc = OpenDmarc(self.ns.host, self.dir / "opendmarc")
+        self.dmarc = OpenDmarc(self.ns.host, self.dir / "opendmarc", reject=reject)
         settings = {"dns": {"servers": [self.ns.server], "timeout": 1, "lifetime": 2},
                     "auth": {"authserv_id": OURS}}  # fmt: skip
         # the peers' SPF library passes any client on loopback (libspf2: "localhost is
         # always allowed"), so every message comes, by XCLIENT, from CLIENT
-        self.stack = Stack(FILTERS / "auth_results.py", settings,
+        self.stack = Stack(filter_path, settings,
                            postfix_extra={"smtpd_authorized_xclient_hosts": "127.0.0.1",
                                           "mynetworks": f"127.0.0.0/8 {CLIENT}"})  # fmt: skip
 
@@ -97,8 +102,11 @@ class Peers:
             part.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def send(self, message: bytes, sender: str, helo: str = "mx.sender.test") -> SendResult:
+        return self.stack.send(message, sender=sender, helo=helo, xclient=f"ADDR={CLIENT} NAME=[UNAVAILABLE]")
+
     def judge(self, message: bytes, sender: str, helo: str = "mx.sender.test") -> dict:
-        r = self.stack.send(message, sender=sender, helo=helo, xclient=f"ADDR={CLIENT} NAME=[UNAVAILABLE]")
+        r = self.send(message, sender, helo)
         assert r.data is not None and r.data[0] == 250, r
         subject = re.search(rb"Subject: ([^\r]*)", message).group(1)
         return verdicts(self.stack.arrived(b"Subject: " + subject + b"\r\n").raw)
@@ -153,7 +161,7 @@ CASES = [
     ("unknown tld aligned", "a@bank.nosuchtld", "a@mail.bank.nosuchtld", "x.test", "", None,
      "none", "pass", "none", "pass"),
     # RFC 7489 6.6.3: records not starting v=DMARC1 are discarded; two DMARC records: no
-    # policy.  OpenDMARC reads only the first TXT record, and picks one of two
+    # policy.  OpenDMARC finds no policy behind the non-DMARC record, and applies one of two
     ("mixed records", "a@mixed.example.test", "a@mixed.example.test", "x.test", "", None,
      "none", "fail", "none", "none"),
     ("two dmarc records", "a@twice.example.test", "a@twice.example.test", "x.test", "", None,
@@ -204,3 +212,43 @@ def test_defang_and_the_peers_on_the_same_message(peers, keydir, case):
     # and DMARC is about the same author domain, when both read the same one
     if dmarc_peer and name != "two fields":
         assert dmarc_peer[1]["header.from"] == ours["dmarc"][1]["header.from"], verdict
+
+
+def test_what_the_dmarc_example_and_opendmarc_do_with_the_policy(keydir):
+    """RFC 7489 6.6.4: a failing message outside a p=reject record's pct= sample gets the
+    next policy down, quarantine; inside it, reject.  The dmarc_reject example (alone on
+    Postfix) and OpenDMARC acting on the policy (RejectFailures, after OpenDKIM, alone)
+    answer the same messages: a refusal, a quarantine (for OpenDMARC: held), and what
+    each does outside the sample."""
+    cases = [("pct zero", "a@sampled.example.test"), ("pct hundred", "a@everyone.example.test"),
+             ("quarantine", "a@quiet.example.test")]  # fmt: skip
+    with Peers(keydir, EXAMPLES / "dmarc_reject.py", reject=True) as peers:
+        peers.stack.postfix.set_milter(peers.stack.defang.socket_spec)
+        ours = {name: peers.send(mail(sender, f"{name} ours"), sender) for name, sender in cases}
+        peers.stack.postfix.set_milter(f"{peers.dkim.socket_spec}, {peers.dmarc.socket_spec}")
+        theirs = {name: peers.send(mail(sender, f"{name} theirs"), sender) for name, sender in cases}
+        # p=reject, everyone sampled: both refuse it
+        refused = (550, "5.7.1 DMARC policy of everyone.example.test rejects this message")
+        assert ours["pct hundred"].data == refused
+        assert theirs["pct hundred"].data == (550, "5.7.1 rejected by DMARC policy for everyone.example.test")
+        # p=quarantine: defang's example marks the subject; OpenDMARC holds it (Postfix's
+        # hold queue)
+        assert ours["quarantine"].data[0] == theirs["quarantine"].data[0] == 250
+        assert peers.stack.arrived(b"Subject: [DMARC] quarantine ours\r\n")
+        held = peers.stack.postfix.hold_queue()
+        assert [m["queue_id"] for m in held] == [theirs["quarantine"].queue_id], held
+        # p=reject, nobody sampled: the next policy down, quarantine, for defang; OpenDMARC
+        # applies none (dis=none, delivered, not held): the difference docs/auth.md records
+        assert ours["pct zero"].data[0] == theirs["pct zero"].data[0] == 250
+        assert peers.stack.arrived(b"Subject: [DMARC] pct zero ours\r\n")
+        unsampled = peers.stack.arrived(b"Subject: pct zero theirs\r\n").raw
+        assert disposition(unsampled) == ("fail", "reject", "none")
+
+
+def disposition(raw: bytes) -> tuple[str, str, str] | None:
+    """OpenDMARC's result, the record's policy and what it did, from its comment
+    ``dmarc=fail (p=reject dis=none)`` (authres keeps no comments)."""
+    for value in email.message_from_bytes(raw).get_all("Authentication-Results") or []:
+        if m := re.match(rf"{OpenDmarc.AUTHSERV_ID}; dmarc=(\w+) \(p=(\w+) dis=(\w+)\)", value):
+            return m.group(1), m.group(2), m.group(3)
+    return None
