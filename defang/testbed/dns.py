@@ -40,10 +40,14 @@ def zone_text(origin: str, records: list[str], ttl: int = 300) -> str:
 
 
 class Nsd:
-    """NSD serving ``zones`` (origin -> records) on 127.0.0.1:``port`` (UDP and TCP)."""
+    """NSD serving ``zones`` (origin -> records) on ``host``:``port`` (UDP and TCP).
 
-    def __init__(self, zones: dict[str, list[str]], port: int | None = None) -> None:
+    ``host`` is a loopback address; another than 127.0.0.1 with port 53 serves a peer
+    that can only be told a nameserver's address, not its port (defang.testbed.peers)."""
+
+    def __init__(self, zones: dict[str, list[str]], port: int | None = None, host: str = "127.0.0.1") -> None:
         self.zones = zones
+        self.host = host
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="defang-nsd-"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -51,12 +55,12 @@ class Nsd:
     @property
     def server(self) -> str:
         """For ``[dns] servers``."""
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> Nsd:
         d = self.dir
         conf = [
-            "server:", f"    ip-address: 127.0.0.1@{self.port}", f"    port: {self.port}",
+            "server:", f"    ip-address: {self.host}@{self.port}", f"    port: {self.port}",
             '    username: ""', '    chroot: ""', f"    zonesdir: {d}", f"    pidfile: {d / 'nsd.pid'}",
             f"    xfrdfile: {d / 'xfrd.state'}", f"    zonelistfile: {d / 'zone.list'}", '    database: ""',
             f"    logfile: {d / 'nsd.log'}", "    server-count: 1", "    verbosity: 1",
@@ -95,7 +99,7 @@ class Nsd:
 
         try:
             query = dns.message.make_query(origin, "SOA")
-            reply = dns.query.udp(query, "127.0.0.1", timeout=0.2, port=self.port)
+            reply = dns.query.udp(query, self.host, timeout=0.2, port=self.port)
         except (OSError, dns.exception.DNSException):
             return False
         return bool(reply.answer)
@@ -105,7 +109,7 @@ class Nsd:
         import dns.resolver
 
         r = dns.resolver.Resolver(configure=False)
-        r.nameservers, r.port = ["127.0.0.1"], self.port
+        r.nameservers, r.port = [self.host], self.port
 
         def get(name: bytes, timeout: float = 5) -> bytes | None:
             try:

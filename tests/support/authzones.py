@@ -87,6 +87,11 @@ def zones(workdir: Path) -> dict[str, list[str]]:
             "ed._domainkey TXT " + txt(f"v=DKIM1; k=ed25519; p={sender_ed}"),
             "sha1only._domainkey TXT " + txt(f"v=DKIM1; h=sha1; k=rsa; p={sender_key}"),
             "both._domainkey TXT " + txt(f"v=DKIM1; h=sha1:sha256; k=rsa; p={sender_key}"),
+            # strict alignment (RFC 7489 3.1.1, 3.1.2): a subdomain's SPF pass, a parent's
+            # signature: aligned relaxed, not strict
+            "strict TXT " + txt("v=spf1 -all"),
+            "_dmarc.strict TXT " + txt("v=DMARC1; p=reject; adkim=s; aspf=s"),
+            "mail.strict TXT " + txt("v=spf1 ip4:192.0.2.0/24 ip4:127.0.0.1 -all"),
         ],
         "relay.test": [
             "@ TXT " + txt("v=spf1 ip4:127.0.0.1 -all"),
@@ -100,6 +105,12 @@ def zones(workdir: Path) -> dict[str, list[str]]:
             "bank TXT " + txt("v=spf1 -all"), "_dmarc.bank TXT " + txt("v=DMARC1; p=reject"),
             "mail.bank TXT " + txt("v=spf1 ip4:192.0.2.0/24 ip4:127.0.0.1 -all"),
             "evil TXT " + txt("v=spf1 ip4:192.0.2.0/24 ip4:127.0.0.1 -all"),
+        ],
+        # strict alignment where the From domain is itself the organizational domain
+        "strict.test": [
+            "@ TXT " + txt("v=spf1 -all"), "_dmarc TXT " + txt("v=DMARC1; p=reject; adkim=s; aspf=s"),
+            "mail TXT " + txt("v=spf1 ip4:192.0.2.0/24 -all"),
+            "sel._domainkey.mail TXT " + txt(f"v=DKIM1; k=rsa; p={sender_key}"),
         ],
         "nodmarc.test": ["@ TXT " + txt("v=spf1 ip4:192.0.2.0/24 -all")],
         # the public suffix list knows no .test: DMARC's organizational domain of x.test is
