@@ -49,6 +49,10 @@ _LAZY: dict[str, str] = {
     "Chain": "defang.workers.api.chain",
     "auth": "defang.workers.api.auth",  # a module: from defang import auth
     "Rule": "defang.workers.api.chain",
+    "state": "defang.workers.api.state",  # modules: from defang import state, greylist, ...
+    "greylist": "defang.workers.api.greylist",
+    "ratelimit": "defang.workers.api.ratelimit",
+    "lists": "defang.workers.api.lists",
 }
 
 __all__ = ["Verdict", "accept", "discard", "reject", "tempfail", *sorted(_LAZY)]

@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         from defang.cli.quarantine import run as run_quarantine
 
         return run_quarantine(cfg, args)
+    if args.command == "lists":
+        from defang.cli.lists import run as run_lists
+
+        return run_lists(cfg, args)
     logging.getLogger("defang").error("unknown command %s", args.command)
     return 2
 
@@ -105,6 +109,8 @@ def daemon_identity(cfg: configmod.Config) -> None:
 
     dirs = [(cfg.runtime_dir, privileges.RUNTIME_DIR_MODE), (cfg.spool_dir, privileges.PRIVATE_DIR_MODE),
             (quarantine_dir(cfg), privileges.PRIVATE_DIR_MODE)]  # fmt: skip
+    if cfg.state_backend == "sqlite" and cfg.state_path.parent != cfg.runtime_dir:  # [state] path's folder
+        dirs.append((cfg.state_path.parent, privileges.PRIVATE_DIR_MODE))
     for sock in (configmod.unix_socket_path(cfg.milter_socket), cfg.multiplexor_socket, cfg.control_socket):
         if sock is not None and not sock.parent.exists():
             dirs.append((sock.parent, privileges.RUNTIME_DIR_MODE))

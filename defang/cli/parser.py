@@ -10,6 +10,7 @@ import argparse
 import ipaddress
 import os
 
+from defang.cli.lists import add_parser as add_lists_parser
 from defang.cli.quarantine import add_parser as add_quarantine_parser
 from defang.core.version import VERSION
 
@@ -23,6 +24,7 @@ OPTIONS = {
     "test": (CONFIG, FILTER),
     "replay": (CONFIG, FILTER),
     "quarantine": (CONFIG, RUNTIME),
+    "lists": (CONFIG, RUNTIME),
 }
 HELP = {
     CONFIG: "config file (default: the etc/defang.toml that comes with defang)",
@@ -99,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     send_mail_argument(p)
     envelope_arguments(p, "for a message with no saved envelope: ")
     add_quarantine_parser(sub, options("quarantine"))
+    add_lists_parser(sub, options("lists"))
     return ap
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from defang.core.convert import (
     as_bool,
     as_canon,
+    as_choice,
     as_filter_mode,
     as_int,
     as_key,
@@ -36,6 +37,8 @@ from defang.core.convert import (
     as_port,
     as_pos_int,
     as_pos_num,
+    as_prefix,
+    as_redis_url,
     as_release_method,
     as_server,
     as_str,
@@ -179,6 +182,19 @@ class Config:
     arc_key: tuple[str, str, str] | None = None
     public_suffix_list: str = ""
     dkim_accept_rsa_sha1: bool = False
+    # [state] (defang.state: greylisting, rate limits, lists), [greylist]
+    state_backend: str = "sqlite"
+    state_path: Path = Path()
+    state_redis_url: str = "redis://127.0.0.1:6379/0"
+    state_timeout: float = 2.0
+    state_on_error: str = "tempfail"
+    state_sweep_interval: float = 300.0
+    greylist_delay: float = 300.0
+    greylist_retry_window: float = 4 * 3600.0
+    greylist_pass_ttl: float = 36 * 86400.0
+    greylist_auto_allow: int = 5
+    greylist_ipv4_prefix: int = 24
+    greylist_ipv6_prefix: int = 64
     source: Path | None = field(default=None, compare=False)
 
     def effective_request_timeout(self) -> float:
@@ -302,6 +318,18 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("dkim", "keys"): ("dkim_keys", lambda v: tuple(as_key(k) for k in as_list(v))),
     ("dkim", "body_canonicalization"): ("dkim_body_canonicalization", as_canon),
     ("arc", "key"): ("arc_key", lambda v: as_key(v) if v else None),
+    ("state", "backend"): ("state_backend", lambda v: as_choice(v, ("sqlite", "redis"))),
+    ("state", "path"): ("state_path", as_path),
+    ("state", "redis_url"): ("state_redis_url", as_redis_url),
+    ("state", "timeout"): ("state_timeout", as_pos_num),
+    ("state", "on_error"): ("state_on_error", lambda v: as_choice(v, ("tempfail", "accept"))),
+    ("state", "sweep_interval"): ("state_sweep_interval", as_pos_num),
+    ("greylist", "delay"): ("greylist_delay", as_num),
+    ("greylist", "retry_window"): ("greylist_retry_window", as_pos_num),
+    ("greylist", "pass_ttl"): ("greylist_pass_ttl", as_pos_num),
+    ("greylist", "auto_allow"): ("greylist_auto_allow", as_int),
+    ("greylist", "ipv4_prefix"): ("greylist_ipv4_prefix", lambda v: as_prefix(v, 32)),
+    ("greylist", "ipv6_prefix"): ("greylist_ipv6_prefix", lambda v: as_prefix(v, 128)),
 }
 
 _ATTRS = {f.name for f in fields(Config)}
@@ -411,6 +439,8 @@ def finish(cfg: Config) -> Config:
         derived["spool_dir"] = run / "spool"
     if str(cfg.multiplexor_socket) in ("", "."):
         derived["multiplexor_socket"] = run / "multiplexor.sock"
+    if str(cfg.state_path) in ("", "."):
+        derived["state_path"] = run / "state.sqlite3"
     if str(cfg.control_socket) in ("", "."):
         derived["control_socket"] = run / "control.sock"
     if not cfg.milter_socket:

@@ -139,3 +139,22 @@ def as_name(v: Any) -> str:
     if not isinstance(v, str) or not v or v.startswith("-") or any(c in v for c in ":/ \t\n"):
         raise TypeError("expected a user or group name")
     return v
+
+
+def as_choice(v: Any, choices: tuple[str, ...]) -> str:
+    if v not in choices:
+        raise TypeError("expected " + " or ".join(f'"{c}"' for c in choices))
+    return v
+
+
+def as_prefix(v: Any, bits: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= bits:
+        raise TypeError(f"expected a prefix length from 0 to {bits}")
+    return v
+
+
+def as_redis_url(v: Any) -> str:
+    url = as_str(v)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise TypeError('expected a Redis URL: "redis://HOST:PORT/DB", "rediss://..." or "unix:///path"')
+    return url

@@ -242,3 +242,77 @@ def test_dkim_sign_example(dns_config, tmp_path):
     r = trial(AUTH_MESSAGE % b"relay.test", tmp_path, "--config", str(dns_config), "--ip", "198.51.100.7",
               filter_path=tmp_path / "dkim_sign.py")  # fmt: skip
     assert r["actions"] == [], "not ours: not signed"
+
+
+# --- the shared-state examples (greylisting, rate limit, lists), on a SQLite file --------------
+
+GREYLIST = EXAMPLES / "greylisting.py"
+RATELIMIT = EXAMPLES / "ratelimit_auth.py"
+LISTS = EXAMPLES / "recipient_lists.py"
+
+
+def state_config(tmp_path: Path, delay: int = 0) -> Path:
+    config = tmp_path / "state.toml"
+    config.write_text(f'[daemon]\nruntime_dir = "{tmp_path / "run"}"\nuser = "root"\n'
+                      f"[greylist]\ndelay = {delay}\n")  # fmt: skip
+    return config
+
+
+def lists_cmd(config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "defang", "lists", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
+
+
+def test_greylisting_first_attempt_retries_then_passes(tmp_path):
+    config = state_config(tmp_path)
+    envelope = ("--config", str(config), "--ip", "203.0.113.5", "--sender", "a@example.org",
+                "--rcpt", "b@example.com")  # fmt: skip
+    first = trial(PLAIN, tmp_path, *envelope, filter_path=GREYLIST)["rcpt"]["b@example.com"]
+    assert (first["action"], first["code"], first["dsn"]) == ("tempfail", "451", "4.7.1")
+    assert first["text"].startswith("Greylisted, try again in ")
+    assert trial(PLAIN, tmp_path, *envelope, filter_path=GREYLIST)["exit"] == 0
+    # another client network, another triplet: delayed
+    other = trial(PLAIN, tmp_path, *envelope, "--ip", "198.51.100.5", filter_path=GREYLIST)
+    assert other["rcpt"]["b@example.com"]["code"] == "451"
+
+
+def test_greylisting_exemptions(tmp_path):
+    config = state_config(tmp_path, delay=3600)
+    base = ("--config", str(config), "--sender", "a@example.org", "--rcpt", "b@example.com")
+    assert trial(PLAIN, tmp_path, *base, "--ip", "192.168.1.2", filter_path=GREYLIST)["exit"] == 0
+    assert trial(PLAIN, tmp_path, *base, "--ip", "203.0.113.5", "--macro", "{auth_authen}=alice",
+                 filter_path=GREYLIST)["exit"] == 0  # fmt: skip
+    assert trial(PLAIN, tmp_path, "--config", str(config), "--sender", "x@mail.bank.example", "--rcpt",
+                 "b@example.com", "--ip", "203.0.113.5", filter_path=GREYLIST)["exit"] == 0  # fmt: skip
+    assert trial(PLAIN, tmp_path, *base, "--ip", "203.0.113.5", filter_path=GREYLIST)["exit"] == 1
+    assert lists_cmd(config, "add", "allow", "203.0.113.0/24").returncode == 0  # no reload: next message
+    assert trial(PLAIN, tmp_path, *base, "--ip", "203.0.113.5", filter_path=GREYLIST)["exit"] == 0
+
+
+def test_ratelimit_per_authenticated_user(tmp_path):
+    config = state_config(tmp_path)
+    args = ("--config", str(config), "--ip", "203.0.113.5", "--macro", "{auth_authen}=alice")
+    rcpts = [a for n in range(25) for a in ("--rcpt", f"r{n}@example.com")]
+    r = trial(PLAIN, tmp_path, *args, *rcpts, filter_path=RATELIMIT)
+    refused = [rcpt for rcpt, outcome in r["rcpt"].items() if outcome["action"] != "continue"]
+    assert refused == [f"r{n}@example.com" for n in range(20, 25)]
+    assert {r["rcpt"][x]["code"] for x in refused} == {"451"} and len(r["recipients"]) == 20
+    bob = trial(PLAIN, tmp_path, "--config", str(config), "--macro", "{auth_authen}=bob", "--rcpt",
+                "x@example.com", filter_path=RATELIMIT)  # fmt: skip
+    assert bob["exit"] == 0
+
+
+def test_recipient_lists_allow_before_block_and_scores(tmp_path):
+    config = state_config(tmp_path)
+    assert lists_cmd(config, "add", "block", "spam.example").returncode == 0
+    r = lists_cmd(config, "add", "allow", "news@spam.example", "--scope", "alice@example.org")
+    assert r.returncode == 0
+    spammy = PLAIN.replace(b"Subject: hi", b"Subject: cheap viagra")
+    base = ("--config", str(config), "--sender", "news@spam.example")
+    r = trial(spammy, tmp_path, *base, "--rcpt", "alice@example.org", filter_path=LISTS)
+    assert (r["outcome"]["action"], r["tags"]) == ("accept", ["list_allow", "allow_listed"])  # no score ran
+    r = trial(spammy, tmp_path, *base, "--rcpt", "bob@example.org", filter_path=LISTS)
+    assert r["rcpt"]["bob@example.org"]["code"] == "550"
+    r = trial(spammy, tmp_path, "--config", str(config), "--sender", "a@else.example", "--rcpt",
+              "alice@example.org", filter_path=LISTS)  # fmt: skip
+    assert r["outcome"]["text"] == "Looks like spam"

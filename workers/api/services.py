@@ -18,6 +18,7 @@ from typing import Any
 from defang.workers.api.notify import MAX_NOTICES, Notice, NoticeError, compose
 from defang.workers.api.scanning import Envelope, Scans, ScanSettings, spam_headers
 from defang.workers.checks.results import RspamdResult, SpamResult, VirusResult
+from defang.workers.stores.state import GreylistSettings, StateSettings
 
 log = logging.getLogger("defang.filter")
 
@@ -51,15 +52,18 @@ class ServiceSettings:
     notify_from: str = "MAILER-DAEMON"
     administrator: str = "postmaster"
     auth: AuthSettings = field(default_factory=AuthSettings)
+    state: StateSettings = field(default_factory=StateSettings)  # defang.state and its users
+    greylist: GreylistSettings = field(default_factory=GreylistSettings)
 
     @classmethod
     def from_config(cls, cfg: Any) -> ServiceSettings:
         return cls(ScanSettings.from_config(cfg), cfg.notify_from, cfg.notify_administrator,
-                   AuthSettings.from_config(cfg))  # fmt: skip
+                   AuthSettings.from_config(cfg), StateSettings.from_config(cfg),
+                   GreylistSettings.from_config(cfg))  # fmt: skip
 
 
-#: this worker's settings (the runner sets them): what ``defang.auth`` reads, as its
-#: functions get a ``conn`` or an address, not a message
+#: this worker's settings (the runner sets them): what ``defang.auth`` and ``defang.state``
+#: read, as their functions get a ``conn`` or an address, not a message
 CURRENT = ServiceSettings()
 
 

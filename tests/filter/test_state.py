@@ -1,0 +1,181 @@
+"""defang.state and its users (greylisting, rate limits, lists) in process, on both back
+ends: a real SQLite file and a real redis-server on loopback, with a clock the test turns."""
+
+from __future__ import annotations
+
+import pytest
+
+from defang.testbed.redisd import RedisServer, redis_available
+from defang.workers.api import greylist, lists, ratelimit, services, state
+from defang.workers.api.conn import Connection
+from defang.workers.stores import state as stores
+from defang.workers.stores.state import GreylistSettings, StateError, StateSettings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    if redis_available():
+        pytest.skip(redis_available())
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request, tmp_path):
+    """services.CURRENT pointing at a fresh state of one back end, and its clock."""
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        import redis
+
+        redis.Redis.from_url(server.url).flushall()
+        settings = StateSettings(backend="redis", redis_url=server.url, timeout=1.0)
+    else:
+        settings = StateSettings(path=tmp_path / "state.sqlite3", timeout=1.0)
+    clock = Clock()
+    saved = services.CURRENT
+    services.CURRENT = services.ServiceSettings(state=settings, greylist=GreylistSettings(auto_allow=3))
+    stores.CURRENT.configure(settings, clock=clock)
+    yield clock
+    stores.CURRENT.close()
+    stores.CURRENT.clock = __import__("time").time
+    services.CURRENT = saved
+
+
+def conn(ip="203.0.113.5", **macros):
+    return Connection(ip=ip, macros={"i": "Q1", **macros})
+
+
+def test_primitives(backend):
+    assert state.get("k") is None
+    assert state.set_if_absent("k", "v", ttl=10) is True
+    assert state.set_if_absent("k", "w", ttl=10) is False and state.get("k") == "v"
+    assert [state.incr("c", ttl=60), state.incr("c", 5, ttl=60)] == [1, 6]
+    state.set("t", "x", ttl=5, timeout=0.5)
+    assert state.sadd("s", ["a", "b", "a"]) == 2 and state.smembers("s") == {"a", "b"}
+    assert state.sismember("s", "a") and state.srem("s", ["a", "z"]) == 1 and not state.sismember("s", "a")
+    assert [state.hit("w", 60, 2) for _ in range(3)] == [(1, True), (2, True), (3, False)]
+    backend.now += 61
+    assert state.hit("w", 60, 2) == (1, True)
+    state.delete("k")
+    assert state.get("k") is None
+
+
+def test_sqlite_expiry_is_lazy_and_swept(backend):
+    if services.CURRENT.state.backend != "sqlite":
+        pytest.skip("Redis expires keys itself")
+    state.set("short", "1", ttl=10)
+    state.incr("n", ttl=10)
+    backend.now += 11
+    assert state.get("short") is None and state.incr("n", ttl=10) == 1  # an expired counter starts again
+    backend.now += services.CURRENT.state.sweep_interval + 20
+    state.set("other", "1")  # a write runs the sweep
+    rows = state.store().db.execute("SELECT key FROM kv").fetchall()
+    assert sorted(r[0] for r in rows) == ["other"]
+
+
+def test_greylist_first_attempt_waits_then_passes(backend):
+    c = conn()
+    first = greylist.check(c, "a@example.org", "b@example.net")
+    assert (first.action, first.code, first.dsn) == ("tempfail", "451", "4.7.1")
+    assert first.text.startswith("Greylisted, try again in 300 seconds (after ")
+    backend.now += 299
+    assert greylist.check(c, "a@example.org", "b@example.net").text.startswith("Greylisted, try again in 1 ")
+    backend.now += 1
+    assert greylist.check(c, "a@example.org", "b@example.net") is None
+    assert greylist.check(conn("203.0.113.77"), "a@example.org", "b@example.net") is None  # same /24
+    assert greylist.check(conn("203.0.114.5"), "a@example.org", "b@example.net") is not None
+    assert greylist.check(c, "other@example.org", "b@example.net") is not None
+
+
+def test_greylist_retry_after_the_window_starts_again(backend):
+    c = conn()
+    greylist.check(c, "a@example.org", "b@example.net")
+    backend.now += 300 + 4 * 3600 + 1
+    assert greylist.check(c, "a@example.org", "b@example.net") is not None
+
+
+def test_greylist_auto_allows_a_network_that_retried(backend):
+    for n in range(3):
+        c = conn(f"198.51.100.{n}")
+        assert greylist.check(c, f"s{n}@example.org", "b@example.net") is not None
+        backend.now += 300
+        assert greylist.check(c, f"s{n}@example.org", "b@example.net") is None
+    assert greylist.check(conn("198.51.100.200"), "new@example.org", "new@example.net") is None
+
+
+def test_greylist_exemptions_and_ipv6(backend):
+    args = ("a@example.org", "b@example.net")
+    assert greylist.check(conn(**{"{auth_authen}": "alice"}), *args) is None
+    assert greylist.check(conn("192.0.2.9"), *args, exempt_networks=["192.0.2.0/24"]) is None
+    assert greylist.check(conn("192.0.2.9"), *args, exempt_domains=["example.org"]) is None
+    assert greylist.check(conn("192.0.2.9"), "a@mail.example.org", "b@x.test",
+                          exempt_domains=["example.org"]) is None
+    assert greylist.check(conn(None), *args) is None
+    assert greylist.check(conn("2001:db8:1:2::5"), *args) is not None
+    backend.now += 300
+    assert greylist.check(conn("2001:db8:1:2:ffff::9"), *args) is None  # same /64
+
+
+def test_ratelimit_sliding_window_counts_and_refuses(backend, caplog):
+    c = conn(**{"{auth_authen}": "alice"})
+    got = [ratelimit.check(c, "auth_user", limit=3, window=60) for _ in range(4)]
+    assert got[:3] == [None, None, None] and (got[3].code, got[3].dsn) == ("451", "4.7.1")
+    assert "rate limit auth_user=alice: 4 in 60s > 3: tempfail" in caplog.text
+    assert ratelimit.check(conn(), "auth_user", limit=1, window=60) is None  # not authenticated: not counted
+    r = ratelimit.check(c, "sender", sender="X@example.org", limit=1, window=60, action="reject")
+    assert r is None
+    r = ratelimit.check(c, "sender", sender="x@example.org", limit=1, window=60, action="reject")
+    assert (r.action, r.code) == ("reject", "550")
+    backend.now += 30
+    assert ratelimit.check(c, "auth_user", limit=3, window=60) is not None
+    backend.now += 31
+    assert ratelimit.check(c, "auth_user", limit=3, window=60) is None
+
+
+def test_lists_allow_wins_and_scopes(backend):
+    lists.add("block", ["example.org", "198.51.100.0/24"])
+    lists.add("allow", ["boss@example.org"], scope="b@example.net")
+    lists.add("allow", ["2001:db8::/32"])
+    assert lists.show("block") == ["198.51.100.0/24", "example.org"]
+    assert lists.lookup("203.0.113.1", "x@sub.example.org", "c@example.net").list == "block"
+    assert lists.lookup("203.0.113.1", "boss@example.org", "b@example.net").list == "allow"
+    assert lists.lookup("198.51.100.9", "a@else.test").entry == "198.51.100.0/24"
+    assert lists.lookup("2001:db8::1", "x@example.org").list == "allow"
+    assert lists.lookup("203.0.113.1", "a@else.test") is None
+    lists.add("block", ["spam.test"], scope="example.net")  # a recipient domain
+    assert lists.lookup(None, "a@spam.test", "z@example.net").scope == "example.net"
+    assert lists.remove("block", ["EXAMPLE.ORG"]) == 1
+    assert lists.lookup("203.0.113.1", "x@example.org", "c@example.net") is None
+    assert lists.scopes() == ["global", "b@example.net", "example.net"]
+    with pytest.raises(lists.ListError):
+        lists.add("block", ["not an entry"])
+    with pytest.raises(lists.ListError):
+        lists.add("deny", ["x.test"])
+
+
+def test_state_down_gives_the_configured_verdict(tmp_path):
+    saved = services.CURRENT
+    for on_error, expected in (("tempfail", ("tempfail", "451")), ("accept", None)):
+        settings = StateSettings(backend="redis", redis_url="redis://127.0.0.1:9/0", timeout=0.5,
+                                 on_error=on_error)
+        services.CURRENT = services.ServiceSettings(state=settings)
+        try:
+            v = greylist.check(conn(), "a@example.org", "b@example.net")
+            assert (v.action, v.code) == expected if expected else v is None
+            v = ratelimit.check(conn(), "client_ip", limit=1, window=1)
+            assert (v.action, v.code) == expected if expected else v is None
+            found = lists.check(conn(), "a@example.org")
+            assert (found.verdict.action, found.allow) == ("tempfail", False) if expected else found is None
+            with pytest.raises(StateError):
+                state.get("x")
+        finally:
+            stores.CURRENT.close()
+            services.CURRENT = saved

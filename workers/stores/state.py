@@ -1,0 +1,135 @@
+"""Shared state for filters: what a back end must do, its settings, and the per-process store.
+
+Greylisting, rate limits and allow/block lists need memory that outlives one connection
+and, on a fleet of relays, one host.  A back end keeps four kinds of entries, each with an
+optional expiry (seconds; ``None`` = kept until deleted):
+
+- values (``get``, ``set``, ``set_if_absent``, ``delete``);
+- counters (``incr``: atomic increment-and-get, the expiry set when the counter is made);
+- sets of strings (``sadd``, ``srem``, ``smembers``, ``sismember``, and ``sany``: the
+  first of several candidates that is a member, in one round trip);
+- sliding windows (``hit``: drop the events older than the window, and count one more
+  only while under the limit, atomically: a client refused for being over the limit does
+  not keep its own window full).
+
+Two back ends: ``state_sqlite`` (one file, the default) and ``state_redis`` (one server for
+several relays).  Every call takes ``timeout`` (``[state] timeout`` unless given) and raises
+``StateError`` when the back end did not answer in time or cannot be reached: the caller
+(``defang.workers.api.policy``) turns it into ``[state] on_error``.
+
+Each worker process opens its own connection on first use (``store()``): a connection
+made before a fork must not be shared by two processes (SQLite's locks are per process,
+a Redis socket would interleave replies), so the store remembers the pid that made it.
+Time is the wall clock (``time.time``): entries outlive restarts and are compared between
+relays, which a monotonic clock cannot do; tests hand a store their own ``clock``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from defang.workers.stores.state_errors import Clock, Secs, StateError
+
+__all__ = ["CURRENT", "Clock", "GreylistSettings", "PerProcess", "StateError", "StateSettings", "Store",
+           "open_store"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    """``[state]``: which back end, where, how long a call may take, what a failure means."""
+
+    backend: str = "sqlite"
+    path: Path = Path("state.sqlite3")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    timeout: float = 2.0
+    on_error: str = "tempfail"
+    sweep_interval: float = 300.0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> StateSettings:
+        return cls(cfg.state_backend, Path(cfg.state_path), cfg.state_redis_url, cfg.state_timeout,
+                   cfg.state_on_error, cfg.state_sweep_interval)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GreylistSettings:
+    """``[greylist]``: the defaults of ``defang.greylist.check`` (seconds)."""
+
+    delay: float = 300.0
+    retry_window: float = 4 * 3600.0
+    pass_ttl: float = 36 * 86400.0
+    auto_allow: int = 5
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 64
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> GreylistSettings:
+        return cls(cfg.greylist_delay, cfg.greylist_retry_window, cfg.greylist_pass_ttl,
+                   cfg.greylist_auto_allow, cfg.greylist_ipv4_prefix, cfg.greylist_ipv6_prefix)  # fmt: skip
+
+
+class Store(Protocol):
+    """What every back end does (see the module's docstring)."""
+
+    def get(self, key: str, *, timeout: Secs = None) -> str | None: ...
+    def set(self, key: str, value: str, ttl: Secs = None, *, timeout: Secs = None) -> None: ...
+    def set_if_absent(self, key: str, value: str, ttl: Secs = None, *,
+                      timeout: Secs = None) -> bool: ...  # fmt: skip
+    def delete(self, key: str, *, timeout: Secs = None) -> None: ...
+    def incr(self, key: str, amount: int = 1, ttl: Secs = None, *, timeout: Secs = None) -> int: ...
+    def sadd(self, key: str, members: Iterable[str], *, timeout: Secs = None) -> int: ...
+    def srem(self, key: str, members: Iterable[str], *, timeout: Secs = None) -> int: ...
+    def smembers(self, key: str, *, timeout: Secs = None) -> set[str]: ...
+    def sismember(self, key: str, member: str, *, timeout: Secs = None) -> bool: ...
+    def sany(self, key: str, members: list[str], *, timeout: Secs = None) -> str | None: ...
+    def hit(self, key: str, window: float, limit: int, *, timeout: Secs = None) -> tuple[int, bool]: ...
+    def close(self) -> None: ...
+
+
+def open_store(settings: StateSettings, clock: Clock = time.time) -> Store:
+    """A new connection to the configured back end (the module is imported only when used)."""
+    if settings.backend == "redis":
+        from defang.workers.stores.state_redis import RedisStore
+
+        return RedisStore(settings.redis_url, settings.timeout, clock)
+    from defang.workers.stores.state_sqlite import SqliteStore
+
+    return SqliteStore(settings.path, settings.timeout, clock, settings.sweep_interval)
+
+
+class PerProcess:
+    """One store per process, opened on first use with the settings last given."""
+
+    def __init__(self) -> None:
+        self.settings = StateSettings()
+        self.clock: Clock = time.time
+        self._store: Store | None = None
+        self._pid = 0
+
+    def configure(self, settings: StateSettings, clock: Clock | None = None) -> None:
+        """New settings (a worker's config, a test's clock): the next call reconnects."""
+        if settings != self.settings or clock is not None:
+            self.close()
+        self.settings = settings
+        if clock is not None:
+            self.clock = clock
+
+    def get(self) -> Store:
+        if self._store is None or self._pid != os.getpid():
+            self._store = open_store(self.settings, self.clock)  # a parent's connection is left alone
+            self._pid = os.getpid()
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None and self._pid == os.getpid():
+            self._store.close()
+        self._store = None
+
+
+#: this process's store: the filter API's calls go through it
+CURRENT = PerProcess()
