@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import os
+import sys
 import tempfile
 
 from defang.core import wire
@@ -87,6 +88,9 @@ def warm_up() -> None:
                 header = part.head.get(name)  # which the stdlib parses when read
                 seen.append(header.params if header is not None else None)
         seen.append(msg.email)
+        state = sys.modules.get("defang.workers.api.state")
+        if state is not None:  # the filter uses the shared state: its back end's code now
+            state.preload()
     except Exception:  # a warm-up that fails costs memory, never the start
         pass
     finally:

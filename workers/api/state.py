@@ -24,6 +24,7 @@ from collections.abc import Iterable
 
 from defang.core.verdicts import Verdict, tempfail
 from defang.workers.api import services
+from defang.workers.stores import state as stores
 from defang.workers.stores.state import CURRENT, StateError, Store
 
 __all__ = ["StateError", "delete", "get", "hit", "incr", "sadd", "set", "set_if_absent", "sismember",
@@ -41,6 +42,14 @@ def store() -> Store:
     if settings is not CURRENT.settings:
         CURRENT.configure(settings)
     return CURRENT.get()
+
+
+def preload() -> None:
+    """The back end's code imported before the workers are forked (``workers.warmup``)."""
+    try:
+        stores.preload(services.CURRENT.state)
+    except (ImportError, StateError):  # the first call will say what is wrong
+        pass
 
 
 def unavailable(what: str, exc: StateError, queue_id: str | None = None) -> Verdict | None:

@@ -102,6 +102,18 @@ def open_store(settings: StateSettings, clock: Clock = time.time) -> Store:
     return SqliteStore(settings.path, settings.timeout, clock, settings.sweep_interval)
 
 
+def preload(settings: StateSettings) -> None:
+    """Import the configured back end's code now (in the zygote, before the workers are
+    forked, so that they share it: redis-py is ~4 MB per process otherwise), connecting
+    to nothing."""
+    if settings.backend == "redis":
+        from defang.workers.stores.state_redis import RedisStore
+
+        RedisStore(settings.redis_url, settings.timeout, time.time).close()  # redis-py connects lazily
+    else:
+        from defang.workers.stores import state_sqlite  # noqa: F401
+
+
 class PerProcess:
     """One store per process, opened on first use with the settings last given."""
 
