@@ -179,3 +179,47 @@ def test_state_down_gives_the_configured_verdict(tmp_path):
         finally:
             stores.CURRENT.close()
             services.CURRENT = saved
+
+
+def test_a_sender_cannot_borrow_another_triplet_nor_break_keys(backend):
+    c = conn()
+    greylist.check(c, "a@b.example", "c|d@example.net")
+    backend.now += 300
+    assert greylist.check(c, "a@b.example", "c|d@example.net") is None
+    assert greylist.check(c, "a@b.example|c", "d@example.net") is not None  # not the same triplet
+    long_sender = "x" * 900 + "@example.org"
+    assert greylist.check(c, long_sender, "b@example.net").code == "451"
+    backend.now += 300
+    assert greylist.check(c, long_sender, "b@example.net") is None
+    assert ratelimit.check(c, "sender", sender="'; DROP TABLE kv; --@x.test", limit=1, window=60) is None
+    assert state.get("defang:none") is None  # the tables are still there
+
+
+def test_defang_lists_says_why_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    def lists(config_text: str, *args: str) -> subprocess.CompletedProcess:
+        config = tmp_path / "c.toml"
+        config.write_text(f'[daemon]\nruntime_dir = "{tmp_path / "run"}"\nuser = "root"\n' + config_text)
+        return subprocess.run([sys.executable, "-m", "defang", "lists", *args, "--config", str(config)],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    def last_line(r: subprocess.CompletedProcess) -> str:
+        return r.stderr.strip().splitlines()[-1]
+
+    down = lists('[state]\nbackend = "redis"\nredis_url = "redis://127.0.0.1:9/0"\ntimeout = 0.5\n',
+                 "add", "block", "spam.example")  # fmt: skip
+    assert down.returncode == 1 and last_line(down).startswith("defang lists: redis 127.0.0.1:9/0: ")
+    assert "Traceback" not in down.stderr
+    bad = lists("", "add", "block", "spam example")
+    assert (bad.returncode, last_line(bad)) == (
+        2, "defang lists: 'spam example': expected an address, a domain or an IP range")
+    scope = lists("", "add", "allow", "x@y.example", "--scope", "10.0.0.0/8")
+    assert scope.returncode == 2 and "a scope is 'global', a recipient address" in last_line(scope)
+    (tmp_path / "in.txt").write_text("# comment\nblock global spam.example\nallow bob@example.org a.example\n"
+                                     "block global not/valid\n")  # fmt: skip
+    imp = lists("", "import", str(tmp_path / "in.txt"))
+    assert imp.returncode == 2 and last_line(imp).endswith("in.txt:4: 'not/valid': expected an address, "
+                                                           "a domain or an IP range")  # fmt: skip
+    assert lists("", "export").stdout == "# defang lists export: LIST SCOPE ENTRY\n"  # nothing stored

@@ -1,5 +1,6 @@
 """Config loading: defaults, overrides, and errors that name the key."""
 
+import re
 
 import pytest
 from paths import REPO
@@ -52,3 +53,20 @@ def test_a_reply_text_with_cr_is_refused(tmp_path):
     p.write_text('[replies]\non_busy = { code = "451", dsn = "4.3.2", text = "busy\\r\\n250 OK" }\n')
     with pytest.raises(config.ConfigError, match="text may not contain CR or NUL"):
         config.load(p)
+
+
+def test_state_and_greylist_options_are_checked(tmp_path):
+    from defang.core.config import ConfigError, load
+
+    cases = {'[state]\non_error = "drop"\n': '[state] on_error = \'drop\': expected "tempfail" or "accept"',
+             '[state]\nbackend = "memcached"\n': 'expected "sqlite" or "redis"',
+             '[state]\nredis_url = "10.0.0.5:6379"\n': "expected a Redis URL",
+             "[greylist]\nipv4_prefix = 33\n": "expected a prefix length from 0 to 32",
+             "[greylist]\ndelay = -1\n": "expected a non-negative number"}  # fmt: skip
+    for text, why in cases.items():
+        path = tmp_path / "c.toml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            load(path)
+    path.write_text(f'[daemon]\nruntime_dir = "{tmp_path}"\n')
+    assert load(path).state_path == tmp_path / "state.sqlite3"

@@ -25,7 +25,9 @@ another relay passes.  When the state cannot be reached: ``[state] on_error``.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 import logging
 import math
 import time
@@ -114,7 +116,9 @@ def _wait(net: str, sender: str, recipient: str, s: GreylistSettings) -> float:
     now = CURRENT.clock()
     if s.auto_allow and st.get(f"defang:gl:ok:{net}") is not None:
         return 0.0
-    triplet = f"{net}|{sender}|{recipient}"
+    # hashed: a fixed size whatever the addresses' length, and no sender can write an
+    # address that makes another triplet's key ("a@b|c" + "d" against "a@b" + "c|d")
+    triplet = hashlib.sha256(json.dumps([net, sender, recipient]).encode()).hexdigest()[:32]
     passed = st.get(f"defang:gl:p:{triplet}")
     if passed is not None:
         if now - float(passed) > DAY:

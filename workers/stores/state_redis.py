@@ -59,7 +59,7 @@ class RedisStore:
         self.clock = clock
         self._clients: dict[float, redis.Redis] = {}
         self._serial = itertools.count()
-        self._where = url.rpartition("@")[2]  # never the password in a message
+        self._where = url.partition("://")[2].rpartition("@")[2] or url  # never the password in a message
         client = self._client(None)
         self._incr = client.register_script(INCR)
         self._hit = client.register_script(HIT)
