@@ -17,12 +17,9 @@ publicsuffixlist for DMARC).
 
 from __future__ import annotations
 
-import argparse
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -75,15 +72,8 @@ def make_key(directory: Path) -> tuple[bytes, str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--auth", action="store_true", help=argparse.SUPPRESS)  # how scripts/bench gets here
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--count", type=int, default=2000, help="measured messages per run")
-    ap.add_argument("--conns", type=int, default=20, help="concurrent SMTP connections")
-    ap.add_argument("--out", action="store_true", help="write bench/results/<date>-auth.md")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench_auth: needs root (Postfix's master)", file=sys.stderr)
+    args = bench_cells.arguments("auth", __doc__)
+    if args is None:
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="bench-auth-"))
     pem, public_key = make_key(workdir)
@@ -94,15 +84,7 @@ def main() -> int:
         stacks: list[bench.Stack] = [bench.DefangStack("minimal"),
                                      bench.DefangStack("auth", settings=settings)]  # fmt: skip
         results = bench_cells.take_turns(stacks, factory, args.runs, lambda text: print(text, flush=True))
-    when = time.strftime("%Y-%m-%d %H:%M")
-    lines = [f"auth profile: 2 KB DKIM-signed messages, {args.count} per run, {args.conns} connections, "
-             f"{args.runs} runs (medians, min-max); {os.cpu_count()} cores; {when}",
-             "", *bench_cells.HEADER, *bench_cells.rows(results, stacks)]  # fmt: skip
-    print("\n".join(lines))
-    if args.out:
-        path = bench.BENCH / "results" / f"{time.strftime('%Y-%m-%d')}-auth.md"
-        path.write_text("\n".join(lines) + "\n")
-        print(f"wrote {path}")
+    bench_cells.report("2 KB DKIM-signed messages", args, results, stacks, "auth")
     return 0
 
 

@@ -1,12 +1,17 @@
-"""What the profile benchmarks (bench_scanners.py, bench_auth.py) share with each other:
+"""What the profile benchmarks (bench_scanners.py, bench_auth.py, bench_state.py) share:
 running stacks in turns through bench.py's measure, and the table rows of the results."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import bench
 
@@ -33,6 +38,36 @@ def take_turns(stacks: list[bench.Stack], factory: bench.MessageFactory, runs: i
     finally:
         bed.close()
     return results
+
+
+def arguments(name: str, doc: str | None) -> argparse.Namespace | None:
+    """The options of a 2 KB profile (``scripts/bench --NAME``); None (said why) when not root."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)  # how scripts/bench gets here
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--count", type=int, default=2000, help="measured messages per run")
+    ap.add_argument("--conns", type=int, default=20, help="concurrent SMTP connections")
+    ap.add_argument("--out", action="store_true", help=f"write bench/results/<date>-{name}.md")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print(f"bench_{name}: needs root (Postfix's master)", file=sys.stderr)
+        return None
+    return args
+
+
+def report(what: str, args: Any, results: list[bench.RunResult], stacks: list[bench.Stack],
+           name: str) -> None:  # fmt: skip
+    """Print the profile's table (``what``: its messages), and with ``args.out`` write it
+    to bench/results/<date>-<name>.md."""
+    when = time.strftime("%Y-%m-%d %H:%M")
+    lines = [f"{name} profile: {what}, {args.count} per run, {args.conns} connections, {args.runs} runs "
+             f"(medians, min-max); {os.cpu_count()} cores; {when}",
+             "", *HEADER, *rows(results, stacks)]  # fmt: skip
+    print("\n".join(lines))
+    if args.out:
+        path = bench.BENCH / "results" / f"{time.strftime('%Y-%m-%d')}-{name}.md"
+        path.write_text("\n".join(lines) + "\n")
+        print(f"wrote {path}")
 
 
 def rows(results: list[bench.RunResult], stacks: list[bench.Stack]) -> list[str]:

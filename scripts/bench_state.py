@@ -13,10 +13,7 @@ redis-server on loopback, defang.testbed.redisd).
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,15 +33,8 @@ class NamedStack(bench.DefangStack):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--state", action="store_true", help=argparse.SUPPRESS)  # how scripts/bench gets here
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--count", type=int, default=2000, help="measured messages per run")
-    ap.add_argument("--conns", type=int, default=20, help="concurrent SMTP connections")
-    ap.add_argument("--out", action="store_true", help="write bench/results/<date>-state.md")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench_state: needs root (Postfix's master)", file=sys.stderr)
+    args = bench_cells.arguments("state", __doc__)
+    if args is None:
         return 1
     profile = replace(bench.PROFILES["2k"], count=args.count, conns=args.conns)
     factory = bench.MessageFactory(profile)
@@ -57,15 +47,7 @@ def main() -> int:
                                                                                "redis_url": redis.url}}),
         ]  # fmt: skip
         results = bench_cells.take_turns(stacks, factory, args.runs, lambda text: print(text, flush=True))
-    when = time.strftime("%Y-%m-%d %H:%M")
-    lines = [f"state profile: 2 KB messages, greylisting with every triplet known, {args.count} per run, "
-             f"{args.conns} connections, {args.runs} runs (medians, min-max); {os.cpu_count()} cores; {when}",
-             "", *bench_cells.HEADER, *bench_cells.rows(results, stacks)]  # fmt: skip
-    print("\n".join(lines))
-    if args.out:
-        path = bench.BENCH / "results" / f"{time.strftime('%Y-%m-%d')}-state.md"
-        path.write_text("\n".join(lines) + "\n")
-        print(f"wrote {path}")
+    bench_cells.report("2 KB messages, greylisting with every triplet known", args, results, stacks, "state")
     return 0
 
 
