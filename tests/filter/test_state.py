@@ -223,3 +223,12 @@ def test_defang_lists_says_why_in_one_line(tmp_path):
     assert imp.returncode == 2 and last_line(imp).endswith("in.txt:4: 'not/valid': expected an address, "
                                                            "a domain or an IP range")  # fmt: skip
     assert lists("", "export").stdout == "# defang lists export: LIST SCOPE ENTRY\n"  # nothing stored
+
+
+def test_the_sqlite_file_is_private(backend):
+    if services.CURRENT.state.backend != "sqlite":
+        pytest.skip("a file of the SQLite back end")
+    state.set("k", "v")
+    path = services.CURRENT.state.path
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.parent.iterdir() if p.name.startswith(path.name)}
+    assert modes and set(modes.values()) == {0o600}, modes

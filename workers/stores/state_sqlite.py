@@ -5,6 +5,7 @@
   locked"; every write is one ``BEGIN IMMEDIATE`` transaction, which takes the write lock
   first (a deferred transaction that reads and then writes can fail at once, past any busy
   timeout, when another writer went first).
+- The file is made 0600 (and with it SQLite's -wal and -shm files).
 - One connection per worker (``defang.workers.stores.state.PerProcess``).
 - ``synchronous = NORMAL``: a power cut may lose the last transactions (a greylisted
   sender is asked to retry once more), never corrupt the file.
@@ -18,6 +19,7 @@ A failure (locked past the timeout, a read-only or missing folder, a corrupt fil
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -37,6 +39,15 @@ CREATE INDEX IF NOT EXISTS events_expires ON events (expires);
 """
 
 
+def _create(path: Path) -> None:
+    """Make the file 0600 if it is not there (SQLite gives its -wal and -shm files the
+    same mode): it holds envelope addresses, and the runtime dir lets others through."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        pass
+
+
 def _expires(now: float, ttl: float | None) -> float | None:
     return None if ttl is None else now + ttl
 
@@ -53,6 +64,7 @@ class SqliteStore:
         self._swept = clock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _create(self.path)
             self.db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
                                       check_same_thread=False)  # fmt: skip
             self._busy(None)
