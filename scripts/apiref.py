@@ -37,6 +37,7 @@ methods return, and every name `from defang import ...` offers, with its signatu
 docstring, in alphabetical order.  How the pieces fit together, with examples:
 [filters.md](filters.md) (hooks, verdicts, MIME rewriting, quarantine),
 [scanners.md](scanners.md) (spamd, clamd, notices), [auth.md](auth.md) (`defang.auth`),
+[state.md](state.md) (`defang.state`, `greylist`, `ratelimit`, `lists`),
 [porting.md](porting.md) (from MIMEDefang).
 
 **Logging from a filter**: use the standard `logging` module, e.g.
