@@ -32,12 +32,18 @@ Two things are different from the Postfix test bed:
   The same small parent process (`_REAPER`) is its child subreaper: PID 1 on the test
   machines never reaps orphans, and Sendmail's delivery processes outlive their parents.
 
+Like any Sendmail, it adds a ``Date:`` (and ``From:``, ``Message-Id:``) header to mail that
+comes without one; the Postfix test bed is configured not to.  Commands run against the
+instance (a queue run, a release, a submission) go through `PrivateSendmail.command`,
+in the same kind of namespace.
+
 Everything here needs root.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -244,10 +250,22 @@ class PrivateSendmail:
             if reaper.stderr is not None:
                 reaper.stderr.close()
 
-    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        """Run this Sendmail's binary with our config (e.g. ``-q`` for a queue run)."""
-        return subprocess.run([str(sendmail_binary()), "-C", str(self.cf), *args], capture_output=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)  # fmt: skip
+    def command(self, *args: str) -> list[str]:
+        """The argv of this Sendmail's binary with our config and ``args``, in a UTS namespace
+        named `HOSTNAME` like the daemon's (anywhere else it would sleep 60 s at start-up)."""
+        return ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', HOSTNAME,
+                str(sendmail_binary()), "-C", str(self.cf), *args]  # fmt: skip
+
+    def write_wrapper(self, path: Path) -> Path:
+        """A ``sendmail`` command for defang's ``sendmail_path`` that submits to this instance.
+
+        ``-odi``: the message is delivered before the command exits; a background delivery
+        process would be orphaned where no one reaps it.
+        """
+        argv = " ".join(shlex.quote(a) for a in self.command("-odi"))
+        path.write_text(f'#!/bin/sh\nexec {argv} "$@"\n')
+        path.chmod(0o755)
+        return path
 
     # -- the queue ---------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ FROM (or at end of data, when it went away during the message).
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -130,6 +131,10 @@ def test_hold_is_sendmails_quarantine_with_the_reason(stack):
     assert held["reason"] == "looks odd"  # Postfix's hold queue keeps no reason; Sendmail's does
     assert held["sender"] == "alice@example.org" and held["recipients"] == ["bob@example.org"]
     assert not [m for m in stack.sink.messages() if b"hold me" in m.raw]
+    # released as the README says; the next queue run (-q5s) delivers it
+    subprocess.run(stack.sendmail.command("-qQ", f"-qI{r.queue_id}", "-Q"), check=True, timeout=60)
+    assert not stack.sendmail.held()
+    stack.arrived(b"hold me", timeout=30)
 
 
 def test_accept_ends_filtering_and_keeps_the_headers_added_before(stack):

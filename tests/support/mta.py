@@ -178,5 +178,6 @@ def _read(path: Path) -> str | None:
 
 
 def resend_until_accepted(stack: Stack, data: bytes):  # noqa: ANN201 (a SendResult)
-    """The sending MTA's retries: the same bytes until a 250 (each 4xx is not delivered)."""
-    return wait_for("the retry accepted", lambda: (r := stack.send(data)).data[0] == 250 and r, timeout=30)
+    """The sending MTA's retries: the same bytes until a 250 (each 4xx is not delivered).
+    Sendmail with F=T refuses at MAIL FROM while the milter is not back (no ``data``)."""
+    return wait_for("the retry accepted", lambda: (r := stack.send(data)).accepted and r, timeout=30)
