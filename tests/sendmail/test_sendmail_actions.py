@@ -17,7 +17,15 @@ import time
 
 import pytest
 from daemon import FILTERS
-from mta import SendmailStack, delivered, hold_message, needs_sendmail, resend_until_accepted, wait_for
+from mta import (
+    SendmailStack,
+    delivered,
+    headers_of,
+    hold_message,
+    needs_sendmail,
+    resend_until_accepted,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, needs_sendmail]
 
@@ -29,18 +37,6 @@ MSG = (b"From: Alice <alice@example.org>\r\nTo: bob@example.org\r\nSubject: %s\r
 
 def msg(subject: str) -> bytes:
     return MSG % (subject.encode(), str(time.monotonic_ns()).encode())
-
-
-def headers_of(raw: bytes) -> list[tuple[str, str]]:
-    head = raw.split(b"\r\n\r\n", 1)[0].decode()
-    out: list[tuple[str, str]] = []
-    for line in head.split("\r\n"):
-        if line[:1] in " \t":
-            out[-1] = (out[-1][0], out[-1][1] + "\n" + line)
-        else:
-            name, _, value = line.partition(":")
-            out.append((name, value.strip()))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +195,16 @@ def test_without_F_T_sendmail_delivers_unfiltered_mail_when_defang_is_down():
         assert r.data[0] == 250, r
         m = s.arrived(b"unfiltered")
         assert "X-Relay-Ip" not in dict(headers_of(m.raw))
+
+
+def test_an_eight_bit_header_name_through_sendmail(stack):
+    """Sendmail itself ends the header section at such a line, so defang sees it as body
+    (the fake MTA's tests in tests/daemons/test_frontend.py send it as a header)."""
+    data = msg("eight-bit name").replace(b"X-Remove-Me: 1", b"X-\xe9t\xe9: 1")
+    r = stack.send(data)
+    assert r.data[0] == 250, r
+    m = stack.arrived(b"eight-bit name")
+    head, body = m.raw.split(b"\r\n\r\n", 1)
+    assert b"\xe9" not in head and b"X-Relay-Ip: 127.0.0.1" in head
+    assert body == b"X-\xe9t\xe9: 1\r\n\r\nHello Bob\r\n"
+    assert "not UTF-8" not in stack.defang.log()

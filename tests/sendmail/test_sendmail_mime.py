@@ -10,14 +10,12 @@ import base64
 import email.policy
 import io
 import json
-import subprocess
-import sys
 import zipfile
 from email.parser import BytesParser
 
 import pytest
-from daemon import FILTERS, REPO
-from mta import SendmailStack, needs_sendmail, wait_for
+from daemon import FILTERS
+from mta import SendmailStack, needs_sendmail, quarantine_cli, wait_for
 
 from defang.testbed.smtpclient import normalize_for_smtp
 
@@ -66,12 +64,6 @@ def stack(tmp_path_factory):
     s.sendmail.write_wrapper(wrapper)  # Sendmail's own binary with the test bed's config
     with s:
         yield s
-
-
-def quarantine_cli(stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "defang", "quarantine", *args, "--config",
-                           str(stack.defang.config), "--runtime-dir", str(stack.defang.runtime)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
 
 
 def arrivals(stack, marker: bytes, count: int) -> list:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon import Defang, traversable_dir
+from daemon import REPO, Defang, traversable_dir
 
 from defang.testbed.ports import free_port
 from defang.testbed.postfix import PrivatePostfix, postfix_available
@@ -181,3 +183,22 @@ def resend_until_accepted(stack: Stack, data: bytes):  # noqa: ANN201 (a SendRes
     """The sending MTA's retries: the same bytes until a 250 (each 4xx is not delivered).
     Sendmail with F=T refuses at MAIL FROM while the milter is not back (no ``data``)."""
     return wait_for("the retry accepted", lambda: (r := stack.send(data)).accepted and r, timeout=30)
+
+
+def headers_of(raw: bytes) -> list[tuple[str, str]]:
+    head = raw.split(b"\r\n\r\n", 1)[0].decode()
+    out = []
+    for line in head.split("\r\n"):
+        if line[:1] in " \t":
+            out[-1] = (out[-1][0], out[-1][1] + "\n" + line)
+        else:
+            name, _, value = line.partition(":")
+            out.append((name, value.strip()))
+    return out
+
+
+def quarantine_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
+    """``defang quarantine ARGS`` against the stack's daemons."""
+    return subprocess.run([sys.executable, "-m", "defang", "quarantine", *args, "--config",
+                           str(stack.defang.config), "--runtime-dir", str(stack.defang.runtime)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
