@@ -2,9 +2,12 @@
 
 Three things an MTA can send that would otherwise go wrong (issue 25, item 11):
 
-* **A callback with no session yet** (a stage before connect, or after libmilter reused a
-  connection for the next SMTP session): a session is made there and then, with one log
-  line; an abort or close with no session is simply answered.
+* **A callback with no session yet**: after the MTA reused its milter connection for the
+  next SMTP session (QUIT_NC), pymilter starts afresh at connect; a session is made there
+  and then with the protocol negotiated before (`Session.adopt`: with leading-space
+  headers, a session that had not negotiated wrote "Name:  value"), and any other stage
+  that finds none gets one too, with one log line.  An abort or close with no session is
+  simply answered.
 * **A callback that raises** (a bug of ours): one log line with the connection ID, and the
   stage still gets its answer (``Session.failed``): never pymilter's own "untrapped
   exception", which on a stage negotiated "no reply" leaves libmilter out of step with the
@@ -46,7 +49,8 @@ def install_callbacks(fe: FrontEnd) -> None:
         if session is None:
             session = Session(fe, ctx)
             ctx.setpriv(session)
-            if stage not in ("negotiate", "connect"):
+            session.adopt()
+            if stage != "connect":  # connect: the MTA reused the milter connection (QUIT_NC)
                 log.warning("conn %s: the MTA sent %s before the connection began: a new session",
                             session.id, stage)  # fmt: skip
         _current.session = session

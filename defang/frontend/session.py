@@ -104,10 +104,7 @@ class Session:
             want |= milter.P_NR_HDR | milter.P_NR_BODY
         else:
             want |= milter.P_NOHDRS | milter.P_NOBODY
-        self.protocol = offered_proto & want
-        self.leadspc = bool(self.protocol & milter.P_HDR_LEADSPC)
-        self.hdr_rc = self._reply_or_none(milter.P_NR_HDR, milter.CONTINUE)
-        self.body_rc = self._reply_or_none(milter.P_NR_BODY, milter.CONTINUE)
+        self._use_protocol(offered_proto & want)
         opts[0] = offered_actions & WANTED_ACTIONS
         opts[1] = self.protocol
         opts[2] = opts[3] = 0
@@ -117,6 +114,21 @@ class Session:
             log.info("negotiated with the MTA: actions 0x%x, protocol 0x%x (%s)", opts[0],
                      opts[1], describe_protocol(self.protocol))  # fmt: skip
         return milter.CONTINUE
+
+    def _use_protocol(self, protocol: int) -> None:
+        self.protocol = protocol
+        self.leadspc = bool(protocol & milter.P_HDR_LEADSPC)
+        self.hdr_rc = self._reply_or_none(milter.P_NR_HDR, milter.CONTINUE)
+        self.body_rc = self._reply_or_none(milter.P_NR_BODY, milter.CONTINUE)
+
+    def adopt(self) -> None:
+        """A session begun without a negotiation of its own: after the MTA reused its milter
+        connection for the next SMTP session (QUIT_NC), pymilter starts afresh at connect.
+        The MTA goes on with what it negotiated; the last negotiation logged is the best
+        guess (one MTA, one filter generation), else every stage answered."""
+        logged = self.fe.hooks.logged
+        if logged is not None and logged[0] == self.fe.hooks.gen:
+            self._use_protocol(logged[2])
 
     def _reply_or_none(self, nr_bit: int, rc: int) -> int:
         if self.protocol & nr_bit:

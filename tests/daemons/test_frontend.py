@@ -373,3 +373,30 @@ def test_a_helo_and_host_name_not_utf8_are_kept_and_the_connect_decision_still_a
         assert s.rcpt("bob@example.org").reply == "continue"
         r = s.message(MSG % b"after an odd host name")
         assert r.reply == "continue" and ("addheader", ("X-Relay-Ip", "192.0.2.8")) in r.actions
+
+
+def test_the_next_smtp_session_on_a_reused_milter_connection_is_judged_byte_for_byte(defang):
+    """QUIT_NC ("K") after end of message: the MTA keeps its milter connection for the next
+    SMTP session, with no new negotiation, and pymilter starts that session afresh at
+    connect.  The header bytes must still be written as negotiated (leading space)."""
+    import hashlib
+
+    from fakemta import encode_command
+
+    raw = b"From: a@example.org\r\nSubject: digest reused\r\n\r\nHello\r\n"
+    with MilterSession(defang.milter_path) as s:
+        assert s.protocol & P_HDR_LEADSPC
+        s.connect()
+        s.helo()
+        s.mail("a@example.org")
+        s.rcpt("bob@example.org")
+        assert s.message(MSG % b"first session").reply == "continue"
+        s.sock.sendall(encode_command(b"K"))
+        assert s.connect(ip="192.0.2.9").reply == "continue"
+        s.helo()
+        assert s.mail("a@example.org").reply == "continue"
+        assert s.rcpt("bob@example.org").reply == "continue"
+        r = s.message(raw)
+    assert ("addheader", ("X-Relay-Ip", "192.0.2.9")) in r.actions, r
+    assert ("addheader", ("X-Spool-Digest", hashlib.sha256(raw).hexdigest())) in r.actions, r
+    assert "AttributeError" not in defang.log()
