@@ -122,10 +122,8 @@ class Session:
         self.body_rc = self._reply_or_none(milter.P_NR_BODY, milter.CONTINUE)
 
     def adopt(self) -> None:
-        """A session begun without a negotiation of its own: after the MTA reused its milter
-        connection for the next SMTP session (QUIT_NC), pymilter starts afresh at connect.
-        The MTA goes on with what it negotiated; the last negotiation logged is the best
-        guess (one MTA, one filter generation), else every stage answered."""
+        """No negotiation of its own (QUIT_NC, see callbacks.py): the MTA goes on with what it
+        negotiated; the last negotiation logged is the best guess, else every stage answered."""
         logged = self.fe.hooks.logged
         if logged is not None and logged[0] == self.fe.hooks.gen:
             self._use_protocol(logged[2])
@@ -390,9 +388,8 @@ class Session:
 
     # ------------------------------------------------------------ oddities (callbacks.py)
     def failed(self, stage: str, exc: Exception) -> int:
-        """A callback of ours raised: one log line, and the stage still gets an answer in
-        step with what was negotiated (a refusal on a "no reply" stage waits for one that
-        has a reply: end of message, or RCPT TO for the connection's own stages)."""
+        """A callback of ours raised: one log line, and an answer in step with the protocol (on
+        a "no reply" stage the refusal waits: for end of message, or RCPT TO)."""
         spec = self.fe.cfg.on_internal_error
         log.error("conn %s: %s: %s: %s: answering %s %s", self.id, stage, type(exc).__name__, exc, spec.code,
                   spec.dsn)  # fmt: skip
@@ -411,10 +408,9 @@ class Session:
         return self._answer(spec.verdict)
 
     def undecodable(self, raw: bytes) -> None:
-        """Text that is not UTF-8 where pymilter wants a ``str``: its C code failed before
-        calling us (callbacks.py).  Which text it was follows from where the connection is:
-        the client's host name before connect, a header name in a transaction, else the HELO
-        name.  The bytes are kept; a lost connect or HELO decision is asked at RCPT TO."""
+        """Not UTF-8 where pymilter wants a ``str`` (callbacks.py): the client's host name before
+        connect, a header name in a transaction, else the HELO name.  Kept; a lost connect or
+        HELO decision is asked at RCPT TO."""
         text = raw.decode("utf-8", "surrogateescape")
         if not self.connected:
             self.connected = True
@@ -430,9 +426,9 @@ class Session:
         hook = hooks.ENVELOPE[lost].name if lost else ""
         if hook in self.hooks:
             self.lost.append(lost)
-        log.warning("conn %s: the MTA sent a %s that is not UTF-8 (%r): %s", self.id, what, raw[:200],
-                    f"kept; {hook} asked at RCPT TO" if hook in self.hooks
-                    else "kept" if lost else "the filter sees the message without that header")  # fmt: skip
+        then = (f"kept; {hook} asked at RCPT TO" if hook in self.hooks else "kept" if lost
+                else "the filter sees the message without that header")  # fmt: skip
+        log.warning("conn %s: the MTA sent a %s that is not UTF-8 (%r): %s", self.id, what, raw[:200], then)
 
     def _catch_up(self) -> None:
         """Ask the decisions of the stages `undecodable` found lost; a refusal is kept."""
