@@ -28,7 +28,9 @@ Two things are different from the Postfix test bed:
 * At start-up, before it reads its config, Sendmail qualifies the machine's host name
   through the system resolver; an unqualified name (``vm``) that DNS cannot answer
   costs a 60 s sleep ("My unqualified host name unknown; sleeping for retry").  So it
-  runs in a UTS namespace of its own whose host name is `HOSTNAME`, a qualified name.
+  runs in a UTS namespace of its own whose host name is `HOSTNAME`, a qualified name
+  (where no namespace may be made, as in some containers, it runs without one: slower
+  to start on a machine whose name is not qualified, and it works the same).
   The same small parent process (`_REAPER`) is its child subreaper: PID 1 on the test
   machines never reaps orphans, and Sendmail's delivery processes outlive their parents.
 
@@ -42,6 +44,7 @@ Everything here needs root.
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import shutil
@@ -120,9 +123,8 @@ _REAPER = """
 import ctypes, os, socket, subprocess, sys
 libc = ctypes.CDLL(None, use_errno=True)
 libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-if libc.unshare(0x04000000) != 0:  # CLONE_NEWUTS
-    sys.exit("unshare(CLONE_NEWUTS): " + os.strerror(ctypes.get_errno()))
-socket.sethostname(sys.argv[1])
+if libc.unshare(0x04000000) == 0:  # CLONE_NEWUTS; refused in some containers: go on without
+    socket.sethostname(sys.argv[1])
 p = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL)
 sys.stdout.write(f"{p.pid}\\n")
 sys.stdout.flush()
@@ -135,6 +137,15 @@ while True:
     except InterruptedError:
         continue
 """
+
+
+@functools.cache
+def _can_unshare_uts() -> bool:
+    """Whether this machine lets root make a UTS namespace (some containers do not)."""
+    try:
+        return subprocess.run(["unshare", "--uts", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def milter_lines(spec: str, flags: str = "F=T", timeouts: str = "C:1m;S:1m;R:2m;E:5m") -> str:
@@ -210,8 +221,10 @@ class PrivateSendmail:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def start(self, timeout: float = 30) -> None:
-        """Write the config, start ``sendmail -bD`` and wait for its 220 greeting."""
+    def start(self, timeout: float | None = None) -> None:
+        """Write the config, start ``sendmail -bD`` and wait for its 220 greeting (30 s, or 90 s
+        where it runs without a namespace and may sleep 60 s first)."""
+        timeout = timeout or (30 if _can_unshare_uts() else 90)
         self.write_config()
         argv = [str(sendmail_binary()), "-C", str(self.cf), "-bD", "-q5s", "-OLogLevel=0"]
         self._reaper = subprocess.Popen([sys.executable, "-c", _REAPER, HOSTNAME, *argv],
@@ -252,9 +265,11 @@ class PrivateSendmail:
 
     def command(self, *args: str) -> list[str]:
         """The argv of this Sendmail's binary with our config and ``args``, in a UTS namespace
-        named `HOSTNAME` like the daemon's (anywhere else it would sleep 60 s at start-up)."""
-        return ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', HOSTNAME,
-                str(sendmail_binary()), "-C", str(self.cf), *args]  # fmt: skip
+        named `HOSTNAME` like the daemon's (anywhere else it may sleep 60 s at start-up)."""
+        argv = [str(sendmail_binary()), "-C", str(self.cf), *args]
+        if not _can_unshare_uts():
+            return argv
+        return ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', HOSTNAME, *argv]
 
     def write_wrapper(self, path: Path) -> Path:
         """A ``sendmail`` command for defang's ``sendmail_path`` that submits to this instance.
