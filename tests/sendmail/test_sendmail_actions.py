@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 from daemon import FILTERS
@@ -26,17 +25,11 @@ from mta import (
     resend_until_accepted,
     wait_for,
 )
+from mta import fe_message as msg  # the Subject says what fe_actions.py does
 
 pytestmark = [pytest.mark.integration, needs_sendmail]
 
 POOL = {"multiplexor": {"min_workers": 2, "max_workers": 2, "min_spare": 0}}
-
-MSG = (b"From: Alice <alice@example.org>\r\nTo: bob@example.org\r\nSubject: %s\r\n"
-       b"Message-ID: <%s@example.org>\r\nX-Remove-Me: 1\r\n\r\nHello Bob\r\n")  # fmt: skip
-
-
-def msg(subject: str) -> bytes:
-    return MSG % (subject.encode(), str(time.monotonic_ns()).encode())
 
 
 @pytest.fixture(scope="module")

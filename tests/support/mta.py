@@ -111,6 +111,16 @@ class SendmailStack(Stack):
         shutil.rmtree(self.rundir, ignore_errors=True)
 
 
+FE_MSG = (b"From: Alice <alice@example.org>\r\nTo: bob@example.org\r\nSubject: %s\r\n"
+          b"Message-ID: <%s@example.org>\r\nX-Remove-Me: 1\r\n\r\nHello Bob\r\n")  # fmt: skip
+
+
+def fe_message(subject: str) -> bytes:
+    """A small message for tests/filters/fe_actions.py (its Subject says what the filter
+    does), with a Message-ID of its own."""
+    return FE_MSG % (subject.encode(), str(time.monotonic_ns()).encode())
+
+
 def message(tag: str, **headers: str) -> tuple[bytes, str]:
     """A small message with a unique Message-ID and the given control headers."""
     mid = f"{tag}.{time.monotonic_ns()}@pool.test"
