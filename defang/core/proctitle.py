@@ -9,5 +9,8 @@ except ImportError:  # pragma: no cover - setproctitle is a hard dependency
 
 
 def set_title(title: str) -> None:
+    """Set the title ``ps`` shows.  A title carries text from the MTA (a queue ID, and
+    through it what a client sent), which may hold lone surrogates from bytes that were not
+    UTF-8: setproctitle cannot encode those and raises, so they are shown escaped."""
     if _set is not None:
-        _set(title)
+        _set(title.encode("utf-8", "backslashreplace").decode("utf-8"))
