@@ -121,6 +121,8 @@ class Config:
     max_notes_bytes: int = 64 * 1024
     filter_mode: str = "enforce"
     monitor_rules: tuple[str, ...] = ()
+    max_cpu_seconds: float = 10.0
+    on_cpu_limit: ReplySpec = ReplySpec("554", "5.6.0", "Message too costly to check (local limit)")
     on_filter_error: ReplySpec = ReplySpec("451", "4.3.0", "Temporary filter error, try again later")
     on_internal_error: ReplySpec = ReplySpec(
         "451", "4.3.0", "Mail filter unavailable, try again later"
@@ -143,6 +145,8 @@ class Config:
     quarantine_sendmail_path: Path = Path("/usr/sbin/sendmail")
     quarantine_smtp_host: str = "127.0.0.1"
     quarantine_smtp_port: int = 25
+    quarantine_max_files: int = 100
+    quarantine_max_bytes: int = 50 * 1024 * 1024
     # [spamassassin] (spamd), [clamav] (clamd): "" = not asked
     spamassassin_address: str = ""
     spamassassin_connect_timeout: float = 2.0
@@ -244,6 +248,8 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("filter", "max_notes_bytes"): ("max_notes_bytes", as_pos_int),
     ("filter", "mode"): ("filter_mode", as_filter_mode),
     ("filter", "monitor_rules"): ("monitor_rules", as_names),
+    ("filter", "max_cpu_seconds"): ("max_cpu_seconds", as_num),
+    ("filter", "on_cpu_limit"): ("on_cpu_limit", _reply),
     ("replies", "on_filter_error"): ("on_filter_error", _reply),
     ("replies", "on_internal_error"): ("on_internal_error", _reply),
     ("replies", "on_busy"): ("on_busy", _reply),
@@ -262,6 +268,8 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("quarantine", "sendmail_path"): ("quarantine_sendmail_path", as_path),
     ("quarantine", "smtp_host"): ("quarantine_smtp_host", as_str),
     ("quarantine", "smtp_port"): ("quarantine_smtp_port", as_port),
+    ("quarantine", "max_files"): ("quarantine_max_files", as_int),
+    ("quarantine", "max_bytes"): ("quarantine_max_bytes", as_int),
     ("spamassassin", "address"): ("spamassassin_address", lambda v: _address(v, "spamd")),
     ("spamassassin", "connect_timeout"): ("spamassassin_connect_timeout", as_pos_num),
     ("spamassassin", "timeout"): ("spamassassin_timeout", as_pos_num),
@@ -335,6 +343,11 @@ def load(
                 value = (base / value).resolve()
             values[attr] = value
     cfg = replace(Config(), source=cfg_path.resolve(), **values)
+    cpu, busy = cfg.max_cpu_seconds, cfg.busy_timeout
+    if "max_cpu_seconds" in values and cpu and busy and cpu >= busy:
+        raise ConfigError(f"{cfg_path}: [filter] max_cpu_seconds {cpu:g} must be below [multiplexor] "
+                          f"busy_timeout {busy:g}: CPU time never runs ahead of the clock, so the pool "
+                          "would stop the worker (a 4xx) before the budget's reply")  # fmt: skip
     if filter_path:
         cfg = replace(cfg, filter=Path(filter_path).resolve())
     if socket:
@@ -365,6 +378,12 @@ def finish(cfg: Config) -> Config:
         raise ConfigError(f"[multiplexor] min_workers {cfg.min_workers} > max_workers {cfg.max_workers}")
     if cfg.min_spare > cfg.max_workers:
         raise ConfigError(f"[multiplexor] min_spare {cfg.min_spare} > max_workers {cfg.max_workers}")
+    if cfg.max_cpu_seconds and cfg.busy_timeout and cfg.max_cpu_seconds >= cfg.busy_timeout:
+        # the default, with a busy_timeout below it (load() refuses a value set so)
+        cfg = replace(cfg, max_cpu_seconds=cfg.busy_timeout / 2)
+    if cfg.quarantine_max_files and cfg.quarantine_max_files < 2:
+        raise ConfigError(f"[quarantine] max_files {cfg.quarantine_max_files}: an entry holds at least "
+                          "message.eml and meta.json (2), or 0 for no limit")  # fmt: skip
     return cfg
 
 
