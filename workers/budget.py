@@ -64,7 +64,7 @@ class CpuBudget:
     def check(self) -> None:
         """Raise ``OverBudget`` if the request has used its budget."""
         if self.seconds and self._start and (self._spent or self.used() > self.seconds):
-            raise OverBudget(self.used(), self.seconds)
+            raise OverBudget(max(self.used(), self.seconds), self.seconds)  # (spent: the timer said so)
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -102,4 +102,4 @@ class CpuBudget:
         if self._armed:
             self._armed = False  # once: the runner's own clean-up must not be interrupted
             self._spent = True  # a hook that swallows this is stopped at the next check()
-            raise OverBudget(self.used(), self.seconds)
+            raise OverBudget(max(self.used(), self.seconds), self.seconds)  # the timer's clock said so
