@@ -2,6 +2,13 @@
 """Issue 25, item 10: what costly messages do to legitimate mail, through real Postfix.
 
     scripts/bench_budget.py [--ref main] [--attack 20] [--parts 4900] [--json FILE]
+    scripts/bench_budget.py --one [--ref main] [--parts 4900]
+
+``--one``: one such message through ``FilterRunner.handle`` in a fresh process (no MTA,
+no daemons, no root), with three filters -- the walk alone (``has_extension``), the walk
+and ``part.replace``, and the whole idiom (``part.quarantine`` + ``replace``) -- printing
+each one's CPU seconds, peak RSS and quarantine files; the replace step's cost per part
+is (replace - walk) / parts.
 
 What runs (all on 127.0.0.1, needs root): smtp-sink, a private Postfix relaying to it with
 ``defang run`` as its milter (default pool: 2 to 10 workers), the filter
@@ -20,7 +27,8 @@ Two phases, the same client:
 
 Printed (and written to ``--json``): each phase's legitimate latency (connect to the
 reply to the final ".", seconds: p50, p95, max) and the attack messages' replies and
-times, and the quarantine's files and bytes afterwards.  The machine is shared: compare
+times, the quarantine's files and bytes afterwards, and the CPU seconds each part of
+the stack used during the attack phase (the workers: "zygote+workers").  The machine is shared: compare
 runs made back to back.
 """
 
@@ -32,6 +40,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -64,6 +73,56 @@ def legit_message(i: int) -> bytes:
     body = ("Hello,\r\n\r\n" + "This is a legitimate message. " * 60 + "\r\n").encode()
     return (f"From: a@client.example.com\r\nTo: rcpt@relay.example.net\r\nSubject: legit {i}\r\n"
             f"Message-ID: <legit{i}@client.example.com>\r\n\r\n").encode() + body  # fmt: skip
+
+
+ONE = r"""
+import json, os, resource, sys, tempfile, time
+from pathlib import Path
+from defang.core import config, wire
+from defang.core.verdicts import tempfail
+from defang.workers.loader import load_filter
+from defang.workers.runner import FilterRunner
+HEAD = ("from defang import DANGEROUS_EXTENSIONS\n"
+        "def filter_part(msg, part):\n"
+        "    if part.has_extension(DANGEROUS_EXTENSIONS):\n")
+REPLACE = "        part.replace(f'removed {qid}', filename=part.filename + '.removed.txt')\n"
+BODY = {"walk": "        pass\n", "replace": "        qid = 1\n" + REPLACE,
+        "quarantine+replace": "        qid = part.quarantine('exe')\n" + REPLACE}
+name, spool = sys.argv[1], sys.argv[2]
+work = Path(tempfile.mkdtemp(prefix="defang-one-"))
+cfg = config.finish(config.Config(runtime_dir=work / "run"))
+(work / "run" / "quarantine").mkdir(parents=True)  # as defang run makes it
+(work / "f.py").write_text(HEAD + BODY[name])
+runner = FilterRunner(load_filter(str(work / "f.py")), on_filter_error=tempfail(), config=cfg)
+conn = {"id": 1, "ip": "192.0.2.1", "hostname": "h", "port": 25, "helo": "h", "macros": {}, "notes": {}}
+body = json.dumps({"v": wire.VERSION, "op": "eom", "conn": conn, "sender": "a@example.org", "sender_args": [],
+                   "recipients": ["b@example.org"], "queue_id": "ONE", "spool": spool,
+                   "size": os.path.getsize(spool)}).encode()
+c0 = time.process_time()
+reply = runner.handle_body(body)
+cpu = time.process_time() - c0
+files = sum(len(f) for _, _, f in os.walk(work / "run" / "quarantine"))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+print(json.dumps({"filter": name, "cpu_s": round(cpu, 3), "verdict": reply.verdict.action,
+                  "error": reply.error, "max_rss_mb": rss, "quarantine_files": files}))
+"""
+
+
+def one_message(code: Path, parts: int) -> list[dict[str, Any]]:
+    """One costly message through FilterRunner.handle, in a fresh process per filter."""
+    work = Path(tempfile.mkdtemp(prefix="defang-one-"))
+    try:
+        spool = work / "message"
+        spool.write_bytes(attack_message(parts))
+        out = []
+        for name in ("walk", "replace", "quarantine+replace"):
+            env = {**os.environ, "PYTHONPATH": str(code)}
+            run = subprocess.run([sys.executable, "-c", ONE, name, str(spool)], cwd=code, capture_output=True,
+                                 text=True, env=env, check=True)  # fmt: skip
+            out.append(json.loads(run.stdout))
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def code_tree(ref: str) -> Path:
@@ -132,7 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=0.25, help="seconds between legitimate messages")
     ap.add_argument("--alone", type=float, default=10.0, help="seconds of legitimate mail alone")
     ap.add_argument("--json", default="", help="write the figures here too")
+    ap.add_argument("--one", action="store_true", help="one message, no MTA (see above)")
     args = ap.parse_args(argv)
+    if args.one:
+        code = code_tree(args.ref) if args.ref else REPO
+        try:
+            rows = one_message(code, args.parts)
+        finally:
+            if args.ref:
+                shutil.rmtree(code, ignore_errors=True)
+        walk, replace = rows[0]["cpu_s"], rows[1]["cpu_s"]
+        print(json.dumps({"code": args.ref or "this checkout", "parts": args.parts, "filters": rows,
+                          "replace_ms_per_part": round((replace - walk) * 1000 / args.parts, 3)}, indent=2))
+        return 0
     if os.geteuid() != 0:
         print("scripts/bench_budget.py: needs root (Postfix's master and smtp-sink)", file=sys.stderr)
         return 2
@@ -145,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         reachable = all(reachable_by_others(p) for p in (code, Path(sys.executable).resolve()))
         user = "defang" if reachable else "root"
         stack = bench.DefangStack("quarantine_replace", settings={"daemon": {"user": user}})
-        if args.ref:
-            stack.site_dirs = [str(code)]
+        if args.ref:  # the daemons start in (and import from) the other tree: python -m puts cwd first
+            bench.REPO = code
         stack.start()
         pf = PrivatePostfix(work / "postfix", free_port(), sink.port, milter=stack.milter_spec,
                             extra={"message_size_limit": "52428800"})  # fmt: skip
@@ -161,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         alone.join()
         attack, during = Timed(pf.smtp_port), Timed(pf.smtp_port)
         big = attack_message(args.parts)
+        roles = {**stack.roles(), "postfix": (pf.master_pid() or 0, "tree")}
+        cpu0 = bench.role_cpu(roles)
         t0 = time.monotonic()
         for _ in range(args.attack):
             attack.start(big)
@@ -171,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         attack_wall = time.monotonic() - t0
         attack.join()
         during.join()
+        time.sleep(1)  # Postfix's cleanup and delivery of the last ones
+        cpu1 = bench.role_cpu(roles)
         files, size = tree_size(stack.dir / "run" / "quarantine")
         out = {
             "code": args.ref or "this checkout", "attack_messages": args.attack, "parts": args.parts,
@@ -179,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             "attack_replies": dict(Counter(r[3] for r in attack.results)),
             "attack_wall_s": round(attack_wall, 1), "quarantine_files": files,
             "quarantine_mb": round(size / 1e6, 1),
+            "cpu_s_during_attack": {k: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1},
             "worker_log_lines": [ln for ln in stack.log_path.read_text(errors="replace").splitlines()
                                  if "WARNING" in ln or "ERROR" in ln][:5],
         }  # fmt: skip
