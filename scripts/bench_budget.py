@@ -35,6 +35,7 @@ runs made back to back.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -207,70 +208,71 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("scripts/bench_budget.py: needs root (Postfix's master and smtp-sink)", file=sys.stderr)
         return 2
-    work = bench.traversable_dir("defang-budget-")
-    code = code_tree(args.ref) if args.ref else REPO
+    with contextlib.ExitStack() as cleanup:  # undone in reverse: Postfix, defang, the sink, the dirs
+        work = bench.traversable_dir("defang-budget-")
+        cleanup.callback(shutil.rmtree, work, ignore_errors=True)
+        code = code_tree(args.ref) if args.ref else REPO
+        if args.ref:
+            cleanup.callback(shutil.rmtree, code, ignore_errors=True)
+        return attack_run(args, work, code, cleanup)
+
+
+def attack_run(args: argparse.Namespace, work: Path, code: Path, cleanup: contextlib.ExitStack) -> int:
+    """The two phases (see the module docstring); what it starts goes on ``cleanup``."""
     sink = Sink(work / "sink", free_port(), backlog=1000)
     sink.start()
-    stack = pf = None
-    try:
-        reachable = all(reachable_by_others(p) for p in (code, Path(sys.executable).resolve()))
-        user = "defang" if reachable else "root"
-        stack = bench.DefangStack("quarantine_replace", settings={"daemon": {"user": user}})
-        if args.ref:  # the daemons start in (and import from) the other tree: python -m puts cwd first
-            bench.REPO = code
-        stack.start()
-        pf = PrivatePostfix(work / "postfix", free_port(), sink.port, milter=stack.milter_spec,
-                            extra={"message_size_limit": "52428800"})  # fmt: skip
-        pf.start()
-        alone = Timed(pf.smtp_port)
-        i = 0
-        t_end = time.monotonic() + args.alone
-        while time.monotonic() < t_end:
-            alone.start(legit_message(i))
-            i += 1
-            time.sleep(args.interval)
-        alone.join()
-        attack, during = Timed(pf.smtp_port), Timed(pf.smtp_port)
-        big = attack_message(args.parts)
-        roles = {**stack.roles(), "postfix": (pf.master_pid() or 0, "tree")}
-        cpu0 = bench.role_cpu(roles)
-        t0 = time.monotonic()
-        for _ in range(args.attack):
-            attack.start(big)
-        while any(t.is_alive() for t in attack.threads):
-            during.start(legit_message(i))
-            i += 1
-            time.sleep(args.interval)
-        attack_wall = time.monotonic() - t0
-        attack.join()
-        during.join()
-        time.sleep(1)  # Postfix's cleanup and delivery of the last ones
-        cpu1 = bench.role_cpu(roles)
-        files, size = tree_size(stack.dir / "run" / "quarantine")
-        out = {
-            "code": args.ref or "this checkout", "attack_messages": args.attack, "parts": args.parts,
-            "attack_bytes": len(big), "legit_alone": latency(alone.results),
-            "legit_during_attack": latency(during.results), "attack": latency(attack.results),
-            "attack_replies": dict(Counter(r[3] for r in attack.results)),
-            "attack_wall_s": round(attack_wall, 1), "quarantine_files": files,
-            "quarantine_mb": round(size / 1e6, 1),
-            "cpu_s_during_attack": {k: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1},
-            "worker_log_lines": [ln for ln in stack.log_path.read_text(errors="replace").splitlines()
-                                 if "WARNING" in ln or "ERROR" in ln][:5],
-        }  # fmt: skip
-        print(json.dumps(out, indent=2))
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-        return 0
-    finally:
-        if pf is not None:
-            pf.stop()
-        if stack is not None:
-            stack.stop()
-        sink.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        if args.ref:
-            shutil.rmtree(code, ignore_errors=True)
+    cleanup.callback(sink.stop)
+    reachable = all(reachable_by_others(p) for p in (code, Path(sys.executable).resolve()))
+    user = "defang" if reachable else "root"
+    stack = bench.DefangStack("quarantine_replace", settings={"daemon": {"user": user}})
+    if args.ref:  # the daemons start in (and import from) the other tree: python -m puts cwd first
+        bench.REPO = code
+    stack.start()
+    cleanup.callback(stack.stop)
+    pf = PrivatePostfix(work / "postfix", free_port(), sink.port, milter=stack.milter_spec,
+                        extra={"message_size_limit": "52428800"})  # fmt: skip
+    pf.start()
+    cleanup.callback(pf.stop)
+    alone = Timed(pf.smtp_port)
+    i = 0
+    t_end = time.monotonic() + args.alone
+    while time.monotonic() < t_end:
+        alone.start(legit_message(i))
+        i += 1
+        time.sleep(args.interval)
+    alone.join()
+    attack, during = Timed(pf.smtp_port), Timed(pf.smtp_port)
+    big = attack_message(args.parts)
+    roles = {**stack.roles(), "postfix": (pf.master_pid() or 0, "tree")}
+    cpu0 = bench.role_cpu(roles)
+    t0 = time.monotonic()
+    for _ in range(args.attack):
+        attack.start(big)
+    while any(t.is_alive() for t in attack.threads):
+        during.start(legit_message(i))
+        i += 1
+        time.sleep(args.interval)
+    attack_wall = time.monotonic() - t0
+    attack.join()
+    during.join()
+    time.sleep(1)  # Postfix's cleanup and delivery of the last ones
+    cpu1 = bench.role_cpu(roles)
+    files, size = tree_size(stack.dir / "run" / "quarantine")
+    out = {
+        "code": args.ref or "this checkout", "attack_messages": args.attack, "parts": args.parts,
+        "attack_bytes": len(big), "legit_alone": latency(alone.results),
+        "legit_during_attack": latency(during.results), "attack": latency(attack.results),
+        "attack_replies": dict(Counter(r[3] for r in attack.results)),
+        "attack_wall_s": round(attack_wall, 1), "quarantine_files": files,
+        "quarantine_mb": round(size / 1e6, 1),
+        "cpu_s_during_attack": {k: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1},
+        "worker_log_lines": [ln for ln in stack.log_path.read_text(errors="replace").splitlines()
+                             if "WARNING" in ln or "ERROR" in ln][:5],
+    }  # fmt: skip
+    print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
