@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alone", type=float, default=10.0, help="seconds of legitimate mail alone")
     ap.add_argument("--json", default="", help="write the figures here too")
     ap.add_argument("--one", action="store_true", help="one message, no MTA (see above)")
+    ap.add_argument("--max-cpu-seconds", type=float, default=None,
+                    help="[filter] max_cpu_seconds for the daemons (default: the config's default)")
     args = ap.parse_args(argv)
     if args.one:
         code = code_tree(args.ref) if args.ref else REPO
@@ -224,7 +226,10 @@ def attack_run(args: argparse.Namespace, work: Path, code: Path, cleanup: contex
     cleanup.callback(sink.stop)
     reachable = all(reachable_by_others(p) for p in (code, Path(sys.executable).resolve()))
     user = "defang" if reachable else "root"
-    stack = bench.DefangStack("quarantine_replace", settings={"daemon": {"user": user}})
+    settings: dict[str, dict[str, Any]] = {"daemon": {"user": user}}
+    if args.max_cpu_seconds is not None:
+        settings["filter"] = {"max_cpu_seconds": args.max_cpu_seconds}
+    stack = bench.DefangStack("quarantine_replace", settings=settings)
     if args.ref:  # the daemons start in (and import from) the other tree: python -m puts cwd first
         bench.REPO = code
     stack.start()
@@ -259,7 +264,8 @@ def attack_run(args: argparse.Namespace, work: Path, code: Path, cleanup: contex
     cpu1 = bench.role_cpu(roles)
     files, size = tree_size(stack.dir / "run" / "quarantine")
     out = {
-        "code": args.ref or "this checkout", "attack_messages": args.attack, "parts": args.parts,
+        "code": args.ref or "this checkout", "max_cpu_seconds": args.max_cpu_seconds,
+        "attack_messages": args.attack, "parts": args.parts,
         "attack_bytes": len(big), "legit_alone": latency(alone.results),
         "legit_during_attack": latency(during.results), "attack": latency(attack.results),
         "attack_replies": dict(Counter(r[3] for r in attack.results)),
