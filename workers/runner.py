@@ -207,6 +207,7 @@ class FilterRunner:
                 on_part = hooks.get("filter_part")
                 on_multipart = hooks.get("filter_multipart")
                 hook = "part walk"
+                decision.where = "the part walk"  # parsing: what the budget's log line says
                 for part in msg.parts:
                     fn = on_multipart if part.is_multipart else on_part
                     if fn is None:
