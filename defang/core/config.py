@@ -22,6 +22,7 @@ from typing import Any
 from defang.core.convert import (
     as_bool,
     as_canon,
+    as_file_cap,
     as_filter_mode,
     as_int,
     as_key,
@@ -268,7 +269,7 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("quarantine", "sendmail_path"): ("quarantine_sendmail_path", as_path),
     ("quarantine", "smtp_host"): ("quarantine_smtp_host", as_str),
     ("quarantine", "smtp_port"): ("quarantine_smtp_port", as_port),
-    ("quarantine", "max_files"): ("quarantine_max_files", as_int),
+    ("quarantine", "max_files"): ("quarantine_max_files", as_file_cap),
     ("quarantine", "max_bytes"): ("quarantine_max_bytes", as_int),
     ("spamassassin", "address"): ("spamassassin_address", lambda v: _address(v, "spamd")),
     ("spamassassin", "connect_timeout"): ("spamassassin_connect_timeout", as_pos_num),
@@ -343,11 +344,9 @@ def load(
                 value = (base / value).resolve()
             values[attr] = value
     cfg = replace(Config(), source=cfg_path.resolve(), **values)
-    cpu, busy = cfg.max_cpu_seconds, cfg.busy_timeout
-    if "max_cpu_seconds" in values and cpu and busy and cpu >= busy:
+    if "max_cpu_seconds" in values and 0 < (busy := cfg.busy_timeout) <= (cpu := cfg.max_cpu_seconds):
         raise ConfigError(f"{cfg_path}: [filter] max_cpu_seconds {cpu:g} must be below [multiplexor] "
-                          f"busy_timeout {busy:g}: CPU time never runs ahead of the clock, so the pool "
-                          "would stop the worker (a 4xx) before the budget's reply")  # fmt: skip
+                          f"busy_timeout {busy:g}: the pool would stop the worker (a 4xx) first")
     if filter_path:
         cfg = replace(cfg, filter=Path(filter_path).resolve())
     if socket:
@@ -378,12 +377,8 @@ def finish(cfg: Config) -> Config:
         raise ConfigError(f"[multiplexor] min_workers {cfg.min_workers} > max_workers {cfg.max_workers}")
     if cfg.min_spare > cfg.max_workers:
         raise ConfigError(f"[multiplexor] min_spare {cfg.min_spare} > max_workers {cfg.max_workers}")
-    if cfg.max_cpu_seconds and cfg.busy_timeout and cfg.max_cpu_seconds >= cfg.busy_timeout:
-        # the default, with a busy_timeout below it (load() refuses a value set so)
+    if 0 < cfg.busy_timeout <= cfg.max_cpu_seconds:  # the default, over a smaller busy_timeout (load)
         cfg = replace(cfg, max_cpu_seconds=cfg.busy_timeout / 2)
-    if cfg.quarantine_max_files and cfg.quarantine_max_files < 2:
-        raise ConfigError(f"[quarantine] max_files {cfg.quarantine_max_files}: an entry holds at least "
-                          "message.eml and meta.json (2), or 0 for no limit")  # fmt: skip
     return cfg
 
 

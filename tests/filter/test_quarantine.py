@@ -348,3 +348,8 @@ def test_one_entry_is_capped_in_bytes_never_cutting_the_message(tmp_path: Path) 
 def test_an_entry_within_its_caps_says_nothing_left_out(tmp_path: Path) -> None:
     _reply, store, module = quarantine_one(tmp_path)
     assert store.get(module.IDS[0])["left_out"] is None
+
+
+def test_an_entry_cap_below_the_message_and_its_metadata_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match=r"max_files = 1: expected 0 .* or at least 2"):
+        config.load(make_config(tmp_path, max_files=1))
