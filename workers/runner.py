@@ -17,6 +17,12 @@ helper) is not a filter error either: it gets ``[mime] on_limit`` and a WARNING 
 with its queue ID.  After the hooks, the message's quarantine entry is written and,
 if the filter changed parts, the body rebuilt (``defang.workers.mime.rebuild``); a failure there
 is a local problem and gets a fixed tempfail, so no mail is lost.
+
+Each request runs on a CPU budget (``[filter] max_cpu_seconds``, ``defang.workers.budget``):
+checked before each hook, each part and the rebuild, with a timer behind it for a hook
+that never comes back.  Past it, the request gets ``[filter] on_cpu_limit`` (the
+filter's actions dropped, a quarantine entry already asked for still written) and a
+WARNING line with the queue ID.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from defang.workers.api.decision import Decision, FilterError
 from defang.workers.api.message import Message
 from defang.workers.api.notify import Notice
 from defang.workers.api.services import ServiceSettings
+from defang.workers.budget import CpuBudget, OverBudget
 from defang.workers.loader import FilterLoadError, LoadedFilter
 from defang.workers.mime.limits import MimeLimitError, MimeLimits
 from defang.workers.stores.quarantine import QuarantineError, QuarantineStore, quarantine_dir
@@ -48,6 +55,8 @@ log = logging.getLogger("defang.worker")
 BAD_REQUEST = tempfail("Temporary local problem, please try again later", "451", "4.3.0")
 LOCAL_PROBLEM = tempfail("Temporary local problem, please try again later", "451", "4.3.0")
 DEFAULT_ON_LIMIT = reject("Message structure exceeds local limits", "554", "5.6.0")
+DEFAULT_MAX_CPU_SECONDS = 10.0
+DEFAULT_ON_CPU_LIMIT = reject("Message too costly to check (local limit)", "554", "5.6.0")
 
 
 class FilterRunner:
@@ -70,7 +79,10 @@ class FilterRunner:
         if cfg is not None:
             self.limits = MimeLimits.from_config(cfg)
             self.on_limit = cfg.mime_on_limit.verdict
-            self.quarantine_store = QuarantineStore(quarantine_dir(cfg))
+            self.budget = CpuBudget(cfg.max_cpu_seconds)
+            self.on_cpu_limit = cfg.on_cpu_limit.verdict
+            self.quarantine_store = QuarantineStore(quarantine_dir(cfg), max_files=cfg.quarantine_max_files,
+                                                    max_bytes=cfg.quarantine_max_bytes)  # fmt: skip
             self.monitor_all = cfg.filter_mode == "monitor"
             self.monitor_rules = frozenset(cfg.monitor_rules)
             self.services = ServiceSettings.from_config(cfg)
@@ -79,6 +91,7 @@ class FilterRunner:
         else:
             self.limits = MimeLimits()
             self.on_limit = DEFAULT_ON_LIMIT
+            self.budget, self.on_cpu_limit = CpuBudget(DEFAULT_MAX_CPU_SECONDS), DEFAULT_ON_CPU_LIMIT
             self.quarantine_store = QuarantineStore(default_runtime_dir() / "quarantine")
             self.monitor_all, self.monitor_rules = False, frozenset()
             self.services, self.submission = ServiceSettings(), Submission()
@@ -148,6 +161,16 @@ class FilterRunner:
         conn = Connection.from_request(request)
         conn.trial = self.trial
         received_notes = conn.notes
+        try:
+            with self.budget.running():
+                return self._handle(request, conn, received_notes)
+        except OverBudget as exc:
+            self.budget.stop()
+            self.outbox = []
+            return self._over_budget(None, conn, received_notes, exc)
+
+    def _handle(self, request: wire.DecisionRequest, conn: Connection,
+                received_notes: dict[str, Any]) -> wire.Reply:  # fmt: skip
         if isinstance(request, wire.EndOfMessage):
             return self._message(request, conn, received_notes)
         hook = hooks.FOR_REQUEST[type(request)]
@@ -177,6 +200,9 @@ class FilterRunner:
         msg.services = self.services
         try:
             return self._run_message(msg, conn, received_notes)
+        except OverBudget as exc:
+            self.budget.stop()
+            return self._over_budget(msg, conn, received_notes, exc)
         finally:
             if msg._scans is not None:
                 msg._scans.close()
@@ -185,6 +211,7 @@ class FilterRunner:
         decision = msg.decision = conn.decision = self._decision(msg.queue_id or "")
         _own_notes(conn)
         hooks = self._hooks
+        check = self.budget.check
         hook = ran = "message hooks"  # hook: what is running; ran: the last hook that returned
         try:
             fn = hooks.get("filter_begin")
@@ -196,12 +223,14 @@ class FilterRunner:
                 on_part = hooks.get("filter_part")
                 on_multipart = hooks.get("filter_multipart")
                 hook = "part walk"
+                decision.where = "the part walk"  # parsing: what the budget's log line says
                 for part in msg.parts:
                     fn = on_multipart if part.is_multipart else on_part
                     if fn is None:
                         continue
                     hook = "filter_multipart" if part.is_multipart else "filter_part"
                     decision.where = f"{hook}, part {part.index}"
+                    check()
                     _decide(decision, hook, fn(msg, part))
                     ran = hook
                     if decision.decided:
@@ -210,6 +239,7 @@ class FilterRunner:
             fn = hooks.get("filter_end")
             if fn is not None and not decision.decided:
                 hook = decision.where = "filter_end"
+                check()
                 _decide(decision, hook, fn(msg))
                 ran = hook
             hook = ran
@@ -250,15 +280,30 @@ class FilterRunner:
         if msg.changed and verdict.action in ("continue", "accept"):
             from defang.workers.mime.rebuild import rebuild  # lazily: as the part actions (mime.part)
 
+            msg.decision.where = "the rebuild"
+            self.budget.check()
             new_body = str(msg.path) + wire.NEW_BODY_SUFFIX
             actions = actions + rebuild(msg, new_body)
         if msg._last_steps and verdict.action in ("continue", "accept"):
             for step in msg._last_steps:  # signing: over the message as it will leave
                 actions = actions + step(msg, actions)
         if msg._quarantine is not None:
-            path = self.quarantine_store.write(msg, msg._quarantine)
-            log.info("%s: quarantined as %s (%s)", msg.queue_id or "-", msg._quarantine.id, path)
+            self._store(msg)
         return actions
+
+    def _store(self, msg: Message) -> None:
+        """Write the message's quarantine entry, outside the CPU budget: the entry is
+        capped (``[quarantine] max_files``, ``max_bytes``), and the message kept."""
+        assert msg._quarantine is not None
+        self.budget.stop()
+        path = self.quarantine_store.write(msg, msg._quarantine)
+        log.info("%s: quarantined as %s (%s)", msg.queue_id or "-", msg._quarantine.id, path)
+        left = len(msg._quarantine.left_out)
+        if left:
+            store, qid = self.quarantine_store, msg._quarantine.id
+            log.warning("%s: quarantine entry %s: %d of %d part files left out ([quarantine] max_files %d, "
+                        "max_bytes %d); message.eml holds them", msg.queue_id or "-", qid, left,
+                        len(msg._quarantine.parts), store.max_files, store.max_bytes)  # fmt: skip
 
     def _over_limit(self, msg: Message, exc: MimeLimitError, hook: str, conn: Connection,
                     received_notes: dict[str, Any]) -> wire.Reply:  # fmt: skip
@@ -268,10 +313,27 @@ class FilterRunner:
                     msg.queue_id or "-", conn.id, hook, exc, v.code, v.dsn)  # fmt: skip
         try:
             if msg._quarantine is not None:  # asked for before the limit was hit
-                self.quarantine_store.write(msg, msg._quarantine)
+                self._store(msg)
         except Exception as qexc:
             return self._local_problem(msg, qexc, conn, received_notes)
         return self._reply(v, [], conn, received_notes, hook, msg.queue_id)
+
+    def _over_budget(self, msg: Message | None, conn: Connection, received_notes: dict[str, Any],
+                     exc: OverBudget) -> wire.Reply:  # fmt: skip
+        """A request past its CPU budget: on_cpu_limit, the filter's actions dropped, one
+        WARNING line; a quarantine entry the hooks asked for is still written."""
+        v = self.on_cpu_limit
+        queue_id = (msg.queue_id if msg is not None else None) or conn.macros.get("i") or "-"
+        decision = conn.decision
+        where = decision.where if decision is not None and decision.where else "the request"
+        log.warning("%s: conn %s: over the CPU budget in %s (%s); answering %s %s",
+                    queue_id, conn.id, where, exc, v.code, v.dsn)  # fmt: skip
+        if msg is not None and msg._quarantine is not None:
+            try:
+                self._store(msg)
+            except Exception as qexc:
+                return self._local_problem(msg, qexc, conn, received_notes)
+        return wire.Reply(v, [], received_notes, f"over the CPU budget: in {where}")
 
     def _local_problem(self, msg: Message, exc: Exception, conn: Connection,
                        received_notes: dict[str, Any]) -> wire.Reply:  # fmt: skip

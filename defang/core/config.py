@@ -23,6 +23,7 @@ from defang.core.convert import (
     as_bool,
     as_canon,
     as_choice,
+    as_file_cap,
     as_filter_mode,
     as_int,
     as_key,
@@ -124,6 +125,8 @@ class Config:
     max_notes_bytes: int = 64 * 1024
     filter_mode: str = "enforce"
     monitor_rules: tuple[str, ...] = ()
+    max_cpu_seconds: float = 10.0
+    on_cpu_limit: ReplySpec = ReplySpec("554", "5.6.0", "Message too costly to check (local limit)")
     on_filter_error: ReplySpec = ReplySpec("451", "4.3.0", "Temporary filter error, try again later")
     on_internal_error: ReplySpec = ReplySpec(
         "451", "4.3.0", "Mail filter unavailable, try again later"
@@ -146,6 +149,8 @@ class Config:
     quarantine_sendmail_path: Path = Path("/usr/sbin/sendmail")
     quarantine_smtp_host: str = "127.0.0.1"
     quarantine_smtp_port: int = 25
+    quarantine_max_files: int = 100
+    quarantine_max_bytes: int = 50 * 1024 * 1024
     # [spamassassin] (spamd), [clamav] (clamd): "" = not asked
     spamassassin_address: str = ""
     spamassassin_connect_timeout: float = 2.0
@@ -268,6 +273,8 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("filter", "max_notes_bytes"): ("max_notes_bytes", as_pos_int),
     ("filter", "mode"): ("filter_mode", as_filter_mode),
     ("filter", "monitor_rules"): ("monitor_rules", as_names),
+    ("filter", "max_cpu_seconds"): ("max_cpu_seconds", as_num),
+    ("filter", "on_cpu_limit"): ("on_cpu_limit", _reply),
     ("replies", "on_filter_error"): ("on_filter_error", _reply),
     ("replies", "on_internal_error"): ("on_internal_error", _reply),
     ("replies", "on_busy"): ("on_busy", _reply),
@@ -286,6 +293,8 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("quarantine", "sendmail_path"): ("quarantine_sendmail_path", as_path),
     ("quarantine", "smtp_host"): ("quarantine_smtp_host", as_str),
     ("quarantine", "smtp_port"): ("quarantine_smtp_port", as_port),
+    ("quarantine", "max_files"): ("quarantine_max_files", as_file_cap),
+    ("quarantine", "max_bytes"): ("quarantine_max_bytes", as_int),
     ("spamassassin", "address"): ("spamassassin_address", lambda v: _address(v, "spamd")),
     ("spamassassin", "connect_timeout"): ("spamassassin_connect_timeout", as_pos_num),
     ("spamassassin", "timeout"): ("spamassassin_timeout", as_pos_num),
@@ -420,6 +429,9 @@ def load(
                 value = (base / value).resolve()
             values[attr] = value
     cfg = replace(Config(), source=cfg_path.resolve(), **values)
+    if "max_cpu_seconds" in values and 0 < (busy := cfg.busy_timeout) <= (cpu := cfg.max_cpu_seconds):
+        raise ConfigError(f"{cfg_path}: [filter] max_cpu_seconds {cpu:g} must be below [multiplexor] "
+                          f"busy_timeout {busy:g}: the pool would stop the worker (a 4xx) first")
     if filter_path:
         cfg = replace(cfg, filter=Path(filter_path).resolve())
     if socket:
@@ -454,6 +466,8 @@ def finish(cfg: Config) -> Config:
         raise ConfigError(f"[multiplexor] min_workers {cfg.min_workers} > max_workers {cfg.max_workers}")
     if cfg.min_spare > cfg.max_workers:
         raise ConfigError(f"[multiplexor] min_spare {cfg.min_spare} > max_workers {cfg.max_workers}")
+    if 0 < cfg.busy_timeout <= cfg.max_cpu_seconds:  # the default, over a smaller busy_timeout (load)
+        cfg = replace(cfg, max_cpu_seconds=cfg.busy_timeout / 2)
     return cfg
 
 

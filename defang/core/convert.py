@@ -28,6 +28,13 @@ def as_pos_int(v: Any) -> int:
     return v
 
 
+def as_file_cap(v: Any) -> int:
+    """Files of one quarantine entry: 0 (no cap) or at least 2 (message.eml and meta.json)."""
+    if as_int(v) == 1:
+        raise TypeError("expected 0 (no limit) or at least 2: message.eml and meta.json are always kept")
+    return v
+
+
 def as_num(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
         raise TypeError("expected a non-negative number")

@@ -285,3 +285,71 @@ def test_null_sender_is_released_as_null_sender(tmp_path: Path, capsys) -> None:
     rc, _, err = defang(tmp_path, capsys, "release", qid)
     assert rc == 0, err
     assert (tmp_path / "sendmail.argv").read_text().splitlines()[:3] == ["-i", "-f", "<>"]
+
+
+def many_exes(n: int) -> bytes:
+    parts = "".join(f"""--b
+    Content-Type: application/x-msdownload; name="f{i}.exe"
+    Content-Disposition: attachment; filename="f{i}.exe"
+    Content-Transfer-Encoding: base64
+
+    TVqQAAMAAAAEAAAA
+    """ for i in range(n))
+    return crlf(f"""
+    From: Alice <alice@example.com>
+    To: bob@example.org
+    Subject: many
+    Content-Type: multipart/mixed; boundary="b"
+
+    {parts}--b--
+    """.replace("\n    ", "\n").replace("\n" + " " * 4, "\n"))
+
+
+def test_one_entry_is_capped_in_files_and_the_message_is_kept_whole(tmp_path: Path, caplog) -> None:
+    cfg = config.load(make_config(tmp_path, max_files=4), runtime_dir=str(tmp_path / "run"))
+    runner = runner_for(inline_filter(tmp_path, QUARANTINING), config=cfg)
+    with caplog.at_level("WARNING", logger="defang.worker"):
+        reply = run(runner, many_exes(5), tmp_path, queue_id="4QCAP")
+    assert "error" not in reply and reply["verdict"]["action"] == "continue"
+    assert rebuilt(reply, tmp_path).count(b"removed.txt") == 5 * 2, "every part replaced all the same"
+    [qid] = runner.quarantine_store.ids()
+    entry = runner.quarantine_store.entry_dir(qid)
+    assert sorted(os.listdir(entry)) == ["message.eml", "meta.json", "part-1.bin", "part-2.bin"]
+    assert (entry / "message.eml").read_bytes() == (tmp_path / "spool" / "message").read_bytes()
+    meta = runner.quarantine_store.get(qid)
+    assert [p["index"] for p in meta["parts"]] == [1, 2]
+    assert meta["left_out"]["parts"] == 3 and meta["left_out"]["indexes"] == [3, 4, 5]
+    assert meta["left_out"]["max_files"] == 4
+    assert len(meta["reasons"]) == 6, "every reason is kept"
+    [line] = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert line.startswith(f"4QCAP: quarantine entry {qid}: 3 of 5 part files left out")
+
+
+def test_one_entry_is_capped_in_bytes_never_cutting_the_message(tmp_path: Path) -> None:
+    raw = many_exes(3)
+    # room for the message and one 12-byte part file, not two
+    cfg = config.load(make_config(tmp_path, max_bytes=len(raw) + 20), runtime_dir=str(tmp_path / "run"))
+    runner = runner_for(inline_filter(tmp_path, QUARANTINING), config=cfg)
+    run(runner, raw, tmp_path)
+    [qid] = runner.quarantine_store.ids()
+    meta = runner.quarantine_store.get(qid)
+    assert [p["index"] for p in meta["parts"]] == [1] and meta["left_out"]["indexes"] == [2, 3]
+    # a message bigger than max_bytes is still kept whole (it is what a release sends)
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    cfg = config.load(make_config(tiny, max_bytes=10), runtime_dir=str(tiny / "run"))
+    runner = runner_for(inline_filter(tiny, QUARANTINING), config=cfg)
+    run(runner, raw, tiny)
+    [qid] = runner.quarantine_store.ids()
+    assert runner.quarantine_store.message_path(qid).read_bytes() == (tiny / "spool" / "message").read_bytes()
+    assert runner.quarantine_store.get(qid)["left_out"]["parts"] == 3
+
+
+def test_an_entry_within_its_caps_says_nothing_left_out(tmp_path: Path) -> None:
+    _reply, store, module = quarantine_one(tmp_path)
+    assert store.get(module.IDS[0])["left_out"] is None
+
+
+def test_an_entry_cap_below_the_message_and_its_metadata_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match=r"max_files = 1: expected 0 .* or at least 2"):
+        config.load(make_config(tmp_path, max_files=1))

@@ -16,6 +16,7 @@ import io
 import os
 import quopri
 import re
+import urllib.parse
 from email.generator import BytesGenerator
 from email.message import MIMEPart
 from typing import Any
@@ -100,26 +101,92 @@ def make_part(
     disposition = disposition or ("attachment" if filename else "inline")
     if disposition not in ("attachment", "inline"):
         raise ValueError(f"disposition {disposition!r} must be attachment or inline")
-    part = MIMEPart(policy=POLICY)
-    part["Content-Type"] = content_type
     if maintype == "text":
         codec = _codec(charset)  # LookupError for an unknown charset: the filter's mistake
         data = content.encode(codec) if isinstance(content, str) else content
-        part.set_param("charset", charset)
         cte = _text_cte(data) if _ascii_compatible(codec) else "base64"
     else:
         data = content.encode(_codec(charset)) if isinstance(content, str) else content
         cte = "base64"
+    if maintype == "text" and not _TOKEN_RE.fullmatch(charset):
+        raise ValueError(f"charset {charset!r} is not a MIME charset name")
+    type_params = [f"charset={quote_param(charset)}"] if maintype == "text" else []
+    disposition_params = []
     if filename:
-        rfc2231 = None if filename.isascii() else "utf-8"
-        part.set_param("name", filename, charset=rfc2231)
-        part["Content-Disposition"] = disposition
-        part.set_param("filename", filename, header="Content-Disposition", charset=rfc2231)
-    else:
-        part["Content-Disposition"] = disposition
-    part["Content-Transfer-Encoding"] = cte
+        type_params += _file_param("name", filename)
+        disposition_params = _file_param("filename", filename)
+    part = NewPart(policy=POLICY)
+    # Stored as the header lines a parser would keep (set_raw): the stdlib's
+    # set_param parses each header again at every call, 0.45 ms a part, which a
+    # message of 4,900 replaced parts paid 4,900 times.
+    part.set_raw("Content-Type", _fold("Content-Type", content_type, type_params))
+    part.set_raw("Content-Disposition", _fold("Content-Disposition", disposition, disposition_params))
+    part.set_raw("Content-Transfer-Encoding", cte)
     part.set_payload(encode_body(data, cte))
     return part
+
+
+class NewPart(MIMEPart):
+    """A leaf ``make_part`` built: header lines stored as written (``set_raw``), an
+    ASCII payload already encoded.  ``flatten`` writes it without the stdlib generator,
+    which parses the Content-Type header anew at each of its looks (0.13 ms a part)."""
+
+
+# --- header lines of new parts ----------------------------------------------------------------
+
+#: RFC 2045 token characters (a charset name must be one to be written as a parameter)
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+")
+#: RFC 2231 attribute-char beyond letters, digits and "_.-~" (which quote() keeps anyway)
+_ATTRIBUTE_SAFE = "!#$&+^`|"
+_MAX_LINE = 78  # POLICY.max_line_length: where the stdlib folds the headers it writes
+
+
+def quote_param(value: str) -> str:
+    """A quoted-string (RFC 2045/5322): backslash and double quote escaped."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _file_param(name: str, value: str) -> list[str]:
+    """``name="value"`` when ``value`` is printable ASCII and fits on a line, else the
+    RFC 2231 form (UTF-8, percent-encoded, in numbered sections when long): what the
+    stdlib writes for the same value, and reads back as the same value."""
+    if all(" " <= c <= "~" for c in value):
+        quoted = f"{name}={quote_param(value)}"
+        if len(quoted) + 2 <= _MAX_LINE:
+            return [quoted]
+    encoded = urllib.parse.quote(value.encode("utf-8", "replace"), safe=_ATTRIBUTE_SAFE)
+    whole = f"{name}*=utf-8''{encoded}"
+    if len(whole) + 2 <= _MAX_LINE:
+        return [whole]
+    sections: list[str] = []
+    rest = "utf-8''" + encoded
+    while rest:
+        head = f"{name}*{len(sections)}*="
+        cut = min(len(rest), _MAX_LINE - 2 - len(head))
+        if len(rest) > cut:  # never inside a %XX triplet: each section is decoded alone
+            if rest[cut - 1] == "%":
+                cut -= 1
+            elif rest[cut - 2] == "%":
+                cut -= 2
+        sections.append(head + rest[:cut])
+        rest = rest[cut:]
+    return sections
+
+
+def _fold(name: str, value: str, params: list[str]) -> str:
+    """``value; param; ...`` folded before a parameter that would pass the line length,
+    as a header value keeps its folds (CRLF + space) once parsed."""
+    lines = [value]
+    width = len(name) + 2 + len(value)
+    for param in params:
+        if width + 2 + len(param) <= _MAX_LINE:
+            lines[-1] += "; " + param
+            width += 2 + len(param)
+        else:
+            lines[-1] += ";"
+            lines.append(" " + param)
+            width = 1 + len(param)
+    return "\r\n".join(lines)
 
 
 def placeholder_part() -> MIMEPart:
@@ -227,6 +294,8 @@ def with_boilerplate(entity: Any, data: bytes, addition: str, is_html: bool) -> 
 
 def flatten(entity: Any) -> bytes:
     """Headers and body of ``entity`` with CRLF line ends."""
+    if type(entity) is NewPart and isinstance(payload := entity.get_payload(), str) and payload.isascii():
+        return header_bytes(entity) + crlf_lines(payload)  # what the generator writes, byte for byte
     buf = io.BytesIO()
     BytesGenerator(buf, mangle_from_=False, policy=POLICY).flatten(entity)
     return buf.getvalue()
