@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from defang.core import child
 from defang.core.config import Config
@@ -45,6 +46,32 @@ class StartError(Exception):
     pass
 
 
+#: a daemon that ran at least this long before it died was healthy: its back-off starts over
+HEALTHY_RUN = 60.0
+MAX_BACKOFF = 30
+
+
+@dataclass
+class Backoff:
+    """How long to wait before restarting a daemon that died: 2, 4, 8, 16, 30, 30 s...
+    while it keeps dying soon after each start, and 2 s again once it had run for
+    ``HEALTHY_RUN`` (a crash a week apart is not a crash loop).  Pure: it is given the
+    monotonic times."""
+
+    failures: int = 0
+    started: float = 0.0
+
+    def start(self, now: float) -> None:
+        self.started = now
+
+    def died(self, now: float) -> int:
+        """Seconds to wait before the next start."""
+        if now - self.started >= HEALTHY_RUN:
+            self.failures = 0
+        self.failures += 1
+        return min(2 ** min(self.failures, 5), MAX_BACKOFF)
+
+
 HANDLED_SIGNALS = child.PARENT_SIGNALS
 #: a daemon's entry point, run in the forked child with the descriptor to announce
 #: "ready" (or "error: why") on; returns the exit code
@@ -56,10 +83,11 @@ class Daemon:
         self.name = name
         self.main = main
         self.proc: child.Child | None = None
-        self.restarts = 0
+        self.backoff = Backoff()
         self.next_start = 0.0
 
     def start(self) -> None:
+        self.backoff.start(time.monotonic())
         r, w = os.pipe()
         main = self.main
         self.proc = child.fork(lambda: main(w), keep_fds=[w])
@@ -166,8 +194,7 @@ def _keep_alive(d: Daemon) -> None:
         return
     now = time.monotonic()
     if d.next_start == 0.0:
-        d.restarts += 1
-        delay = min(2 ** min(d.restarts, 5), 30)
+        delay = d.backoff.died(now)
         d.next_start = now + delay
         log.error("%s (pid %d) exited with %s; restarting in %ds", d.name, d.proc.pid,
                   d.proc.returncode, delay)  # fmt: skip
