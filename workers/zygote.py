@@ -22,7 +22,6 @@ multiplexor, which forks and calls it (the multiplexor imports no worker code).
 
 from __future__ import annotations
 
-import argparse
 import email.generator  # noqa: F401  (imported so workers share the pages)
 import email.parser  # noqa: F401
 import email.policy  # noqa: F401
@@ -81,20 +80,14 @@ def receive(sock: socket.socket) -> tuple[wire.Spawn | None, list[int]]:
     return msg, fds
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="defang-zygote")
-    ap.add_argument("--config")
-    ap.add_argument("--filter")
-    ap.add_argument("--runtime-dir")
-    ap.add_argument("--fd", type=int, required=True)
-    ap.add_argument("--generation", type=int, default=1)
-    args = ap.parse_args(argv)
-    cfg = configmod.load(args.config, filter_path=args.filter, runtime_dir=args.runtime_dir)
+def main(cfg: configmod.Config, fd: int, generation: int) -> int:
+    """Run in the child the multiplexor forked: ``cfg`` is the config of this generation
+    (a reload's, as re-read), ``fd`` our end of the channel."""
     logsetup.setup(cfg.log_level)
     # Ctrl-C in a terminal reaches the whole process group; the multiplexor decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    set_title(f"defang-zygote (gen {args.generation})")
-    chan = socket.socket(fileno=args.fd)
+    set_title(f"defang-zygote (gen {generation})")
+    chan = socket.socket(fileno=fd)
     try:
         loaded = load_filter(str(cfg.filter))
     except FilterLoadError as exc:
@@ -116,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     malloc.fix_mmap_threshold()
     send(chan, wire.ZygoteReady(os.getpid(), sorted(runner.hooks)))
-    return _loop(chan, runner, cfg, args.generation)
+    return _loop(chan, runner, cfg, generation)
 
 
 def _loop(chan: socket.socket, runner: FilterRunner, cfg, generation: int) -> int:

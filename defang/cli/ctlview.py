@@ -9,12 +9,26 @@ def render(command: str, reply: dict[str, Any]) -> str:
     if not reply.get("ok"):
         return f"error: {reply.get('error', 'unknown error')}"
     if command == "reload":
-        return f"reloaded: generation {reply.get('gen')}, hooks: {', '.join(reply.get('hooks') or [])}"
+        return _reload(reply)
     if command == "workers":
         return _workers(reply)
     if command == "histo":
         return _histo(reply)
     return _status(reply)
+
+
+def _reload(r: dict[str, Any]) -> str:
+    """One line for the reload, then one per option it applied, one per option that needs
+    a restart, one per warning about the config."""
+    lines = [f"reloaded: generation {r.get('gen')}, hooks: {', '.join(r.get('hooks') or []) or 'none'}"]
+    config = r.get("config") or {}
+    changed, restart = config.get("changed") or [], config.get("restart") or []
+    if config and not changed and not restart:
+        lines.append("config: no option changed")
+    lines += [f"changed: {line}" for line in changed]
+    lines += [f"not applied: {line}" for line in restart]  # "... (needs a restart; still ...)"
+    lines += [f"warning: {line}" for line in config.get("warnings") or []]
+    return "\n".join(lines)
 
 
 def _status(r: dict[str, Any]) -> str:

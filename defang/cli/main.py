@@ -26,13 +26,20 @@ def _passthrough(args: argparse.Namespace, command: str) -> list[str]:
     return out
 
 
+def _config_reader(args: argparse.Namespace) -> Callable[[], configmod.Config]:
+    """Read the config file as this command does, with its command-line overrides: the
+    daemons read it again on each reload (``defang.core.reconfig``)."""
+    return lambda: configmod.load(args.config, filter_path=getattr(args, FILTER, None),
+                                  socket=getattr(args, SOCKET, None),
+                                  runtime_dir=getattr(args, RUNTIME, None),
+                                  client=args.command == "quarantine")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    reread = _config_reader(args)
     try:
-        cfg = configmod.load(args.config, filter_path=getattr(args, FILTER, None),
-                             socket=getattr(args, SOCKET, None),
-                             runtime_dir=getattr(args, RUNTIME, None),
-                             client=args.command == "quarantine")  # fmt: skip
+        cfg = reread()
     except configmod.ConfigError as exc:
         print(f"defang: {exc}", file=sys.stderr)
         return 2
@@ -70,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "milter":
         from defang.frontend.daemon import serve
 
-        return serve(cfg, args.ready_fd)
+        return serve(cfg, args.ready_fd, reread=reread)
     if args.command == "multiplexor":
         from defang.multiplexor.daemon import Multiplexor
         from defang.workers.zygote import main as zygote_main
 
-        return Multiplexor(cfg, zygote_main, ready_fd=args.ready_fd).run()
+        return Multiplexor(cfg, zygote_main, ready_fd=args.ready_fd, reread=reread).run()
     if args.command == "check":
         return check(cfg, args.strict)
     if args.command == "test":
@@ -119,7 +126,8 @@ def daemon_identity(cfg: configmod.Config) -> None:
 
 
 def check(cfg: configmod.Config, strict: bool) -> int:
-    """Exit 0 when the filter loads (1 with ``--strict`` and a warning), 1 when it does not."""
+    """Exit 0 when the filter loads (1 with ``--strict`` and a warning about the filter, who
+    may write it, or the config's timeouts), 1 when it does not."""
     from defang.core.privileges import unsafe_files
     from defang.workers.loader import FilterLoadError, load_filter
     from defang.workers.runner import FilterRunner
@@ -131,7 +139,7 @@ def check(cfg: configmod.Config, strict: bool) -> int:
         print(exc, file=sys.stderr)
         return 1
     files = {"filter": cfg.filter, "config": cfg.source}
-    warnings = [*loaded.warnings, *unsafe_files(files, cfg.daemon_user)]
+    warnings = [*loaded.warnings, *unsafe_files(files, cfg.daemon_user), *configmod.timeout_warnings(cfg)]
     for line in warnings:
         print(line, file=sys.stderr)
     print(f"{cfg.filter}: OK; hooks: {', '.join(sorted(loaded.hooks)) or 'none'}")

@@ -350,6 +350,7 @@ class ControlResult:
     error: str | None = None
     gen: int | None = None
     hooks: list[str] | None = None
+    config: dict[str, Any] | None = None  # a reload's lines: changed, restart, warnings (reconfig.py)
 
 
 @dataclass(slots=True)

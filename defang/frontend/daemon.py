@@ -13,6 +13,7 @@ import os
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import milter
@@ -32,13 +33,14 @@ log = logging.getLogger("defang.milter")
 MILTER_ARENAS = 2
 
 
-def serve(cfg: Config, ready_fd: int | None = None) -> int:
+def serve(cfg: Config, ready_fd: int | None = None, reread: Callable[[], Config] | None = None) -> int:
+    """``reread``: the config file read again as at the start, for reloads (see FrontEnd)."""
     set_title("defang-milter")
     malloc.limit_arenas(MILTER_ARENAS)
     client = MultiplexorClient(
         str(cfg.multiplexor_socket), cfg.effective_request_timeout(), cfg.max_frame_size
     )
-    fe = FrontEnd(cfg, client)
+    fe = FrontEnd(cfg, client, reread)
     fe.spool.clean()
     fe.hooks.refresh()
     install_callbacks(fe)

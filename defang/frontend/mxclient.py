@@ -28,8 +28,13 @@ class MultiplexorClient:
         self.timeout = timeout
         self.max_frame_size = max_frame_size
         self.pool_max = pool_max
-        self._idle: list[socket.socket] = []
+        self._idle: list[tuple[socket.socket, float]] = []  # each with the timeout it was opened with
         self._lock = threading.Lock()
+
+    def set_timeout(self, timeout: float) -> None:
+        """A reload changed the timeout: new connections get it, pooled ones are closed when
+        next given back (their kernel timeouts are the old one)."""
+        self.timeout = timeout
 
     def decide(self, request: wire.DecisionRequest) -> wire.Reply:
         return self._request(request, wire.Reply)
@@ -41,7 +46,7 @@ class MultiplexorClient:
         frame = wire.encode(request)
         if len(frame) - 4 > self.max_frame_size:
             raise MultiplexorError(f"request of {len(frame)} bytes exceeds max_frame_size")
-        sock, reused = self._take()
+        sock, reused, timeout = self._take()
         try:
             reply = self._exchange(sock, frame, expected)
         except (OSError, ProtocolError, MultiplexorError) as exc:
@@ -50,13 +55,13 @@ class MultiplexorClient:
             # only when nothing came back at all (the request never reached a worker).
             if not (reused and isinstance(exc, BrokenPipeError | ConnectionResetError | _Eof)):
                 raise MultiplexorError(_describe(exc)) from None
-            sock = self._connect()
+            sock, timeout = self._connect(), self.timeout
             try:
                 reply = self._exchange(sock, frame, expected)
             except (OSError, ProtocolError, MultiplexorError) as exc2:
                 sock.close()
                 raise MultiplexorError(_describe(exc2)) from None
-        self._give(sock)
+        self._give(sock, timeout)
         return reply
 
     def _exchange(self, sock: socket.socket, frame: bytes, expected: type) -> Any:
@@ -78,26 +83,28 @@ class MultiplexorClient:
             raise ProtocolError(f"a {reply.OP} reply where a {expected.OP} was due")
         return reply
 
-    def _take(self) -> tuple[socket.socket, bool]:
+    def _take(self) -> tuple[socket.socket, bool, float]:
         with self._lock:
             if self._idle:
-                return self._idle.pop(), True
-        return self._connect(), False
+                return *self._idle.pop(), True  # type: ignore[return-value]
+        timeout = self.timeout
+        return self._connect(timeout), False, timeout
 
-    def _give(self, sock: socket.socket) -> None:
+    def _give(self, sock: socket.socket, timeout: float) -> None:
         with self._lock:
-            if len(self._idle) < self.pool_max:
-                self._idle.append(sock)
+            if len(self._idle) < self.pool_max and timeout == self.timeout:
+                self._idle.append((sock, timeout))
                 return
         sock.close()
 
-    def _connect(self) -> socket.socket:
+    def _connect(self, timeout: float | None = None) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # The timeout is the kernel's (SO_RCVTIMEO, SO_SNDTIMEO; a wait past it fails with
         # EAGAIN), not settimeout(): on a socket with a Python timeout every send and recv
         # is a poll() first, one more syscall and one more time the GIL is let go.
-        seconds = int(self.timeout)
-        timeval = struct.pack("@ll", seconds, int((self.timeout - seconds) * 1_000_000))
+        timeout = self.timeout if timeout is None else timeout
+        seconds = int(timeout)
+        timeval = struct.pack("@ll", seconds, int((timeout - seconds) * 1_000_000))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         try:
@@ -109,7 +116,7 @@ class MultiplexorClient:
 
     def close(self) -> None:
         with self._lock:
-            for s in self._idle:
+            for s, _ in self._idle:
                 s.close()
             self._idle.clear()
 

@@ -10,9 +10,11 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from defang.core import hooks, wire
-from defang.core.config import Config
+from defang.core.config import Config, ConfigError
+from defang.core.reconfig import reconfigure
 from defang.frontend.mxclient import MultiplexorClient, MultiplexorError
 from defang.frontend.spool import SpoolDir
 
@@ -27,12 +29,16 @@ class HookCache:
     Asked again when a reply comes from a newer filter generation (a reload) or when
     the answer is older than HOOKS_MAX_AGE.  Unknown (multiplexor down): every hook is
     assumed, so every stage asks for a decision and gets a tempfail, never an accept.
+    ``on_new_generation`` is called when the generation changes after the first (a
+    reload, or a restarted multiplexor): the config was re-read.
     """
 
     ALL = frozenset(hooks.NAMES)
 
-    def __init__(self, client: MultiplexorClient) -> None:
+    def __init__(self, client: MultiplexorClient,
+                 on_new_generation: Callable[[int], None] | None = None) -> None:  # fmt: skip
         self.client = client
+        self.on_new_generation = on_new_generation
         self.gen = -1
         self.hooks: frozenset[str] = self.ALL
         self.fetched = 0.0
@@ -59,18 +65,24 @@ class HookCache:
                 self.fetched = time.monotonic()
                 return
             gen, names = reply.gen, frozenset(reply.hooks)
-            if gen != self.gen:
+            changed = gen != self.gen
+            if changed:
                 log.info("filter generation %s: hooks %s", gen, ", ".join(sorted(names)) or "none")
+            first = self.fetched == 0.0
             self.gen, self.hooks, self.fetched = gen, names, time.monotonic()
+            if changed and not first and self.on_new_generation is not None:
+                self.on_new_generation(gen)
 
 
 class FrontEnd:
     """Shared by all sessions: config, the multiplexor client, the hooks, the spool."""
 
-    def __init__(self, cfg: Config, client: MultiplexorClient) -> None:
+    def __init__(self, cfg: Config, client: MultiplexorClient,
+                 reread: Callable[[], Config] | None = None) -> None:  # fmt: skip
         self.cfg = cfg
         self.client = client
-        self.hooks = HookCache(client)
+        self.reread = reread
+        self.hooks = HookCache(client, self.reconfigure if reread is not None else None)
         self.spool = SpoolDir(cfg.spool_dir)
         self._seq = 0
         self._seq_lock = threading.Lock()
@@ -82,6 +94,23 @@ class FrontEnd:
         with self._seq_lock:
             self._seq += 1
             return f"{self.pid:x}.{self._seq}"
+
+    def reconfigure(self, gen: int) -> None:
+        """A new filter generation: the multiplexor re-read the config; read it too and take
+        the options the front end uses (message limits, replies, macros, the request
+        timeout, the log level).  Those fixed at the start (the milter socket, the spool)
+        stay; the multiplexor's answer to the reload names them."""
+        try:
+            fresh = self.reread()  # type: ignore[misc]
+        except (ConfigError, OSError) as exc:
+            log.error("milter: generation %d: the config does not load, keeping the running one: %s", gen,
+                      exc)  # fmt: skip
+            return
+        r = reconfigure(self.cfg, fresh)
+        self.cfg = r.cfg  # one assignment: each callback reads fe.cfg once per use
+        self.client.set_timeout(r.cfg.effective_request_timeout())
+        logging.getLogger().setLevel(r.cfg.log_level.upper())
+        log.info("milter: generation %d: config re-read, %d option(s) changed", gen, len(r.changed))
 
     def decide(self, request: wire.DecisionRequest, what: str) -> wire.Reply:
         """One decision from the multiplexor, or the internal-error reply and a log line."""

@@ -39,19 +39,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from defang.core import child, procinfo, wire
-from defang.core.config import Config
+from defang.core import child, wire
+from defang.core.config import Config, timeout_warnings
 from defang.core.framing import frame
-from defang.core.privileges import give_socket, peer_credentials, refuse_change
+from defang.core.privileges import give_socket, peer_credentials
 from defang.core.proctitle import set_title
 from defang.multiplexor import events as ev
 from defang.multiplexor.channel import Channel, Closed
+from defang.multiplexor.control import ControlCommands
 from defang.multiplexor.pool import STOP_GRACE, Pool
 
 log = logging.getLogger("defang.multiplexor")
 
 BOOT_TIMEOUT = 30.0
-ZygoteMain = Callable[[list[str]], int]
+#: the zygote's entry point, run in the forked child: (its config, its socket's fd, generation)
+ZygoteMain = Callable[[Config, int, int], int]
+#: the config file read again as at the start (the command line's overrides on top)
+Reread = Callable[[], Config]
 
 
 @dataclass(eq=False)
@@ -69,9 +73,10 @@ class ZygoteLink:
     sock: socket.socket
 
 
-class Multiplexor:
-    def __init__(self, cfg: Config, zygote_main: ZygoteMain, *, ready_fd: int | None = None) -> None:
-        self.cfg = cfg
+class Multiplexor(ControlCommands):
+    def __init__(self, cfg: Config, zygote_main: ZygoteMain, *, ready_fd: int | None = None,
+                 reread: Reread | None = None) -> None:  # fmt: skip
+        self.reread = reread  # None: a reload loads the filter again, with the config as it was
         self.zygote_main = zygote_main
         self.ready_fd = ready_fd
         self.pool = Pool(cfg)
@@ -108,6 +113,8 @@ class Multiplexor:
         log.info("multiplexor ready: %d to %d workers (%d spare), queue %d, socket %s",
                  self.cfg.min_workers, self.cfg.max_workers, self.cfg.min_spare, self.cfg.queue_size,
                  self.cfg.multiplexor_socket)  # fmt: skip
+        for line in timeout_warnings(self.cfg):
+            log.warning("%s", line)
 
         while self._stopped is None:
             timeout = max(self.pool.next_deadline(time.monotonic()) - time.monotonic(), 0.0)
@@ -136,8 +143,8 @@ class Multiplexor:
             elif signum == signal.SIGTERM:
                 self._feed(ev.StopRequested(fast=False))
             elif signum == signal.SIGHUP:
-                log.info("multiplexor: SIGHUP: reloading the filter")
-                self._feed(ev.ReloadRequested())
+                log.info("multiplexor: SIGHUP: reloading the config and the filter")
+                self._reload(None)
             elif signum == signal.SIGCHLD:
                 self._reap_zygotes()
 
@@ -216,34 +223,6 @@ class Multiplexor:
         client.job = job
         self._feed(ev.RequestReceived(job))
 
-    def _on_control(self, client: Client, body: bytes) -> None:
-        try:
-            request = wire.decode(body, wire.TO_CONTROL)
-        except wire.ProtocolError as exc:
-            self._send_client(client, wire.encode(wire.ControlResult(False, error=str(exc))))
-            return
-        if request.command == "status":
-            self._send_client(client, wire.encode(self.status()))
-            return
-        refused = refuse_change(client.peer, self.cfg.control_group)
-        if refused:
-            log.warning("multiplexor: reload refused: %s", refused)
-            answer = wire.ControlResult(False, error=f"reload refused: {refused}")
-            self._send_client(client, wire.encode(answer))
-            return
-        self._feed(ev.ReloadRequested(client))
-
-    def status(self) -> wire.Status:
-        pool, cfg = self.pool, self.cfg
-        return wire.Status(
-            pid=os.getpid(), uptime=round(time.time() - self.started, 1), generation=pool.gen,
-            filter=str(cfg.filter), hooks=pool.hello().hooks,
-            workers=pool.worker_status(time.monotonic(), procinfo.rss),
-            queue={"depth": len(pool.queue), "size": cfg.queue_size},
-            pool={"min_workers": cfg.min_workers, "max_workers": cfg.max_workers, "min_spare": cfg.min_spare},
-            spawn_failures=pool.spawn_failures, last_load_error=pool.last_load_error or None,
-            **pool.stats.snapshot())  # fmt: skip
-
     def _send_client(self, client: Client, frame: bytes) -> None:
         try:
             client.chan.send(frame)
@@ -289,15 +268,11 @@ class Multiplexor:
             self._feed(ev.WorkerBootFailed(wid, msg.pid, msg.error))
 
     # ---------------------------------------------------------------- zygotes
-    def _fork_zygote(self, gen: int) -> ZygoteLink:
+    def _fork_zygote(self, gen: int, cfg: Config) -> ZygoteLink:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = ["--fd", str(theirs.fileno()), "--generation", str(gen), "--filter", str(self.cfg.filter)]
-        if self.cfg.source:
-            argv += ["--config", str(self.cfg.source)]
-        argv += ["--runtime-dir", str(self.cfg.runtime_dir)]
-        main = self.zygote_main
+        main, fd = self.zygote_main, theirs.fileno()
         try:
-            proc = child.fork(lambda: main(argv), keep_fds=[theirs.fileno()])
+            proc = child.fork(lambda: main(cfg, fd, gen), keep_fds=[fd])
         finally:
             theirs.close()
         link = ZygoteLink(gen, proc, mine)
@@ -307,7 +282,7 @@ class Multiplexor:
     def _boot_first_zygote(self) -> bool:
         """Start the first generation and wait for it: nothing can be served before."""
         (start,) = self.pool.start()
-        link = self._fork_zygote(start.gen)
+        link = self._fork_zygote(start.gen, start.cfg)
         link.sock.settimeout(BOOT_TIMEOUT)
         try:
             msg = wire.decode(link.sock.recv(65536), wire.FROM_ZYGOTE)
@@ -387,7 +362,7 @@ class Multiplexor:
     # ---------------------------------------------------------------- commands
     def _do_start_zygote(self, c: ev.StartZygote) -> None:
         try:
-            link = self._fork_zygote(c.gen)
+            link = self._fork_zygote(c.gen, c.cfg)
         except OSError as exc:
             self._feed(ev.ZygoteLoadFailed(c.gen, f"cannot start a zygote: {exc}"))
             return
@@ -459,6 +434,9 @@ class Multiplexor:
     def _do_answer_control(self, c: ev.AnswerControl) -> None:
         self._send_client(c.waiter, wire.encode(c.result))
 
+    def _do_config_applied(self, c: ev.ConfigApplied) -> None:
+        logging.getLogger().setLevel(c.cfg.log_level.upper())
+
     def _do_close_listeners(self, c: ev.CloseListeners) -> None:
         for lsock in self.listeners:
             self._unregister(lsock)
@@ -495,6 +473,7 @@ _COMMANDS: dict[type, Callable[[Multiplexor, Any], None]] = {
     ev.Signal: Multiplexor._do_signal,
     ev.Answer: Multiplexor._do_answer,
     ev.AnswerControl: Multiplexor._do_answer_control,
+    ev.ConfigApplied: Multiplexor._do_config_applied,
     ev.CloseListeners: Multiplexor._do_close_listeners,
     ev.Stopped: Multiplexor._do_stopped,
 }

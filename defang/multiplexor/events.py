@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from defang.core.config import ReplySpec
+from defang.core.config import Config, ReplySpec
+from defang.core.reconfig import Reconfig
 from defang.core.wire import ControlResult
 
 #: a worker's states, as ``defangctl status`` shows them: spawn asked for, ready for a
@@ -127,6 +128,9 @@ class WorkerLost:
 @dataclass(slots=True)
 class ReloadRequested:
     waiter: Any = None  # a control client waiting for the reload's outcome, or None (SIGHUP)
+    # the config as re-read (the loop reads the file); None: the running one, unchanged
+    reconfig: Reconfig | None = None
+    warnings: tuple[str, ...] = ()  # about the re-read config (timeouts that do not fit)
 
 
 @dataclass(slots=True)
@@ -149,9 +153,11 @@ Event = (RequestReceived | ZygoteLoaded | ZygoteLoadFailed | ZygoteLost | Worker
 
 @dataclass(slots=True)
 class StartZygote:
-    """Fork a zygote for generation ``gen``; its report comes back as ZygoteLoaded/-LoadFailed."""
+    """Fork a zygote for generation ``gen``, with the config it runs; its report comes back
+    as ZygoteLoaded/-LoadFailed."""
 
     gen: int
+    cfg: Config | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)
@@ -209,6 +215,13 @@ class AnswerControl:
 
 
 @dataclass(slots=True)
+class ConfigApplied:
+    """A reload took over: the pool runs with ``cfg`` from now on (the loop sets the log level)."""
+
+    cfg: Config
+
+
+@dataclass(slots=True)
 class CloseListeners:
     """Stop accepting connections (a graceful stop has begun)."""
 
@@ -221,4 +234,4 @@ class Stopped:
 
 
 Command = (StartZygote | CloseZygote | Spawn | Send | CloseWorker | Signal | Answer | AnswerControl
-           | CloseListeners | Stopped)  # fmt: skip
+           | ConfigApplied | CloseListeners | Stopped)  # fmt: skip

@@ -16,6 +16,7 @@ from typing import Any
 
 from defang.core import wire
 from defang.core.config import Config
+from defang.core.reconfig import Reconfig
 from defang.multiplexor import events as ev
 from defang.multiplexor.events import BOOTING
 
@@ -25,7 +26,10 @@ log = logging.getLogger("defang.multiplexor")
 @dataclass(eq=False)
 class Generation:
     gen: int
+    cfg: Config  # the config it runs with: the pool's once it serves
     hooks: list[str] | None = None  # None until its zygote loaded the filter
+    reconfig: Reconfig | None = None  # a reload's re-read config: what it changes, what it cannot
+    warnings: tuple[str, ...] = ()
     waiters: list[Any] = field(default_factory=list)  # control clients awaiting the reload
     abandoned: bool = False  # a reload that failed: closed once its workers have exited
 
@@ -49,10 +53,11 @@ class GenerationRules:
     def _stop_worker(self, w: Any) -> None: ...
     def _spawn_failed(self, why: str) -> None: ...
 
-    def _start_zygote(self) -> int:
+    def _start_zygote(self, reconfig: Reconfig | None = None, warnings: tuple[str, ...] = ()) -> int:
         gen = max(self.generations, default=self.gen) + 1
-        self.generations[gen] = Generation(gen)
-        self._out.append(ev.StartZygote(gen))
+        cfg = reconfig.cfg if reconfig is not None else self.cfg
+        self.generations[gen] = Generation(gen, cfg, reconfig=reconfig, warnings=warnings)
+        self._out.append(ev.StartZygote(gen, cfg))
         return gen
 
     def _close_zygote(self, z: Generation) -> None:
@@ -71,9 +76,9 @@ class GenerationRules:
             return
         # It takes over only once one of its workers has booted (filter_initialize
         # ran): until then the old pool serves as before.
-        log.info("reload: filter %s loaded (gen %d), hooks: %s; starting its workers", self.cfg.filter,
+        log.info("reload: filter %s loaded (gen %d), hooks: %s; starting its workers", z.cfg.filter,
                  e.gen, hooks)  # fmt: skip
-        for _ in range(max(1, min(self.cfg.min_workers, self.cfg.max_workers))):
+        for _ in range(max(1, min(z.cfg.min_workers, z.cfg.max_workers))):
             self._spawn(e.gen)
 
     def _zygote_load_failed(self, e: ev.ZygoteLoadFailed) -> None:
@@ -81,7 +86,7 @@ class GenerationRules:
         if z is None:
             return
         self.last_load_error = e.error
-        log.error("reload failed, the running filter stays in place: %s", e.error)
+        log.error("reload failed, the running filter and config stay in place: %s", e.error)
         self._answer_waiters(z, wire.ControlResult(False, error=e.error))
         self._close_zygote(z)
 
@@ -96,7 +101,7 @@ class GenerationRules:
             self._start_zygote()
 
     def _reload_requested(self, e: ev.ReloadRequested) -> None:
-        gen = self._start_zygote()
+        gen = self._start_zygote(e.reconfig, e.warnings)
         if e.waiter is not None:
             self.generations[gen].waiters.append(e.waiter)
 
@@ -110,6 +115,15 @@ class GenerationRules:
         old, self.gen = self.gen, gen
         log.info("reload: generation %d serving; generation %d workers retire as they finish", gen, old)
         self.next_spawn = 0.0
+        z = self.generations[gen]
+        if z.cfg is not self.cfg:
+            self.cfg = z.cfg
+            self._out.append(ev.ConfigApplied(z.cfg))
+        if z.reconfig is not None:
+            for line in z.reconfig.changed:
+                log.info("reload: applied %s", line)
+            for line in z.reconfig.restart:
+                log.warning("reload: not applied: %s", line)
         for older in [g for g in self.generations if old <= g < gen]:
             z = self.generations[older]  # a reload superseded by a newer one
             self.generations[gen].waiters.extend(z.waiters)
@@ -135,7 +149,11 @@ class GenerationRules:
             return
         for w in [w for w in self.idle if w.gen < self.gen]:
             self._stop_worker(w)
-        self._answer_waiters(z, wire.ControlResult(True, gen=self.gen, hooks=z.hooks))
+        done = wire.ControlResult(True, gen=self.gen, hooks=z.hooks)
+        if z.reconfig is not None:
+            done.config = {"changed": list(z.reconfig.changed), "restart": list(z.reconfig.restart),
+                           "warnings": list(z.warnings)}  # fmt: skip
+        self._answer_waiters(z, done)
 
     def _retire_zygotes(self) -> None:
         """An old (or abandoned) generation's zygote leaves once its last worker has exited.

@@ -182,3 +182,25 @@ def test_each_command_takes_only_its_own_options():
     assert r.returncode == 0 and r.stdout.startswith("defang 0.")
     help_text = defang("test", "--help").stdout
     assert "(default: 192.0.2.1)" in help_text and "exit status: 0 continue or accept, 1 reject" in help_text
+
+
+def test_check_warns_when_the_scanner_timeouts_do_not_fit_under_busy_timeout(tmp_path: Path):
+    """The old shipped pair, clamd 60 s under busy_timeout 60 s: a hung clamd got the worker
+    killed (451 4.3.0 Mail filter unavailable) before the filter's own handling ran."""
+    cfg = tmp_path / "defang.toml"
+    cfg.write_text('[clamav]\naddress = "inet:3310@127.0.0.1"\ntimeout = 60\n'
+                   '[multiplexor]\nbusy_timeout = 60\n')  # fmt: skip
+    r = defang("check", "--config", str(cfg))
+    assert r.returncode == 0 and ": OK; hooks:" in r.stdout
+    assert r.stderr.splitlines() == [
+        "config: [multiplexor] busy_timeout 60 is not above [clamav] timeout 60 + [dns] lifetime 5 "
+        "= 65 s: a hung scanner gets the worker killed and the message on_internal_error before the "
+        "filter can handle it; raise busy_timeout or lower those timeouts"]  # fmt: skip
+    r = defang("check", "--strict", "--config", str(cfg))
+    assert r.returncode == 1 and r.stderr.endswith(": 1 warning(s) and --strict\n")
+    # the shipped timeouts, both scanners configured: they fit
+    shipped = (REPO / "etc" / "defang.toml").read_text()
+    shipped = shipped.replace('address = ""', 'address = "inet:1@127.0.0.1"')
+    cfg.write_text(shipped.replace('filter = "../filters/filter.py"', f'filter = "{REPO}/filters/filter.py"'))
+    r = defang("check", "--strict", "--config", str(cfg))
+    assert r.returncode == 0 and r.stderr == "", r.stderr

@@ -92,9 +92,13 @@ class Defang:
         for section, table in (settings or {}).items():
             base.setdefault(section, {}).update(table)
         base["daemon"].setdefault("user", daemon_user(filter_path, base))
+        self.settings = base
         self.config = write_config(self.dir / "defang.toml", base)
         self.filter = Path(filter_path)
-        self.socket_spec = socket or f"unix:{self.runtime / 'milter.sock'}"
+        # a filter or milter socket named in the settings is the config's, not the command line's
+        # (a reload re-reads the config; the command line's overrides stay)
+        self.socket_spec = (socket or base.get("milter", {}).get("socket")
+                            or f"unix:{self.runtime / 'milter.sock'}")  # fmt: skip
         self.log_path = self.dir / "defang.log"
         self.proc: subprocess.Popen | None = None
 
@@ -107,11 +111,21 @@ class Defang:
         return self.runtime / "control.sock"
 
     def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "defang", "run", "--config", str(self.config),
-                "--filter", str(self.filter)]  # fmt: skip
+        argv = [sys.executable, "-m", "defang", "run", "--config", str(self.config)]
+        if "filter" not in self.settings["daemon"]:
+            argv += ["--filter", str(self.filter)]
         if not self.default_paths:
-            argv += ["--runtime-dir", str(self.runtime), "--socket", self.socket_spec]
+            argv += ["--runtime-dir", str(self.runtime)]
+            if "socket" not in self.settings.get("milter", {}):
+                argv += ["--socket", self.socket_spec]
         return argv
+
+    def rewrite_config(self, settings: dict[str, dict[str, Any]]) -> None:
+        """Change the config file (``settings`` merged over the running ones), as an admin
+        would before a reload."""
+        for section, table in settings.items():
+            self.settings.setdefault(section, {}).update(table)
+        write_config(self.config, self.settings)
 
     def start(self, timeout: float = 30.0) -> Defang:
         self._log = open(self.log_path, "ab")

@@ -1,6 +1,7 @@
 """Config loading: defaults, overrides, and errors that name the key."""
 
 import re
+from dataclasses import replace
 
 import pytest
 from paths import REPO
@@ -70,3 +71,15 @@ def test_state_and_greylist_options_are_checked(tmp_path):
             load(path)
     path.write_text(f'[daemon]\nruntime_dir = "{tmp_path}"\n')
     assert load(path).state_path == tmp_path / "state.sqlite3"
+
+
+def test_the_shipped_timeouts_fit_under_busy_timeout_with_every_scanner_configured(tmp_path):
+    cfg = config.load(REPO / "etc" / "defang.toml", runtime_dir=str(tmp_path))
+    both = replace(cfg, spamassassin_address="inet:783@127.0.0.1", clamav_address="inet:3310@127.0.0.1")
+    assert config.timeout_warnings(both) == []
+    assert both.spamassassin_timeout + both.clamav_timeout + both.dns_lifetime < both.busy_timeout
+    # a scanner that is not configured is never waited for
+    assert config.timeout_warnings(replace(cfg, clamav_timeout=600)) == []
+    [line] = config.timeout_warnings(replace(both, busy_timeout=55))
+    assert line.startswith("config: [multiplexor] busy_timeout 55 is not above [spamassassin] timeout 20 + "
+                           "[clamav] timeout 30 + [dns] lifetime 5 = 55 s")  # fmt: skip

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import random
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from defang.core import config
+from defang.core.reconfig import reconfigure
 from defang.multiplexor import events as ev
 from defang.multiplexor.events import Job
 from defang.multiplexor.pool import BOOT_TIMEOUT, STOP_GRACE, Pool
@@ -358,6 +360,34 @@ def test_a_second_reload_supersedes_the_first_and_both_waiters_get_the_answer():
     assert spawn.gen == 3
     cmds = h.send(ev.WorkerReady(spawn.wid, 7000, 1))
     assert {c.waiter for c in of(ev.AnswerControl, cmds)} == {"first", "second"}
+
+
+def test_a_reload_s_config_takes_over_with_its_generation_and_not_before():
+    h = Harness(min_workers=1, max_workers=4, queue_size=200)
+    h.boot(h.tick())
+    fresh = replace(h.cfg, min_workers=2, max_workers=6, queue_size=50, milter_socket="unix:/elsewhere.sock")
+    r = reconfigure(h.cfg, fresh)
+    assert h.send(ev.ReloadRequested("ctl", r)) == [ev.StartZygote(2)]
+    spawns = of(ev.Spawn, h.send(ev.ZygoteLoaded(2, ["filter_end"])))
+    assert len(spawns) == 2  # the new generation starts with its own min_workers
+    assert h.pool.cfg is h.cfg  # nothing applied before a new worker is ready
+    cmds = h.send(ev.WorkerReady(spawns[0].wid, 7000, 1))
+    assert ev.ConfigApplied(r.cfg) in cmds and h.pool.cfg is r.cfg
+    assert h.pool.cfg.queue_size == 50 and h.pool.cfg.milter_socket == h.cfg.milter_socket
+    (answer,) = of(ev.AnswerControl, cmds)
+    assert answer.result.config == {
+        "changed": ["[multiplexor] min_workers: 1 -> 2", "[multiplexor] max_workers: 4 -> 6",
+                    "[multiplexor] queue_size: 200 -> 50"],
+        "restart": [f"[milter] socket: {h.cfg.milter_socket} -> unix:/elsewhere.sock (needs a restart; "
+                    f"still {h.cfg.milter_socket})"], "warnings": []}  # fmt: skip
+
+
+def test_a_reload_whose_filter_does_not_load_keeps_the_running_config():
+    h = Harness(min_workers=1, queue_size=200)
+    h.boot(h.tick())
+    h.send(ev.ReloadRequested("ctl", reconfigure(h.cfg, replace(h.cfg, queue_size=1))))
+    cmds = h.send(ev.ZygoteLoadFailed(2, "filter.py:1: SyntaxError"))
+    assert not of(ev.ConfigApplied, cmds) and h.pool.cfg is h.cfg and h.pool.cfg.queue_size == 200
 
 
 # --- stopping ------------------------------------------------------------------------------------
