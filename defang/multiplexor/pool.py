@@ -32,7 +32,9 @@ is watched (``dying``) until the zygote reports its exit.
   first that is ready *promotes* the generation: new work goes to it, the old idle
   workers leave, the old busy ones after their job.  A new worker that cannot boot
   *abandons* the reload.  An old zygote leaves once its last worker has exited (it is
-  their parent and reports their exits).
+  their parent and reports their exits).  A generation carries the config it was
+  started with (a reload's, re-read from the file); the pool runs with it from the
+  promotion on (``ConfigApplied``), so a reload that fails changes no option either.
 - A graceful stop stops accepting, finishes what is in flight (at most
   ``busy_timeout + busy_grace``), then shuts down; a fast stop answers everything in
   flight ``on_internal_error`` at once.
