@@ -117,7 +117,7 @@ class Config:
     busy_timeout: float = 60.0
     busy_grace: float = 5.0
     queue_size: int = 200
-    queue_timeout: float = 30.0
+    queue_timeout: float = 120.0
     max_requests: int = 500
     max_requests_jitter: int = 50
     max_rss: int = 0
