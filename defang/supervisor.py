@@ -163,7 +163,7 @@ def run(cfg: Config, multiplexor: DaemonMain, milter: DaemonMain) -> int:
             if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 stop_signal = signum
             elif signum == signal.SIGHUP and mx.proc is not None:
-                log.info("SIGHUP: asking the multiplexor to reload the filter")
+                log.info("SIGHUP: asking the multiplexor to reload the config and the filter")
                 mx.proc.send_signal(signal.SIGHUP)
         if not stop_signal:
             for d in (mx, fe):
