@@ -128,6 +128,7 @@ def daemon_identity(cfg: configmod.Config) -> None:
 def check(cfg: configmod.Config, strict: bool) -> int:
     """Exit 0 when the filter loads (1 with ``--strict`` and a warning about the filter, who
     may write it, or the config's timeouts), 1 when it does not."""
+    from defang.core.configcheck import timeout_warnings
     from defang.core.privileges import unsafe_files
     from defang.workers.loader import FilterLoadError, load_filter
     from defang.workers.runner import FilterRunner
@@ -139,7 +140,7 @@ def check(cfg: configmod.Config, strict: bool) -> int:
         print(exc, file=sys.stderr)
         return 1
     files = {"filter": cfg.filter, "config": cfg.source}
-    warnings = [*loaded.warnings, *unsafe_files(files, cfg.daemon_user), *configmod.timeout_warnings(cfg)]
+    warnings = [*loaded.warnings, *unsafe_files(files, cfg.daemon_user), *timeout_warnings(cfg)]
     for line in warnings:
         print(line, file=sys.stderr)
     print(f"{cfg.filter}: OK; hooks: {', '.join(sorted(loaded.hooks)) or 'none'}")

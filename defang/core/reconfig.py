@@ -24,7 +24,7 @@ from defang.core.config import KEYS, Config, ReplySpec
 RESTART_ONLY = frozenset({
     "runtime_dir", "daemon_user", "daemon_group",  # made and switched to while root
     "milter_socket", "socket_mode", "socket_group", "milter_io_timeout", "tcp_nodelay",  # the listener
-    "spool_dir", "quarantine_dir",  # directories made while root
+    "spool_dir", "quarantine_dir", "state_path",  # directories made while root
     "multiplexor_socket", "control_socket", "control_socket_mode", "control_group",  # listening sockets
     "max_frame_size",  # the channels already open, on every socket
 })  # fmt: skip

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from defang.core import procinfo, wire
-from defang.core.config import Config, ConfigError, timeout_warnings
+from defang.core.config import Config, ConfigError
+from defang.core.configcheck import timeout_warnings
 from defang.core.privileges import refuse_change
 from defang.core.reconfig import reconfigure
 from defang.multiplexor import events as ev

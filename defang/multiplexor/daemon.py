@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from defang.core import child, wire
-from defang.core.config import Config, timeout_warnings
+from defang.core.config import Config
+from defang.core.configcheck import timeout_warnings
 from defang.core.framing import frame
 from defang.core.privileges import give_socket, peer_credentials
 from defang.core.proctitle import set_title

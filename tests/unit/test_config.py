@@ -7,6 +7,7 @@ import pytest
 from paths import REPO
 
 from defang.core import config
+from defang.core.configcheck import timeout_warnings
 
 
 def test_shipped_config_loads_and_finds_the_default_filter(tmp_path):
@@ -75,11 +76,13 @@ def test_state_and_greylist_options_are_checked(tmp_path):
 
 def test_the_shipped_timeouts_fit_under_busy_timeout_with_every_scanner_configured(tmp_path):
     cfg = config.load(REPO / "etc" / "defang.toml", runtime_dir=str(tmp_path))
-    both = replace(cfg, spamassassin_address="inet:783@127.0.0.1", clamav_address="inet:3310@127.0.0.1")
-    assert config.timeout_warnings(both) == []
-    assert both.spamassassin_timeout + both.clamav_timeout + both.dns_lifetime < both.busy_timeout
+    both = replace(cfg, spamassassin_address="inet:783@127.0.0.1", clamav_address="inet:3310@127.0.0.1",
+                   rspamd_address="inet:11333@127.0.0.1")  # fmt: skip
+    assert timeout_warnings(both) == []
+    assert (both.spamassassin_timeout + both.clamav_timeout + both.rspamd_timeout + both.dns_lifetime
+            < both.busy_timeout)  # fmt: skip
     # a scanner that is not configured is never waited for
-    assert config.timeout_warnings(replace(cfg, clamav_timeout=600)) == []
-    [line] = config.timeout_warnings(replace(both, busy_timeout=55))
+    assert timeout_warnings(replace(cfg, clamav_timeout=600)) == []
+    [line] = timeout_warnings(replace(both, busy_timeout=55))
     assert line.startswith("config: [multiplexor] busy_timeout 55 is not above [spamassassin] timeout 20 + "
-                           "[clamav] timeout 30 + [dns] lifetime 5 = 55 s")  # fmt: skip
+                           "[clamav] timeout 20 + [rspamd] timeout 10 + [dns] lifetime 5 = 55 s")  # fmt: skip

@@ -31,7 +31,7 @@ def test_what_can_be_applied_is_applied_with_one_line_each():
         "[milter] max_recipients: 1000 -> 50",
         "[multiplexor] max_workers: 10 -> 4",
         "[replies] on_busy: 451 4.3.2 defang busy, try again later -> 421 4.3.2 later",
-        "[clamav] timeout: 30 -> 15",
+        "[clamav] timeout: 20 -> 15",
         "[dns] servers: [] -> [127.0.0.1:5353]",
     } and len(r.changed) == 7
 
