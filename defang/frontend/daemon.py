@@ -1,7 +1,8 @@
 """``defang milter``: the front-end daemon (libmilter's threads, our callbacks).
 
 ``serve`` opens the milter socket, routes libmilter's callbacks to the ``Session`` of
-each connection (``install_callbacks``) and runs libmilter's loop until a stop signal.
+each connection (``callbacks.install_callbacks``) and runs libmilter's loop until a stop
+signal.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from defang.core import malloc
 from defang.core.config import Config, socket_address, unix_socket_path
 from defang.core.privileges import give_socket, user_name
 from defang.core.proctitle import set_title
+from defang.frontend.callbacks import install_callbacks
 from defang.frontend.mxclient import MultiplexorClient
 from defang.frontend.service import FrontEnd
-from defang.frontend.session import Session
 
 log = logging.getLogger("defang.milter")
 
@@ -41,7 +42,6 @@ def serve(cfg: Config, ready_fd: int | None = None) -> int:
     fe.spool.clean()
     fe.hooks.refresh()
     install_callbacks(fe)
-    milter.set_exception_policy(milter.TEMPFAIL)
     milter.setconn(cfg.milter_socket)
     milter.settimeout(cfg.milter_io_timeout)
     path = unix_socket_path(cfg.milter_socket)
@@ -163,39 +163,3 @@ def _nodelay_listener(spec: str) -> None:
         finally:
             sock.close()
     log.warning("could not find libmilter's listener for %s to set TCP_NODELAY", spec)
-
-
-def install_callbacks(fe: FrontEnd) -> None:
-    """Route libmilter's callbacks to the Session attached to each context."""
-
-    def negotiate(ctx, opts):
-        session = Session(fe, ctx)
-        ctx.setpriv(session)
-        return session.negotiate(opts)
-
-    def connect(ctx, hostname, family, hostaddr):
-        session = ctx.getpriv()
-        if session is None:  # an MTA without negotiation
-            session = Session(fe, ctx)
-            ctx.setpriv(session)
-        return session.connect(hostname, family, hostaddr)
-
-    def close(ctx):
-        session = ctx.getpriv()
-        if session is None:
-            return milter.CONTINUE
-        try:
-            return session.close()
-        finally:
-            ctx.setpriv(None)
-
-    milter.set_connect_callback(connect)
-    milter.set_helo_callback(lambda ctx, helo: ctx.getpriv().hello(helo))
-    milter.set_envfrom_callback(lambda ctx, *a: ctx.getpriv().envfrom(*a))
-    milter.set_envrcpt_callback(lambda ctx, *a: ctx.getpriv().envrcpt(*a))
-    milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header(f, v))
-    milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
-    milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
-    milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
-    milter.set_close_callback(close)
-    milter.register("defang", negotiate=negotiate, data=lambda ctx: ctx.getpriv().data())

@@ -46,7 +46,7 @@ class Envelope:
     """One transaction: MAIL FROM, RCPT TO, the message's size and limits, its spool file."""
 
     __slots__ = ("sender", "sender_args", "recipients", "size", "header_bytes", "header_count", "in_body",
-                 "overflow", "spool", "would")  # fmt: skip
+                 "overflow", "spool", "would", "over_rcpts")  # fmt: skip
 
     def __init__(self, spool: SpoolFile, sender: str = "", sender_args: list[str] | None = None) -> None:
         self.sender = sender
@@ -57,13 +57,15 @@ class Envelope:
         self.in_body = False
         self.overflow: ReplySpec | None = None  # past a limit: the reply at end of message
         self.spool = spool
+        self.over_rcpts = 0  # RCPT TO refused over max_recipients: logged once, at the end
 
 
 class Session:
     """One SMTP connection."""
 
     __slots__ = ("fe", "ctx", "id", "hooks", "protocol", "leadspc", "ip", "port", "hostname", "helo",
-                 "macros", "notes", "hdr_rc", "body_rc", "env", "in_txn", "would")  # fmt: skip
+                 "macros", "notes", "hdr_rc", "body_rc", "env", "in_txn", "would", "connected", "odd", "lost",
+                 "refusal")  # fmt: skip
 
     def __init__(self, fe: FrontEnd, ctx: Any) -> None:
         self.fe = fe
@@ -82,6 +84,10 @@ class Session:
         self.env = Envelope(SpoolFile(fe.spool))
         self.in_txn = False
         self.would: list[str] = []  # refusals monitor mode noted at connect and HELO
+        self.connected = False  # connect seen (or found lost: see undecodable)
+        self.odd: set[str] = set()  # macros already logged as not UTF-8
+        self.lost: list[str] = []  # stages pymilter could not hand us, decided at RCPT TO
+        self.refusal: Verdict | None = None  # such a stage's refusal: every RCPT TO gets it
 
     # ------------------------------------------------------------ negotiation
     def negotiate(self, opts: list[int]) -> int:
@@ -98,10 +104,7 @@ class Session:
             want |= milter.P_NR_HDR | milter.P_NR_BODY
         else:
             want |= milter.P_NOHDRS | milter.P_NOBODY
-        self.protocol = offered_proto & want
-        self.leadspc = bool(self.protocol & milter.P_HDR_LEADSPC)
-        self.hdr_rc = self._reply_or_none(milter.P_NR_HDR, milter.CONTINUE)
-        self.body_rc = self._reply_or_none(milter.P_NR_BODY, milter.CONTINUE)
+        self._use_protocol(offered_proto & want)
         opts[0] = offered_actions & WANTED_ACTIONS
         opts[1] = self.protocol
         opts[2] = opts[3] = 0
@@ -112,6 +115,19 @@ class Session:
                      opts[1], describe_protocol(self.protocol))  # fmt: skip
         return milter.CONTINUE
 
+    def _use_protocol(self, protocol: int) -> None:
+        self.protocol = protocol
+        self.leadspc = bool(protocol & milter.P_HDR_LEADSPC)
+        self.hdr_rc = self._reply_or_none(milter.P_NR_HDR, milter.CONTINUE)
+        self.body_rc = self._reply_or_none(milter.P_NR_BODY, milter.CONTINUE)
+
+    def adopt(self) -> None:
+        """No negotiation of its own (QUIT_NC, see callbacks.py): the MTA goes on with what it
+        negotiated; the last negotiation logged is the best guess, else every stage answered."""
+        logged = self.fe.hooks.logged
+        if logged is not None and logged[0] == self.fe.hooks.gen:
+            self._use_protocol(logged[2])
+
     def _reply_or_none(self, nr_bit: int, rc: int) -> int:
         if self.protocol & nr_bit:
             return milter.NOREPLY
@@ -119,6 +135,7 @@ class Session:
 
     # ------------------------------------------------------------ envelope
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        self.connected = True
         self.hostname = hostname or ""
         if isinstance(hostaddr, tuple):
             self.ip, self.port = str(hostaddr[0]), int(hostaddr[1])
@@ -144,12 +161,15 @@ class Session:
         return self._reply_or_none(milter.P_NR_MAIL, milter.CONTINUE)
 
     def envrcpt(self, rcpt: bytes, *args: bytes) -> int:
+        if self.lost:
+            self._catch_up()
+        if self.refusal is not None:
+            return self._answer(self.refusal)
         env = self.env
         recipient = _strip_brackets(_text(rcpt))
         cfg = self.fe.cfg
         if len(env.recipients) >= cfg.max_recipients:
-            log.warning("conn %s: recipient %s over max_recipients %d", self.id, recipient,
-                        cfg.max_recipients)  # fmt: skip
+            env.over_rcpts += 1  # one log line for the transaction, at its end
             return self._answer(cfg.on_too_many_recipients.verdict)
         rc = milter.CONTINUE
         if "filter_recipient" in self.hooks:
@@ -325,6 +345,9 @@ class Session:
         FROM): its spool file goes, a new envelope takes its place.  With ``another``
         (MAIL FROM) the next transaction begins at once and the count never drops."""
         spool = self.env.spool
+        if self.env.over_rcpts:
+            log.warning("conn %s: %d recipient(s) of from=<%s> over max_recipients %d refused", self.id,
+                        self.env.over_rcpts, self.env.sender, self.fe.cfg.max_recipients)  # fmt: skip
         spool.discard(self.id, self.in_txn)  # and ready for the next transaction
         self._txn(another)
         self.env = Envelope(spool)
@@ -351,9 +374,72 @@ class Session:
     def _collect_macros(self) -> None:
         getsymval = self.ctx.getsymval
         for name in self.fe.cfg.macros:
-            value = getsymval(name)
+            try:
+                value = getsymval(name)
+            except UnicodeDecodeError as exc:  # pymilter wants UTF-8: take the bytes, escaped
+                # (not surrogates: the queue ID {i} names log lines, process titles, files)
+                value = bytes(exc.object).decode("utf-8", "backslashreplace")
+                if name not in self.odd:
+                    self.odd.add(name)
+                    log.warning("conn %s: macro %s is not UTF-8 (%r): passed on as %r", self.id, name,
+                                bytes(exc.object)[:200], value[:200])  # fmt: skip
             if value is not None:
                 self.macros[name.strip("{}")] = value
+
+    # ------------------------------------------------------------ oddities (callbacks.py)
+    def failed(self, stage: str, exc: Exception) -> int:
+        """A callback of ours raised: one log line, and an answer in step with the protocol (on
+        a "no reply" stage the refusal waits: for end of message, or RCPT TO)."""
+        spec = self.fe.cfg.on_internal_error
+        log.error("conn %s: %s: %s: %s: answering %s %s", self.id, stage, type(exc).__name__, exc, spec.code,
+                  spec.dsn)  # fmt: skip
+        if stage in ("abort", "close"):
+            return milter.CONTINUE
+        if stage == "negotiate":
+            return milter.ALL_OPTS
+        if stage in ("connect", "helo") and self.protocol & NO_REPLY[stage]:
+            self.refusal = spec.verdict
+            return milter.NOREPLY
+        if stage in ("header", "body") or stage == "mail" and self.protocol & milter.P_NR_MAIL:
+            if self.env.overflow is None:
+                self.env.overflow = spec
+                self.env.spool.discard(self.id, self.in_txn)
+            return {"header": self.hdr_rc, "body": self.body_rc}.get(stage, milter.NOREPLY)
+        return self._answer(spec.verdict)
+
+    def undecodable(self, raw: bytes) -> None:
+        """Not UTF-8 where pymilter wants a ``str`` (callbacks.py): the client's host name before
+        connect, a header name in a transaction, else the HELO name.  Kept; a lost connect or
+        HELO decision is asked at RCPT TO."""
+        text = raw.decode("utf-8", "surrogateescape")
+        if not self.connected:
+            self.connected = True
+            self.hostname = text
+            self._collect_macros()
+            self.ip = self.macros.get("client_addr", "")
+            what, lost = "client host name", "connect"
+        elif self.in_txn:
+            what, lost = "header name", ""
+        else:
+            self.helo = text
+            what, lost = "HELO name", "helo"
+        hook = hooks.ENVELOPE[lost].name if lost else ""
+        if hook in self.hooks:
+            self.lost.append(lost)
+        then = (f"kept; {hook} asked at RCPT TO" if hook in self.hooks else "kept" if lost
+                else "the filter sees the message without that header")  # fmt: skip
+        log.warning("conn %s: the MTA sent a %s that is not UTF-8 (%r): %s", self.id, what, raw[:200], then)
+
+    def _catch_up(self) -> None:
+        """Ask the decisions of the stages `undecodable` found lost; a refusal is kept."""
+        lost, self.lost = self.lost, []
+        for stage in lost:
+            request = wire.Connect(self._conn()) if stage == "connect" else wire.Helo(self._conn())
+            reply = self.fe.decide(request, f"conn {self.id} {request.OP}")
+            self._take_notes(reply)
+            if reply.verdict.action not in ("continue", "accept"):
+                self.refusal = reply.verdict
+                return
 
     def _conn(self, collect: bool = True) -> wire.ConnInfo:
         if collect:

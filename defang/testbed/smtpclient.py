@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 Reply = tuple[int, str]
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
-_QUEUED_AS = re.compile(r"queued as ([0-9A-Za-z]+)")
+# Postfix: "2.0.0 Ok: queued as 4Ab12"; Sendmail: "2.0.0 6B7B1Rfr007096 Message accepted for delivery"
+_QUEUED_AS = re.compile(r"queued as ([0-9A-Za-z]+)|^2\.0\.0 ([0-9A-Za-z]+) Message accepted")
 
 
 def normalize_for_smtp(data: bytes) -> bytes:
@@ -59,7 +60,8 @@ class SendResult:
     to its reply (a 421 stops the loop; later recipients are absent).  ``data`` is the
     reply after the final "." (or the non-354 reply to DATA), None when DATA was not
     sent because no recipient was accepted.  ``queue_id`` comes from Postfix's
-    "250 2.0.0 Ok: queued as XXXX".
+    "250 2.0.0 Ok: queued as XXXX" or Sendmail's "250 2.0.0 XXXX Message accepted for
+    delivery".
     """
 
     mail: Reply
@@ -174,7 +176,7 @@ def send(
         conn.sock.sendall(dot_stuff(normalize_for_smtp(data)) + b".\r\n")
         result.data = conn.reply()
         if m := _QUEUED_AS.search(result.data[1]):
-            result.queue_id = m.group(1)
+            result.queue_id = m.group(1) or m.group(2)
         if not _stop(result.data):
             try:
                 conn.command("QUIT")

@@ -282,3 +282,121 @@ def test_multiplexor_not_answering_in_time_gives_tempfail():
         assert r.reply == "reply" and r.text.startswith("451 4.3.0"), r
         assert waited < 10, waited  # request_timeout 2s, not libmilter's or the MTA's
         assert "no answer in time" in d.log()
+
+
+# -- what the MTA sends that is odd (issue 25, item 11): every stage answered, one log line each
+
+
+def warnings_naming(d, text: str) -> list[str]:
+    return [x for x in d.log().splitlines() if " WARNING: " in x and text in x]
+
+
+def connect_payload(hostname: bytes, ip: str = "192.0.2.7", port: int = 40000) -> bytes:
+    return hostname + b"\0" + b"4" + struct.pack(">H", port) + ip.encode() + b"\0"
+
+
+def test_ten_thousand_recipients_over_the_limit_make_one_log_line(defang):
+    import time
+
+    sender = f"many-{time.monotonic_ns()}@example.org"
+    with MilterSession(defang.milter_path) as s:
+        s.connect()
+        s.helo()
+        s.mail(sender)
+        replies = [s.rcpt(f"u{i}@example.org") for i in range(10_000)]
+        assert [r.reply for r in replies[:3]] == ["continue"] * 3  # max_recipients 3
+        assert {r.text for r in replies[3:]} == {"452 4.5.3 Too many recipients"}
+        assert s.message(MSG % b"many").reply == "continue"
+    defang.wait_log(f"from=<{sender}> over max_recipients")
+    (line,) = [x for x in defang.log().splitlines() if "max_recipients" in x and sender in x]
+    assert "9997 recipient(s) of" in line and "over max_recipients 3 refused" in line
+    conn = line.split("conn ", 1)[1].split(":", 1)[0]
+    assert len(warnings_naming(defang, f"conn {conn}:")) == 1
+
+
+def test_macros_that_are_not_utf8_are_taken_and_logged_once(defang):
+    with MilterSession(defang.milter_path) as s:
+        s.macros(b"C", j="mx.test", daemon_name=b"mx-\xff-1")
+        r = s.stage(b"C", connect_payload(b"client.example"))
+        assert r.reply == "continue", r  # filter_relay decided: not pymilter's 451 for the connection
+        s.helo()
+        s.mail("a@example.org")
+        s.rcpt("bob@example.org")
+        r = s.message(MSG % b"odd macros", queue_id=b"Q\xfe1")
+    assert r.reply == "continue" and ("addheader", ("X-Relay-Ip", "192.0.2.7")) in r.actions, r
+    # asked at connect, MAIL, RCPT and end of message: logged once, with the bytes and the connection
+    (line,) = warnings_naming(defang, "macro {daemon_name} is not UTF-8 (b'mx-\\xff-1')")
+    assert "conn " in line and "passed on as 'mx-\\\\xff-1'" in line
+    assert len(warnings_naming(defang, "macro i is not UTF-8 (b'Q\\xfe1')")) == 1
+    assert "Q\\xfe1: conn " in defang.log()  # the verdict line names the queue ID, escaped
+
+
+def test_a_header_name_that_is_not_utf8_is_logged_and_end_of_message_answered():
+    """pymilter cannot hand such a name to Python; the message is judged without that field
+    (its digest below), and end of message gets its answer, never the MTA's timeout."""
+    import hashlib
+
+    with Defang(FILTERS / "fe_actions.py") as d:  # P_NR_HDR: the MTA waits for no header reply
+        with MilterSession(d.milter_path) as s:
+            assert s.protocol & P_NR_HDR
+            s.connect()
+            s.helo()
+            s.mail("a@example.org")
+            s.rcpt("bob@example.org")
+            r = s.message(b"From: a@example.org\r\nX-\xe9t\xe9: v\r\nSubject: digest\r\n\r\nHello\r\n")
+            assert r.reply == "continue", r
+            seen = b"From: a@example.org\r\nSubject: digest\r\n\r\nHello\r\n"
+            assert ("addheader", ("X-Spool-Digest", hashlib.sha256(seen).hexdigest())) in r.actions
+            assert s.mail("a@example.org").reply == "continue"  # the connection goes on
+        (line,) = warnings_naming(d, "header name that is not UTF-8 (b'X-\\xe9t\\xe9')")
+        assert "conn " in line and "without that header" in line
+        assert "Traceback" not in d.log()
+
+
+def test_a_helo_and_host_name_not_utf8_are_kept_and_the_connect_decision_still_asked(defang):
+    with MilterSession(defang.milter_path) as s:
+        # 192.0.2.66: filter_relay rejects.  The host name never reached filter_relay at
+        # connect (pymilter's C code cannot make it a str); it is asked at RCPT TO instead
+        s.macros(b"C", j="mx.test", client_addr="192.0.2.66")
+        assert s.stage(b"C", connect_payload(b"host-\xe9.example", ip="192.0.2.66")).reply == "continue"
+        s.stage(b"H", b"helo-\xe9.example\0")
+        s.mail("a@example.org")
+        assert s.rcpt("bob@example.org").text == "554 5.7.1 Go away"
+        assert s.rcpt("carol@example.org").text == "554 5.7.1 Go away"  # the refusal stands
+    assert len(warnings_naming(defang, "client host name that is not UTF-8 (b'host-\\xe9.example')")) == 1
+    assert len(warnings_naming(defang, "HELO name that is not UTF-8 (b'helo-\\xe9.example')")) == 1
+    with MilterSession(defang.milter_path) as s:  # the same for a client filter_relay lets in
+        s.macros(b"C", j="mx.test", client_addr="192.0.2.8")
+        s.stage(b"C", connect_payload(b"host-\xe9.example", ip="192.0.2.8"))
+        s.helo()
+        s.mail("a@example.org")
+        assert s.rcpt("bob@example.org").reply == "continue"
+        r = s.message(MSG % b"after an odd host name")
+        assert r.reply == "continue" and ("addheader", ("X-Relay-Ip", "192.0.2.8")) in r.actions
+
+
+def test_the_next_smtp_session_on_a_reused_milter_connection_is_judged_byte_for_byte(defang):
+    """QUIT_NC ("K") after end of message: the MTA keeps its milter connection for the next
+    SMTP session, with no new negotiation, and pymilter starts that session afresh at
+    connect.  The header bytes must still be written as negotiated (leading space)."""
+    import hashlib
+
+    from fakemta import encode_command
+
+    raw = b"From: a@example.org\r\nSubject: digest reused\r\n\r\nHello\r\n"
+    with MilterSession(defang.milter_path) as s:
+        assert s.protocol & P_HDR_LEADSPC
+        s.connect()
+        s.helo()
+        s.mail("a@example.org")
+        s.rcpt("bob@example.org")
+        assert s.message(MSG % b"first session").reply == "continue"
+        s.sock.sendall(encode_command(b"K"))
+        assert s.connect(ip="192.0.2.9").reply == "continue"
+        s.helo()
+        assert s.mail("a@example.org").reply == "continue"
+        assert s.rcpt("bob@example.org").reply == "continue"
+        r = s.message(raw)
+    assert ("addheader", ("X-Relay-Ip", "192.0.2.9")) in r.actions, r
+    assert ("addheader", ("X-Spool-Digest", hashlib.sha256(raw).hexdigest())) in r.actions, r
+    assert "AttributeError" not in defang.log()

@@ -1,6 +1,7 @@
 """Front-end test filter: every envelope and message action, keyed on the input."""
 
 import hashlib
+import json
 import time
 
 from defang import accept, discard, reject, tempfail
@@ -48,5 +49,7 @@ def filter_end(msg):
     if "digest" in subject:  # what the worker finds in the spool file
         with open(msg.path, "rb") as f:
             msg.add_header("X-Spool-Digest", hashlib.sha256(f.read()).hexdigest())
+    if "macros" in subject:  # what the MTA told us (tests/sendmail)
+        msg.add_header("X-Macros", json.dumps(msg.conn.macros, sort_keys=True))
     if "hold" in subject:
         msg.hold("looks odd")

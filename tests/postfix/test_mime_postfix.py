@@ -13,15 +13,13 @@ import email.policy
 import io
 import json
 import re
-import subprocess
-import sys
 import time
 import zipfile
 from email.parser import BytesParser
 
 import pytest
-from daemon import FILTERS, REPO
-from mta import Stack, needs_postfix
+from daemon import FILTERS
+from mta import Stack, needs_postfix, quarantine_cli
 
 from defang.testbed.smtpclient import normalize_for_smtp
 from defang.workers.mime.text import decode_charset
@@ -100,12 +98,6 @@ def stack(tmp_path_factory):
     s.quarantine_dir = qdir
     with s:
         yield s
-
-
-def quarantine_cli(stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "defang", "quarantine", *args, "--config",
-                           str(stack.defang.config), "--runtime-dir", str(stack.defang.runtime)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
 
 
 def wait_for(stack, message_id: bytes, count: int = 1, timeout: float = 60):

@@ -5,7 +5,7 @@ import time
 
 import pytest
 from daemon import FILTERS, Defang
-from mta import Stack, needs_postfix
+from mta import Stack, headers_of, needs_postfix
 
 pytestmark = [pytest.mark.integration, needs_postfix]
 
@@ -33,18 +33,6 @@ def arrived(stack, subject_part: str, timeout: float = 20.0):
                 return m
         time.sleep(0.05)
     raise AssertionError(f"no message with {subject_part!r} reached the sink")
-
-
-def headers_of(raw: bytes) -> list[tuple[str, str]]:
-    head = raw.split(b"\r\n\r\n", 1)[0].decode()
-    out = []
-    for line in head.split("\r\n"):
-        if line[:1] in " \t":
-            out[-1] = (out[-1][0], out[-1][1] + "\n" + line)
-        else:
-            name, _, value = line.partition(":")
-            out.append((name, value.strip()))
-    return out
 
 
 def test_accept_with_headers_added(stack):

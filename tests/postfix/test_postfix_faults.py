@@ -16,34 +16,12 @@ from pathlib import Path
 
 import pytest
 from daemon import FILTERS
-from mta import Stack, delivered, message, needs_postfix, send_in_thread, shared_dir, wait_for
+from mta import Stack, delivered, hold_message, message, needs_postfix, resend_until_accepted, wait_for
 
 pytestmark = [pytest.mark.integration, needs_postfix]
 
 CONTROL = FILTERS / "pool_control.py"
 SETTINGS = {"multiplexor": {"min_workers": 2, "max_workers": 2, "min_spare": 0}}
-
-
-def hold_message(stack: Stack, tag: str) -> tuple[Path, bytes, str, threading.Thread, dict, int]:
-    """Send a message that the worker holds (pool_control's X-Hold-While) until released."""
-    hold = shared_dir("defang-hold-") / "hold"
-    hold.touch()
-    data, mid = message(tag, X_Hold_While=str(hold))
-    th, out = send_in_thread(stack, data)
-    pid = int(wait_for("the worker to hold the message", lambda: _read(Path(f"{hold}.pid"))))
-    return hold, data, mid, th, out, pid
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text() or None
-    except FileNotFoundError:
-        return None
-
-
-def resend_until_accepted(stack: Stack, data: bytes):  # noqa: ANN201 (a SendResult)
-    """The sending MTA's retries: the same bytes until a 250 (each 4xx is not delivered)."""
-    return wait_for("the retry accepted", lambda: (r := stack.send(data)).data[0] == 250 and r, timeout=30)
 
 
 def daemon_pid(stack: Stack, title: str) -> int:
