@@ -165,7 +165,9 @@ class FilterRunner:
             _decide(decision, hook.name, result)
         except (Exception, SystemExit) as exc:
             return self._failed(hook.name, exc, conn, received_notes, None)
-        return self._reply(decision.verdict, [], conn, received_notes, hook.name, None, decision)
+        reply = self._reply(decision.verdict, [], conn, received_notes, hook.name, None, decision)
+        reply.policy = conn.policy_key  # conn.policy(): the recipient's group (defang.core.transaction)
+        return reply
 
     def _decision(self, queue_id: str) -> Decision:
         return Decision(monitor_all=self.monitor_all, monitor_rules=self.monitor_rules, queue_id=queue_id)

@@ -178,6 +178,7 @@ class EndOfMessage:
     queue_id: str = ""
     size: int = 0
     sender_args: list[str] = field(default_factory=list)
+    policy: str | None = None  # the recipients' policy group (defang.core.transaction)
     rcpt_args: ClassVar[list[str]] = []
 
     def __post_init__(self) -> None:
@@ -245,7 +246,7 @@ class Reply:
     """
 
     OP: ClassVar[str] = "reply"
-    SPARSE: ClassVar[tuple[str, ...]] = ("error", "rss", "would", "tags")  # left out while unset
+    SPARSE: ClassVar[tuple[str, ...]] = ("error", "rss", "would", "tags", "policy")  # left out unset
     verdict: Verdict
     actions: list[list[Any]] = field(default_factory=list)
     notes: dict[str, Any] | None = None
@@ -254,6 +255,7 @@ class Reply:
     rss: int = 0
     would: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
+    policy: str | None = None  # filter_recipient's conn.policy(): the recipient's policy group
 
 
 @dataclass(slots=True)

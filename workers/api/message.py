@@ -92,6 +92,9 @@ class Message(Services, WholeMessage):
         self.sender = sender
         #: the envelope recipients the MTA accepted (those refused at RCPT are not here)
         self.recipients = recipients
+        #: the policy group of every recipient here (``conn.policy()`` in filter_recipient);
+        #: None: the default group.  The verdict is for this group alone.
+        self.policy: str | None = None
         #: the MTA's queue ID (macro ``i``), for log lines; None if the MTA did not send it
         self.queue_id = queue_id
         #: the spool file: the message as received, headers as the MTA passed them
@@ -120,9 +123,11 @@ class Message(Services, WholeMessage):
     def from_request(cls, request: wire.EndOfMessage, conn: Connection, *,
                      monitor: bool = False) -> Message:  # fmt: skip
         """Build from an end-of-message request (a size of 0 is read from the file)."""
-        return cls(conn, sender=request.sender, recipients=list(request.recipients),
-                   queue_id=request.queue_id, path=request.spool, size=request.size or None,
-                   monitor=monitor)  # fmt: skip
+        msg = cls(conn, sender=request.sender, recipients=list(request.recipients),
+                  queue_id=request.queue_id, path=request.spool, size=request.size or None,
+                  monitor=monitor)  # fmt: skip
+        msg.policy = request.policy
+        return msg
 
     @property
     def verdict(self) -> Verdict:

@@ -1,0 +1,91 @@
+"""Policy groups at RCPT time (issue 30) through two real Postfix instances on loopback.
+
+A sending Postfix (no milter) relays to the receiving Postfix, whose milter is defang with
+tests/filters/policy_groups.py ("strict*" recipients refuse spam, the others get it
+tagged); the receiving Postfix relays to the sink.  One message to a recipient of each
+group: the receiving side answers the second recipient ``452 4.5.3``, the sending Postfix
+sends it again in a transaction of its own, and each transaction gets its group's verdict.
+The refusal becomes a bounce from the *sending* MTA (ours never accepted that copy)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from daemon import FILTERS
+from mta import Stack, needs_postfix, wait_for
+
+from defang.testbed.ports import free_port
+from defang.testbed.postfix import PrivatePostfix
+from defang.testbed.sink import SinkMessage
+from defang.testbed.smtpclient import send
+
+pytestmark = [pytest.mark.integration, needs_postfix]
+SENDER_NAME = "sender.policy.invalid"
+
+
+@pytest.fixture(scope="module")
+def hops():
+    with Stack(FILTERS / "policy_groups.py") as receiving:
+        sending = PrivatePostfix(receiving.dir / "sending", free_port(), receiving.postfix.smtp_port,
+                                 extra={"myhostname": SENDER_NAME, "mydomain": "policy.invalid"})
+        with sending:
+            yield sending, receiving
+
+
+def submit(sending: PrivatePostfix, subject: str, rcpts: list[str]) -> None:
+    data = (f"From: alice@example.org\r\nTo: {', '.join(rcpts)}\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject.replace(' ', '.')}@example.org>\r\n\r\nHello.\r\n").encode()  # fmt: skip
+    r = send("127.0.0.1", sending.smtp_port, "alice@example.org", rcpts, data)
+    assert r.accepted, r
+
+
+def deliveries(receiving: Stack, subject: str, count: int) -> list[SinkMessage]:
+    """The ``count`` sink deliveries that mention ``subject`` (bounces quote it too)."""
+    return wait_for(f"{count} deliveries of {subject!r}",
+                    lambda: (lambda ms: ms if len(ms) >= count else None)(
+                        [m for m in receiving.sink.messages() if subject.encode() in m.raw]),
+                    timeout=60)  # fmt: skip
+
+
+def header(m: SinkMessage, name: bytes) -> str:
+    found = re.search(rb"(?mi)^" + name + rb":[ \t]*(.*?)\r?$", m.raw.split(b"\r\n\r\n", 1)[0])
+    return found.group(1).decode() if found else ""
+
+
+def test_one_message_to_two_groups_arrives_as_one_transaction_per_group_each_with_its_verdict(hops):
+    sending, receiving = hops
+    subject = "groups SPAM-TEST-MARKER one"
+    submit(sending, subject, ["tag@example.com", "strict@example.com"])
+    got = deliveries(receiving, subject, 2)
+    sending.wait_queue_empty(timeout=60)  # nothing left behind: every recipient has its end
+    assert len(got) == 2, [m.rcpts for m in got]
+    tagged = [m for m in got if m.rcpts == ["tag@example.com"]]
+    bounce = [m for m in got if m.mail_from == ""]
+    assert len(tagged) == 1 and len(bounce) == 1, [(m.mail_from, m.rcpts) for m in got]
+    assert header(tagged[0], b"X-Policy") == "default" and header(tagged[0], b"X-Spam-Flag") == "YES"
+    # the strict copy was refused at end of data: the sending MTA bounced it to alice
+    b = bounce[0]
+    assert b.rcpts == ["alice@example.org"]
+    assert f"Reporting-MTA: dns; {SENDER_NAME}".encode() in b.raw
+    assert b"Final-Recipient: rfc822; strict@example.com" in b.raw
+    assert b"550 5.7.1 Spam refused by this recipient's policy" in b.raw
+    # The sending Postfix deferred the other group's recipient on the 452 and sent it again
+    # in a later transaction (its next queue run: minimal_backoff_time), not at once.
+    log = sending.log_text()
+    tag_lines = [line for line in log.splitlines() if "to=<tag@example.com>" in line]
+    assert len(tag_lines) == 2, tag_lines
+    assert "status=deferred" in tag_lines[0] and "452 4.5.3 Too many recipients" in tag_lines[0]
+    assert "status=sent" in tag_lines[1]
+    # what defang said to the strict recipient in the first transaction
+    assert "another policy group" in receiving.defang.log()
+
+
+def test_recipients_of_one_group_share_one_transaction_and_one_delivery(hops):
+    sending, receiving = hops
+    subject = "groups same two"
+    submit(sending, subject, ["strict1@example.com", "strict2@example.com"])
+    got = deliveries(receiving, subject, 1)
+    sending.wait_queue_empty(timeout=60)
+    assert len(got) == 1 and sorted(got[0].rcpts) == ["strict1@example.com", "strict2@example.com"]
+    assert header(got[0], b"X-Policy") == "strict" and not header(got[0], b"X-Spam-Flag")
