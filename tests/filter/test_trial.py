@@ -228,10 +228,12 @@ def test_a_recipient_of_another_policy_group_gets_452_and_the_verdict_is_for_the
     r = run(tmp_path, POLICY, env)
     said = [(stage, v["action"], v["code"]) for stage, v in r.stages if stage.startswith("rcpt")]
     assert said == [("rcpt tag@example.com", "continue", None), ("rcpt strict@example.com", "continue", None),
-                    ("rcpt strict@example.com", "tempfail", "452"), ("rcpt tag2@example.com", "continue", None)]
+                    ("rcpt strict@example.com", "tempfail", "452"),
+                    ("rcpt tag2@example.com", "continue", None)]
     assert dict(r.stages)["rcpt strict@example.com"]["dsn"] == "4.5.3"  # the last said: the MTA's answer
     assert r.recipients == ["tag@example.com", "tag2@example.com"]
-    assert headers(r)["X-Policy"] == "None" and headers(r)["X-Recipients"] == "tag@example.com,tag2@example.com"
+    assert headers(r)["X-Policy"] == "None"
+    assert headers(r)["X-Recipients"] == "tag@example.com,tag2@example.com"
 
 
 def test_the_strict_group_first_gets_its_own_transaction(tmp_path):
