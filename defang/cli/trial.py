@@ -208,6 +208,9 @@ class Trial:
             reply = ask("end of message", request)
             end("end of message", reply.verdict, _at_eom(reply.verdict, len(r.recipients)))
             r.actions = [self._body(a, body_out) if a[0] == "replace_body" else a for a in reply.actions]
+            copies = sum(1 for a in r.actions if a[0] == "split")
+            if copies:
+                r.why = f"split into {copies} copies, each filtered again; the original discarded once queued"
             r.notices = [str(n) for n in self.runner.outbox]  # shown; sent only with send_mail
             if self.send_mail:
                 r.sent = [self._send(n) for n in self.runner.outbox]
@@ -363,7 +366,7 @@ def render(r: Result) -> str:
     if not r.stages:
         lines.append("(no hook was asked: the filter defines none that applies)")
     refused = r.outcome["action"] not in ("continue", "accept")
-    if r.actions and refused:
+    if r.actions and refused and not any(a[0] == "split" for a in r.actions):
         lines.append("  (the actions below are not applied: the message is refused)")
     for action in r.actions:
         lines.append(f"  {action[0]}: {', '.join(str(a) for a in action[1:])}")

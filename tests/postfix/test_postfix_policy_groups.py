@@ -5,7 +5,12 @@ tests/filters/policy_groups.py ("strict*" recipients refuse spam, the others get
 tagged); the receiving Postfix relays to the sink.  One message to a recipient of each
 group: the receiving side answers the second recipient ``452 4.5.3``, the sending Postfix
 sends it again in a transaction of its own, and each transaction gets its group's verdict.
-The refusal becomes a bounce from the *sending* MTA (ours never accepted that copy)."""
+The refusal becomes a bounce from the *sending* MTA (ours never accepted that copy).
+
+Approach 2, split after accept (tests/filters/policy_split.py): the receiving side accepts
+the message once, hands one copy per recipient to its own sendmail (pickup, with defang as
+``non_smtpd_milters``), and each copy is decided alone: the refusal becomes a bounce from
+the *receiving* MTA."""
 
 from __future__ import annotations
 
@@ -27,10 +32,28 @@ SENDER_NAME = "sender.policy.invalid"
 @pytest.fixture(scope="module")
 def hops():
     with Stack(FILTERS / "policy_groups.py") as receiving:
-        sending = PrivatePostfix(receiving.dir / "sending", free_port(), receiving.postfix.smtp_port,
-                                 extra={"myhostname": SENDER_NAME, "mydomain": "policy.invalid"})
-        with sending:
-            yield sending, receiving
+        yield from sending_to(receiving)
+
+
+@pytest.fixture(scope="module")
+def split_hops(tmp_path_factory):
+    # the copies go through the receiving Postfix's own sendmail (its private config: -C),
+    # and the worker runs it as root (an unprivileged postdrop takes only the default config)
+    sendmail = tmp_path_factory.mktemp("split") / "sendmail"
+    receiving = Stack(FILTERS / "policy_split.py", {"split": {"sendmail_path": str(sendmail)}})
+    receiving.postfix.extra["non_smtpd_milters"] = receiving.defang.socket_spec
+    sendmail.write_text(f'#!/bin/sh\nexec /usr/sbin/sendmail -C "{receiving.postfix.config_dir}" "$@"\n')
+    sendmail.chmod(0o755)
+    with receiving:
+        yield from sending_to(receiving)
+
+
+def sending_to(receiving: Stack):
+    """A sending Postfix (its own host name: no mail loop) relaying to ``receiving``."""
+    sending = PrivatePostfix(receiving.dir / "sending", free_port(), receiving.postfix.smtp_port,
+                             extra={"myhostname": SENDER_NAME, "mydomain": "policy.invalid"})
+    with sending:
+        yield sending, receiving
 
 
 def submit(sending: PrivatePostfix, subject: str, rcpts: list[str]) -> None:
@@ -89,3 +112,24 @@ def test_recipients_of_one_group_share_one_transaction_and_one_delivery(hops):
     sending.wait_queue_empty(timeout=60)
     assert len(got) == 1 and sorted(got[0].rcpts) == ["strict1@example.com", "strict2@example.com"]
     assert header(got[0], b"X-Policy") == "strict" and not header(got[0], b"X-Spam-Flag")
+
+
+def test_split_after_accept_each_copy_gets_its_recipient_s_verdict_and_the_bounce_is_ours(split_hops):
+    sending, receiving = split_hops
+    subject = "split SPAM-TEST-MARKER one"
+    submit(sending, subject, ["tag@example.com", "strict@example.com"])
+    got = deliveries(receiving, subject, 2)
+    sending.wait_queue_empty(timeout=60)
+    receiving.postfix.wait_queue_empty(timeout=60)
+    assert len(got) == 2, [(m.mail_from, m.rcpts) for m in got]
+    (tagged,) = [m for m in got if m.rcpts == ["tag@example.com"]]
+    (bounce,) = [m for m in got if m.mail_from == ""]
+    assert header(tagged, b"X-Policy") == "default" and header(tagged, b"X-Spam-Flag") == "YES"
+    assert header(tagged, b"X-Defang-Split").endswith(("1/2", "2/2"))
+    # the sending MTA delivered both recipients at once (250): the receiving MTA bounced one
+    log = sending.log_text()
+    assert "4.5.3" not in log and log.count("status=sent") >= 2, log[-2000:]
+    assert bounce.rcpts == ["alice@example.org"]
+    assert b"Reporting-MTA: dns; testbed.defang.invalid" in bounce.raw
+    assert b"Final-Recipient: rfc822; strict@example.com" in bounce.raw
+    assert b"Spam refused by this recipient's policy" in bounce.raw
