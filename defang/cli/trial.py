@@ -1,17 +1,12 @@
 """``defang test MESSAGE``: what defang would do with one message, without an MTA.
 
-The trial plays the MTA and the front end: it asks the filter at each SMTP stage as the
-milter would (and only for the hooks the filter defines), and stops where the MTA would
-stop, so that it never shows an answer production would not give:
-
-- ``accept()`` at connect or HELO accepts the connection, at MAIL FROM or RCPT TO the
-  message, without further filtering: nothing later runs;
-- a reject or tempfail at connect or HELO ends the connection, at MAIL FROM the
-  transaction; at RCPT TO it refuses that recipient, which the message then lacks
-  (``msg.recipients``); with no recipient left there is no DATA;
-- ``discard()`` anywhere throws the message away: nothing later runs;
-- the front end's limits apply (``max_recipients``, ``max_headers``, ``max_header_bytes``,
-  ``max_message_size``), with their configured replies.
+The trial plays the MTA and drives the front end's own transaction model
+(``defang.core.transaction``: which hook each stage asks, the accept and discard
+short-cuts, ``max_recipients``, policy groups, the header and size limits), so it asks
+the filter at each SMTP stage as the milter would and stops where the MTA would stop: it
+never shows an answer production would not give.  A recipient refused at RCPT TO (or
+answered 452 for another policy group) is not in ``msg.recipients``; with no recipient
+left there is no DATA.
 
 The message is spooled as the front end spools it.  ``Trial`` loads the filter once and
 runs any number of messages (``defang replay`` runs one per worker process).
