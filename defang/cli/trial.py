@@ -176,7 +176,7 @@ class Trial:
         for stage in hooks.STAGES[:-1]:
             for rcpt in env.recipients if stage == "rcpt" else [""]:
                 label = f"rcpt {rcpt}" if rcpt else stage
-                step = smtp.begin(stage, rcpt)
+                step = smtp.begin(stage, rcpt, env.rcpt_args)
                 if step.ask is not None:
                     reply = ask(label, requests[stage](rcpt))
                     step = smtp.replied(reply.verdict, reply.policy)
@@ -199,7 +199,7 @@ class Trial:
             return end("end of message", step.answer, "the message passed a front-end limit")
         if step.ask is not None:
             request = wire.EndOfMessage(conn(), str(self._spool), env.sender, r.recipients, env.queue_id,
-                                        size, env.mail_args, smtp.policy)  # fmt: skip
+                                        size, env.mail_args, smtp.policy, smtp.recipient_args)  # fmt: skip
             reply = ask("end of message", request)
             end("end of message", reply.verdict, _at_eom(reply.verdict, len(r.recipients)))
             r.actions = [self._body(a, body_out) if a[0] == "replace_body" else a for a in reply.actions]

@@ -62,11 +62,12 @@ class Step:
 class Conversation:
     """One SMTP connection's transactions, as the front end rules them.
 
-    ``defined``: the names of the hooks the filter defines.  ``recipients`` and
+    ``defined``: the names of the hooks the filter defines.  ``recipients`` (with their
+    RCPT TO ESMTP arguments in ``recipient_args``, space-separated as on the wire) and
     ``policy`` are the current transaction's accepted recipients and their group's key.
     """
 
-    __slots__ = ("defined", "cfg", "ended", "stage", "recipients", "policy", "_pending")
+    __slots__ = ("defined", "cfg", "ended", "stage", "recipients", "recipient_args", "policy", "_pending")
 
     def __init__(self, defined: frozenset[str] | set[str], cfg: Config) -> None:
         self.defined = frozenset(defined)
@@ -74,19 +75,19 @@ class Conversation:
         self.ended = ""  # "connection" or "transaction" once an answer ended it
         self.stage = ""
         self.recipients: list[str] = []
+        self.recipient_args: list[str] = []
         self.policy: str | None = None
-        self._pending = ""
+        self._pending: tuple[str, list[str]] = ("", [])
 
-    def begin(self, stage: str, recipient: str = "") -> Step:
-        """An envelope event (``hooks.STAGES`` but end of message); ``mail`` begins a transaction."""
+    def begin(self, stage: str, recipient: str = "", args: list[str] | None = None) -> Step:
+        """An envelope event (``hooks.STAGES`` but end of message); ``mail`` begins a
+        transaction; at ``rcpt``, the recipient and its ESMTP arguments."""
         if stage == "mail":
-            self.recipients, self.policy = [], None
-            if self.ended == "transaction":
-                self.ended = ""
-        self.stage, self._pending = stage, recipient
+            self.end()
+        self.stage, self._pending = stage, (recipient, list(args or []))
         if self.ended:  # the MTA no longer asks; a recipient is the message's
             if stage == "rcpt":
-                self.recipients.append(recipient)
+                self._take()
             return Step(ends=self.ended)
         if stage == "rcpt" and len(self.recipients) >= self.cfg.max_recipients:
             over = self.cfg.on_too_many_recipients.verdict
@@ -104,7 +105,7 @@ class Conversation:
                 return Step(answer=OTHER_GROUP, ends="recipient", why="policy group")
             if not self.recipients:
                 self.policy = policy
-            self.recipients.append(self._pending)
+            self._take()
         if action == "continue":
             return Step()
         if action in ("accept", "discard"):
@@ -138,6 +139,11 @@ class Conversation:
 
     def end(self) -> None:
         """The transaction is over (end of message, abort): a later MAIL FROM begins anew."""
-        self.recipients, self.policy = [], None
+        self.recipients, self.recipient_args, self.policy = [], [], None
         if self.ended == "transaction":
             self.ended = ""
+
+    def _take(self) -> None:
+        recipient, args = self._pending
+        self.recipients.append(recipient)
+        self.recipient_args.append(" ".join(args))

@@ -161,14 +161,14 @@ class Session:
             self._catch_up()
         if self.refusal is not None:
             return self._answer(self.refusal)
-        env = self.env
-        recipient = _strip_brackets(_text(rcpt))
-        return self._stage("rcpt", lambda: wire.Rcpt(self._conn(), recipient, env.sender, env.sender_args,
-                                                     [_text(a) for a in args]), recipient)  # fmt: skip
+        env, to, esmtp = self.env, _strip_brackets(_text(rcpt)), [_text(a) for a in args]
+        request = lambda: wire.Rcpt(self._conn(), to, env.sender, env.sender_args, esmtp)  # noqa: E731
+        return self._stage("rcpt", request, to, esmtp)
 
-    def _stage(self, stage: str, request: Callable[[], wire.DecisionRequest], recipient: str = "") -> int:
-        """An envelope stage as the transaction model rules it (``defang.core.transaction``)."""
-        step = self.smtp.begin(stage, recipient)
+    def _stage(self, stage: str, request: Callable[[], wire.DecisionRequest], *rcpt: Any) -> int:
+        """An envelope stage as the transaction model rules it (``defang.core.transaction``);
+        ``rcpt``: at RCPT TO, the recipient and its ESMTP arguments."""
+        step = self.smtp.begin(stage, *rcpt)
         asked = step.ask is not None
         if asked:
             reply = self._decide_envelope(request())
@@ -177,7 +177,7 @@ class Session:
             self.env.over_rcpts += 1  # one log line for the transaction, at its end
         elif step.why:
             log.info("conn %s: <%s> is of another policy group than the transaction's: %s %s", self.id,
-                     recipient, step.answer.code, step.answer.dsn)  # fmt: skip
+                     rcpt[0], step.answer.code, step.answer.dsn)  # fmt: skip
         if not asked and step.answer.action == "continue" and stage in NO_REPLY:
             return self._reply_or_none(NO_REPLY[stage], milter.CONTINUE)
         return self._answer(step.answer)
@@ -241,8 +241,8 @@ class Session:
             self._end_transaction()
 
     def _eom(self) -> int:
-        env = self.env
-        if env.overflow is None and self.smtp.message().ask is None:
+        env, smtp = self.env, self.smtp
+        if env.overflow is None and smtp.message().ask is None:
             if self.would or env.would:
                 self._stamp_would([])
             return milter.CONTINUE  # nothing to decide: no macros to read either
@@ -261,8 +261,8 @@ class Session:
             log.warning("%s: conn %s: message over a limit: %s %s", queue_id or "-", self.id, spec.code,
                         spec.dsn)  # fmt: skip
             return self._answer(spec.verdict)
-        request = wire.EndOfMessage(self._conn(collect=False), path, env.sender, self.smtp.recipients,
-                                    queue_id, env.size, env.sender_args, self.smtp.policy)  # fmt: skip
+        request = wire.EndOfMessage(self._conn(collect=False), path, env.sender, smtp.recipients, queue_id,
+                                    env.size, env.sender_args, smtp.policy, smtp.recipient_args)  # fmt: skip
         spool = env.spool
         spool.reusable, spool.new_body = False, True  # until a worker's reply says otherwise
         reply = self.fe.decide(request, f"{queue_id or '-'}: conn {self.id} eom")
@@ -283,7 +283,7 @@ class Session:
                           queue_id or "-", self.id, exc, spec.code, spec.dsn)  # fmt: skip
                 return self._answer(spec.verdict)
         log.info("%s: conn %s from=<%s> rcpts=%d size=%d verdict=%s%s actions=%d", queue_id or "-", self.id,
-                 env.sender, len(self.smtp.recipients), env.size, verdict.action, _reply_suffix(verdict),
+                 env.sender, len(smtp.recipients), env.size, verdict.action, _reply_suffix(verdict),
                  applied)  # fmt: skip
         return self._answer(verdict)
 

@@ -246,3 +246,11 @@ def test_conn_policy_outside_filter_recipient_is_a_filter_error(tmp_path):
     assert r.error and "conn.policy() is for filter_recipient" in r.error and r.ended == "mail"
     r = run(tmp_path, "def filter_recipient(conn, rcpt):\n    conn.policy('')\n")
     assert r.error and "a policy key is a printable string" in r.error
+
+
+def test_msg_rcpt_args_has_each_recipient_s_esmtp_arguments(tmp_path):
+    code = "def filter_end(msg):\n    msg.add_header('X-Args', repr(sorted(msg.rcpt_args.items())))\n"
+    env = Envelope(recipients=["a@example.com", "b@example.com"], rcpt_args=["NOTIFY=NEVER"])
+    r = run(tmp_path, code, env)
+    said = "[('a@example.com', ['NOTIFY=NEVER']), ('b@example.com', ['NOTIFY=NEVER'])]"
+    assert headers(r)["X-Args"] == said

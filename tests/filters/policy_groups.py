@@ -14,6 +14,7 @@ def filter_recipient(conn, rcpt):
 
 def filter_end(msg):
     msg.add_header("X-Policy", msg.policy or "default")
+    msg.add_header("X-Rcpt-Args", "; ".join(f"{r} {' '.join(a)}" for r, a in msg.rcpt_args.items()))
     spam = MARKER in (msg.get_header("Subject") or "")
     if spam and msg.policy == "strict":
         return reject("Spam refused by this recipient's policy", "550", "5.7.1")

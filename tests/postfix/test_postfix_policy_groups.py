@@ -117,6 +117,9 @@ def test_recipients_of_one_group_share_one_transaction_and_one_delivery(hops):
     sending.wait_queue_empty(timeout=60)
     assert len(got) == 1 and sorted(got[0].rcpts) == ["strict1@example.com", "strict2@example.com"]
     assert header(got[0], b"X-Policy") == "strict" and not header(got[0], b"X-Spam-Flag")
+    # msg.rcpt_args: each recipient's RCPT TO arguments (the sending Postfix gives ORCPT)
+    assert header(got[0], b"X-Rcpt-Args") == ("strict1@example.com ORCPT=rfc822;strict1@example.com; "
+                                              "strict2@example.com ORCPT=rfc822;strict2@example.com")
 
 
 def test_split_after_accept_each_copy_gets_its_recipient_s_verdict_and_the_bounce_is_ours(split_hops):

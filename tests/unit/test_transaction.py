@@ -104,3 +104,13 @@ def test_end_of_data_no_recipients_limits_and_message_hooks():
     assert c.message(c.cfg.on_header_too_large).answer == c.cfg.on_header_too_large.verdict
     assert c.message().ask is hooks.BY_NAME[hooks.MESSAGE[0]]
     assert conversation(frozenset({"filter_recipient"})).message().ask is None
+
+
+def test_each_accepted_recipient_keeps_its_esmtp_arguments_as_sent_on_the_wire():
+    c = conversation()
+    c.begin("mail"), c.replied(CONTINUE)
+    c.begin("rcpt", "a@x", ["NOTIFY=NEVER", "ORCPT=rfc822;a@x"]), c.replied(CONTINUE)
+    c.begin("rcpt", "b@x", ["NOTIFY=SUCCESS"]), c.replied(REJECT)
+    c.begin("rcpt", "c@x"), c.replied(CONTINUE)
+    assert c.recipients == ["a@x", "c@x"]
+    assert c.recipient_args == ["NOTIFY=NEVER ORCPT=rfc822;a@x", ""]

@@ -96,6 +96,8 @@ class Message(Services, WholeMessage):
         #: the policy group of every recipient here (``conn.policy()`` in filter_recipient);
         #: None: the default group.  The verdict is for this group alone.
         self.policy: str | None = None
+        #: each recipient's RCPT TO ESMTP arguments, by address (``{"bob@x": ["NOTIFY=NEVER"]}``)
+        self.rcpt_args: dict[str, list[str]] = {}
         #: the recipients of each copy when a hook split the message (``split_by_recipient``)
         self.split_copies: list[list[str]] | None = None
         #: the MTA's queue ID (macro ``i``), for log lines; None if the MTA did not send it
@@ -130,6 +132,8 @@ class Message(Services, WholeMessage):
                   queue_id=request.queue_id, path=request.spool, size=request.size or None,
                   monitor=monitor)  # fmt: skip
         msg.policy = request.policy
+        args = request.recipient_args  # none from a front end older than the worker: {}
+        msg.rcpt_args = {r: a.split() for r, a in zip(request.recipients, args, strict=False)}
         return msg
 
     @property
