@@ -176,7 +176,8 @@ class Config:
     split_sendmail_path: Path = Path("/usr/sbin/sendmail")
     split_smtp_host: str = "127.0.0.1"
     split_smtp_port: int = 25
-    split_timeout: float = 60.0
+    split_timeout: float = 10.0
+    split_max_copies: int = 50
     # [dns], [auth], [dkim], [arc] (defang.auth)
     dns_servers: tuple[str, ...] = ()
     dns_timeout: float = 2.0
@@ -319,6 +320,7 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("split", "smtp_host"): ("split_smtp_host", as_str),
     ("split", "smtp_port"): ("split_smtp_port", as_port),
     ("split", "timeout"): ("split_timeout", as_pos_num),
+    ("split", "max_copies"): ("split_max_copies", as_pos_int),
     ("dns", "servers"): ("dns_servers", lambda v: tuple(as_server(x) for x in as_list(v))),
     ("dns", "timeout"): ("dns_timeout", as_pos_num),
     ("dns", "lifetime"): ("dns_lifetime", as_pos_num),

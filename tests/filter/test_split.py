@@ -51,8 +51,8 @@ def calls(tmp_path: Path) -> list[tuple[list[str], bytes]]:
             for n in range(1, len(list(d.glob("*.argv"))) + 1)]  # fmt: skip
 
 
-def runner(tmp_path: Path, by: str, script: Path) -> FilterRunner:
-    cfg = replace(configmod.load(None), split_sendmail_path=script)
+def runner(tmp_path: Path, by: str, script: Path, **settings) -> FilterRunner:
+    cfg = replace(configmod.load(None), split_sendmail_path=script, **settings)
     return FilterRunner.from_config(load_filter(str(inline_filter(tmp_path, SPLITTING.format(by=by)))), cfg)
 
 
@@ -99,3 +99,13 @@ def test_a_trial_shows_the_copies_and_hands_over_none(tmp_path):
         t.close()
     assert r.outcome["action"] == "discard" and calls(tmp_path) == []
     assert [a for a in r.actions if a[0] == "split"] == [["split", rcpt] for rcpt in RCPTS]
+
+
+def test_more_copies_than_max_copies_is_no_split_and_the_filter_decides_as_a_whole(tmp_path, caplog):
+    r = runner(tmp_path, "recipient", sendmail(tmp_path), split_max_copies=2)
+    with caplog.at_level(logging.WARNING, logger="defang.filter"):
+        reply = run(r, MESSAGE, tmp_path, recipients=RCPTS)
+    assert reply["verdict"]["text"] == "filter_end ran" and calls(tmp_path) == []
+    assert "not split: 3 copies (by recipient) would pass [split] max_copies 2" in caplog.text
+    run(r, MESSAGE, tmp_path, recipients=RCPTS[:2])  # two: split
+    assert len(calls(tmp_path)) == 2

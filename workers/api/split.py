@@ -48,9 +48,14 @@ def groups(recipients: list[str], by: str) -> list[list[str]]:
 
 def ask(msg: Any, by: str) -> bool:
     """``msg.split_by_recipient()``/``split_by_domain()``: True if the message will be split
-    (two copies or more, and not decided already)."""
+    (two copies or more, at most ``[split] max_copies``, and not decided already)."""
     copies = groups(list(msg.recipients), by)
     if len(copies) < 2 or msg.decision.decided:
+        return False
+    if len(copies) > msg.services.split_max_copies:
+        log.warning("%s: not split: %d copies (by %s) would pass [split] max_copies %d; the filter "
+                    "decides the message as a whole", msg.queue_id or "-", len(copies), by,
+                    msg.services.split_max_copies)  # fmt: skip
         return False
     msg.decision.take(verdicts.discard())  # the original, once every copy is queued
     msg.split_copies = copies
