@@ -190,8 +190,8 @@ class Trial:
                         r.recipients += env.recipients[env.recipients.index(rcpt) + 1:]
                     return end(label, step.answer, _why(stage, step.answer))
         r.recipients = list(smtp.recipients)
-        step = smtp.message()
-        if step.why == "no recipients":
+        step = smtp.data()
+        if step.why:
             return end("rcpt", step.answer, "no recipient was accepted: the MTA refuses DATA")
         size = spool_message(raw, self._spool)
         step = smtp.message(smtp.over_limit(size, *_header_size(self._spool, self.cfg.max_header_bytes)))

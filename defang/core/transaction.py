@@ -7,7 +7,7 @@ production would not give.  The model knows no hook by name: which hook a stage 
 ``defang.core.hooks`` (``ENVELOPE``, ``MESSAGE``), and a stage whose hook the filter does
 not define is answered without asking.
 
-An event (``begin``: connect, helo, mail, rcpt; ``message``: end of data) gives a
+An event (``begin``: connect, helo, mail, rcpt; ``data``; ``message``: end of data) gives a
 ``Step``: ask a hook (the driver sends the request and hands the reply to ``replied``,
 which gives the next step), or answer the MTA; ``ends`` says what that answer ends.
 
@@ -123,11 +123,16 @@ class Conversation:
             return cfg.on_header_too_large
         return None
 
+    def data(self) -> Step:
+        """DATA, as the MTA answers it (the trial plays the MTA; the milter never sees a DATA
+        the MTA refused): without an accepted recipient, no DATA."""
+        if not self.recipients and not self.ended:
+            return Step(answer=NO_RECIPIENTS, ends="transaction", why="no recipients")
+        return Step()
+
     def message(self, over: ReplySpec | None = None) -> Step:
         """End of data; ``over``: the limit the message passed (``over_limit``), if any."""
         self.stage = "eom"
-        if not self.recipients:
-            return Step(answer=NO_RECIPIENTS, ends="transaction", why="no recipients")
         if self.ended:
             return Step(ends=self.ended)
         if over is not None:

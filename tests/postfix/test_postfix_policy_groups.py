@@ -86,7 +86,7 @@ def tagged_and_bounced(got: list[SinkMessage], reporting_mta: str) -> SinkMessag
     assert bounce.rcpts == ["alice@example.org"]
     assert f"Reporting-MTA: dns; {reporting_mta}".encode() in bounce.raw
     assert b"Final-Recipient: rfc822; strict@example.com" in bounce.raw
-    assert b"5.7.1 Spam refused by this recipient's policy" in bounce.raw
+    assert b"Status: 5.7.1" in bounce.raw and b"Spam refused by this recipient's policy" in bounce.raw
     return tagged
 
 

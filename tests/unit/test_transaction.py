@@ -96,8 +96,9 @@ def test_a_reject_at_mail_ends_the_transaction_at_rcpt_the_recipient():
 def test_end_of_data_no_recipients_limits_and_message_hooks():
     c = conversation(max_message_size=100, max_headers=2)
     c.begin("mail"), c.replied(CONTINUE)
-    assert c.message().answer is NO_RECIPIENTS
+    assert c.data().answer is NO_RECIPIENTS
     rcpt(c, "a@x")
+    assert c.data().answer.action == "continue"
     assert c.over_limit(101, 0, 0) is c.cfg.on_message_too_large
     assert c.over_limit(50, 3, 10) is c.cfg.on_header_too_large
     assert c.over_limit(50, 2, 10) is None
