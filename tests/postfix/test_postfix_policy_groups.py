@@ -63,12 +63,20 @@ def submit(sending: PrivatePostfix, subject: str, rcpts: list[str]) -> None:
     assert r.accepted, r
 
 
-def deliveries(receiving: Stack, subject: str, count: int) -> list[SinkMessage]:
-    """The ``count`` sink deliveries that mention ``subject`` (bounces quote it too)."""
-    return wait_for(f"{count} deliveries of {subject!r}",
-                    lambda: (lambda ms: ms if len(ms) >= count else None)(
-                        [m for m in receiving.sink.messages() if subject.encode() in m.raw]),
-                    timeout=60)  # fmt: skip
+def deliveries(hops: tuple[PrivatePostfix, Stack], subject: str, rcpts: list[str], count: int
+               ) -> list[SinkMessage]:  # fmt: skip
+    """Submit a message to the sending Postfix; the ``count`` sink deliveries that mention
+    ``subject`` (bounces quote it too), once both Postfix queues are empty (nothing left
+    behind: every recipient has had its end)."""
+    sending, receiving = hops
+    submit(sending, subject, rcpts)
+    got = wait_for(f"{count} deliveries of {subject!r}",
+                   lambda: (lambda ms: ms if len(ms) >= count else None)(
+                       [m for m in receiving.sink.messages() if subject.encode() in m.raw]),
+                   timeout=60)  # fmt: skip
+    sending.wait_queue_empty(timeout=60)
+    receiving.postfix.wait_queue_empty(timeout=60)
+    return got
 
 
 def header(m: SinkMessage, name: bytes) -> str:
@@ -92,10 +100,7 @@ def tagged_and_bounced(got: list[SinkMessage], reporting_mta: str) -> SinkMessag
 
 def test_one_message_to_two_groups_arrives_as_one_transaction_per_group_each_with_its_verdict(hops):
     sending, receiving = hops
-    subject = "groups SPAM-TEST-MARKER one"
-    submit(sending, subject, ["tag@example.com", "strict@example.com"])
-    got = deliveries(receiving, subject, 2)
-    sending.wait_queue_empty(timeout=60)  # nothing left behind: every recipient has its end
+    got = deliveries(hops, "groups SPAM-TEST-MARKER one", ["tag@example.com", "strict@example.com"], 2)
     # the strict copy was refused at end of data: the *sending* MTA bounced it to alice
     tagged_and_bounced(got, SENDER_NAME)
     # The sending Postfix deferred the other group's recipient on the 452 and sent it again
@@ -110,11 +115,7 @@ def test_one_message_to_two_groups_arrives_as_one_transaction_per_group_each_wit
 
 
 def test_recipients_of_one_group_share_one_transaction_and_one_delivery(hops):
-    sending, receiving = hops
-    subject = "groups same two"
-    submit(sending, subject, ["strict1@example.com", "strict2@example.com"])
-    got = deliveries(receiving, subject, 1)
-    sending.wait_queue_empty(timeout=60)
+    got = deliveries(hops, "groups same two", ["strict1@example.com", "strict2@example.com"], 1)
     assert len(got) == 1 and sorted(got[0].rcpts) == ["strict1@example.com", "strict2@example.com"]
     assert header(got[0], b"X-Policy") == "strict" and not header(got[0], b"X-Spam-Flag")
     # msg.rcpt_args: each recipient's RCPT TO arguments (the sending Postfix gives ORCPT)
@@ -123,12 +124,8 @@ def test_recipients_of_one_group_share_one_transaction_and_one_delivery(hops):
 
 
 def test_split_after_accept_each_copy_gets_its_recipient_s_verdict_and_the_bounce_is_ours(split_hops):
-    sending, receiving = split_hops
-    subject = "split SPAM-TEST-MARKER one"
-    submit(sending, subject, ["tag@example.com", "strict@example.com"])
-    got = deliveries(receiving, subject, 2)
-    sending.wait_queue_empty(timeout=60)
-    receiving.postfix.wait_queue_empty(timeout=60)
+    sending, _ = split_hops
+    got = deliveries(split_hops, "split SPAM-TEST-MARKER one", ["tag@example.com", "strict@example.com"], 2)
     # the sending MTA delivered both recipients at once (250): the *receiving* MTA bounced one
     tagged = tagged_and_bounced(got, "testbed.defang.invalid")
     assert header(tagged, b"X-Defang-Split").endswith(("1/2", "2/2"))
