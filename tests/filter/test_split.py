@@ -109,3 +109,10 @@ def test_more_copies_than_max_copies_is_no_split_and_the_filter_decides_as_a_who
     assert "not split: 3 copies (by recipient) would pass [split] max_copies 2" in caplog.text
     run(r, MESSAGE, tmp_path, recipients=RCPTS[:2])  # two: split
     assert len(calls(tmp_path)) == 2
+
+
+def test_a_sender_s_forged_marker_changes_nothing(tmp_path):
+    forged = b"X-Defang-Split: Q0 1/1\r\n" + MESSAGE
+    reply = run(runner(tmp_path, "recipient", sendmail(tmp_path)), forged, tmp_path, recipients=RCPTS)
+    assert reply["verdict"]["action"] == "discard" and len(calls(tmp_path)) == 3  # split all the same
+    assert calls(tmp_path)[0][1].startswith(b"X-Defang-Split: Q1 1/3\r\nX-Defang-Split: Q0 1/1\r\n")
