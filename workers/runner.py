@@ -38,7 +38,7 @@ from typing import Any
 from defang.core import hooks, wire
 from defang.core.config import default_runtime_dir
 from defang.core.verdicts import CONTINUE, Verdict, reject, tempfail
-from defang.workers.api import services
+from defang.workers.api import services, split
 from defang.workers.api.conn import DEFAULT_MAX_NOTES_BYTES, Connection, NotesError, encode_notes
 from defang.workers.api.decision import Decision, FilterError
 from defang.workers.api.message import Message
@@ -87,6 +87,7 @@ class FilterRunner:
             self.monitor_rules = frozenset(cfg.monitor_rules)
             self.services = ServiceSettings.from_config(cfg)
             self.submission = Submission.for_notices(cfg)
+            self.split_submission = Submission.for_split(cfg)
             services.CURRENT = self.services
         else:
             self.limits = MimeLimits()
@@ -95,6 +96,7 @@ class FilterRunner:
             self.quarantine_store = QuarantineStore(default_runtime_dir() / "quarantine")
             self.monitor_all, self.monitor_rules = False, frozenset()
             self.services, self.submission = ServiceSettings(), Submission()
+            self.split_submission = Submission()
         #: the notices of the last message, sent after its reply (``send_notices``)
         self.outbox: list[Notice] = []
         #: set by ``defang test`` and ``replay``: the hooks see ``conn.trial`` and ``msg.trial``
@@ -188,7 +190,9 @@ class FilterRunner:
             _decide(decision, hook.name, result)
         except (Exception, SystemExit) as exc:
             return self._failed(hook.name, exc, conn, received_notes, None)
-        return self._reply(decision.verdict, [], conn, received_notes, hook.name, None, decision)
+        reply = self._reply(decision.verdict, [], conn, received_notes, hook.name, None, decision)
+        reply.policy = conn.policy_key  # conn.policy(): the recipient's group (defang.core.transaction)
+        return reply
 
     def _decision(self, queue_id: str) -> Decision:
         return Decision(monitor_all=self.monitor_all, monitor_rules=self.monitor_rules, queue_id=queue_id)
@@ -250,6 +254,9 @@ class FilterRunner:
             return self._failed(hook, exc, conn, received_notes, msg.queue_id)
         try:
             actions = self._commit(msg, verdict)
+            if msg.split_copies and verdict.action == "discard":  # split after accept (workers/api/split.py)
+                verdict, shown = split.carry_out(msg, self.split_submission, self.trial)
+                actions = actions + shown
         except Exception as exc:
             return self._local_problem(msg, exc, conn, received_notes)
         self.outbox, self._outbox_queue_id = msg.notices, msg.queue_id or "-"

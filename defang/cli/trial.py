@@ -1,17 +1,12 @@
 """``defang test MESSAGE``: what defang would do with one message, without an MTA.
 
-The trial plays the MTA and the front end: it asks the filter at each SMTP stage as the
-milter would (and only for the hooks the filter defines), and stops where the MTA would
-stop, so that it never shows an answer production would not give:
-
-- ``accept()`` at connect or HELO accepts the connection, at MAIL FROM or RCPT TO the
-  message, without further filtering: nothing later runs;
-- a reject or tempfail at connect or HELO ends the connection, at MAIL FROM the
-  transaction; at RCPT TO it refuses that recipient, which the message then lacks
-  (``msg.recipients``); with no recipient left there is no DATA;
-- ``discard()`` anywhere throws the message away: nothing later runs;
-- the front end's limits apply (``max_recipients``, ``max_headers``, ``max_header_bytes``,
-  ``max_message_size``), with their configured replies.
+The trial plays the MTA and drives the front end's own transaction model
+(``defang.core.transaction``: which hook each stage asks, the accept and discard
+short-cuts, ``max_recipients``, policy groups, the header and size limits), so it asks
+the filter at each SMTP stage as the milter would and stops where the MTA would stop: it
+never shows an answer production would not give.  A recipient refused at RCPT TO (or
+answered 452 for another policy group) is not in ``msg.recipients``; with no recipient
+left there is no DATA.
 
 The message is spooled as the front end spools it.  ``Trial`` loads the filter once and
 runs any number of messages (``defang replay`` runs one per worker process).
@@ -38,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from defang.core import wire
-from defang.core.config import Config, ReplySpec
+from defang.core import hooks, wire
+from defang.core.config import Config
+from defang.core.transaction import Conversation
 from defang.core.verdicts import CONTINUE, Verdict
 from defang.workers.loader import FilterLoadError, load_filter
 from defang.workers.runner import FilterRunner
@@ -154,65 +150,62 @@ class Trial:
 
     def _run(self, raw: bytes, env: Envelope, r: Result, body_out: str | None) -> None:
         notes: dict[str, Any] = {}
-        hooks = self.runner.hooks
-
-        def ask(stage: str, request: wire.DecisionRequest) -> Verdict:
-            nonlocal notes
-            reply = self.runner.handle(request)
-            notes = reply.notes if reply.notes is not None else notes
-            r.stages.append((stage, wire.verdict_to_wire(reply.verdict)))
-            r.would += reply.would
-            r.tags += reply.tags
-            if reply.error and reply.error.startswith("filter error"):
-                r.error = reply.error
-            return reply.verdict
+        smtp = Conversation(self.runner.hooks, self.cfg)
 
         def conn() -> wire.ConnInfo:
             return wire.ConnInfo("test", env.ip, env.hostname, 0, env.helo, env.macros, notes)
 
+        requests = {"connect": lambda rcpt: wire.Connect(conn()), "helo": lambda rcpt: wire.Helo(conn()),
+                    "mail": lambda rcpt: wire.Mail(conn(), env.sender, env.mail_args),
+                    "rcpt": lambda rcpt: wire.Rcpt(conn(), rcpt, env.sender, env.mail_args, env.rcpt_args)}
+
+        def ask(label: str, request: wire.DecisionRequest) -> wire.Reply:
+            nonlocal notes
+            reply = self.runner.handle(request)
+            notes = reply.notes if reply.notes is not None else notes
+            r.stages.append((label, wire.verdict_to_wire(reply.verdict)))
+            r.would += reply.would
+            r.tags += reply.tags
+            if reply.error and (reply.error.startswith("filter error") or request.OP == "eom"):
+                r.error = r.error or reply.error
+            return reply
+
         def end(stage: str, verdict: Verdict, why: str) -> None:
             r.outcome, r.ended, r.why = wire.verdict_to_wire(verdict), stage, why
 
-        for stage, hook, request in (("connect", "filter_relay", lambda: wire.Connect(conn())),
-                                     ("helo", "filter_helo", lambda: wire.Helo(conn()))):  # fmt: skip
-            if hook in hooks:
-                v = ask(stage, request())
-                if v.action != "continue":
-                    return end(stage, v, f"the {'connection' if v.action != 'discard' else 'mail'} is "
-                                         f"{_done(v)} at {stage}")  # fmt: skip
-        if "filter_sender" in hooks:
-            v = ask("mail", wire.Mail(conn(), env.sender, env.mail_args))
-            if v.action != "continue":
-                return end("mail", v, f"the message is {_done(v)} at MAIL FROM")
-        for rcpt in env.recipients:
-            if len(r.recipients) >= self.cfg.max_recipients:
-                r.stages.append((f"rcpt {rcpt}", _spec(self.cfg.on_too_many_recipients)))
-                continue
-            if "filter_recipient" in hooks:
-                v = ask(f"rcpt {rcpt}", wire.Rcpt(conn(), rcpt, env.sender, env.mail_args, env.rcpt_args))
-                if v.action in ("accept", "discard"):
-                    r.recipients += env.recipients[env.recipients.index(rcpt):]
-                    return end(f"rcpt {rcpt}", v, f"the message is {_done(v)} at RCPT TO")
-                if v.action != "continue":
-                    continue  # this recipient refused; the message goes on without it
-            r.recipients.append(rcpt)
-        if not r.recipients:
-            return end("rcpt", Verdict("reject", "554", "5.5.1", "No valid recipients"),
-                       "no recipient was accepted: the MTA refuses DATA")  # fmt: skip
+        for stage in hooks.STAGES[:-1]:
+            for rcpt in env.recipients if stage == "rcpt" else [""]:
+                label = f"rcpt {rcpt}" if rcpt else stage
+                step = smtp.begin(stage, rcpt, env.rcpt_args)
+                if step.ask is not None:
+                    reply = ask(label, requests[stage](rcpt))
+                    step = smtp.replied(reply.verdict, reply.policy)
+                    if step.why:  # the front end answers otherwise than the filter
+                        r.stages.append((label, wire.verdict_to_wire(step.answer)))
+                elif step.why:
+                    r.stages.append((label, wire.verdict_to_wire(step.answer)))
+                if step.ends in ("connection", "transaction") and step.answer.action != "continue":
+                    r.recipients = list(smtp.recipients)
+                    if stage == "rcpt":
+                        r.recipients += env.recipients[env.recipients.index(rcpt) + 1:]
+                    return end(label, step.answer, _why(stage, step.answer))
+        r.recipients = list(smtp.recipients)
+        step = smtp.data()
+        if step.why:
+            return end("rcpt", step.answer, "no recipient was accepted: the MTA refuses DATA")
         size = spool_message(raw, self._spool)
-        over = self._over_limit(self._spool, size)
-        if over is not None:
-            return end("end of message", over.verdict, "the message passed a front-end limit")
-        if hooks & {"filter_begin", "filter_part", "filter_multipart", "filter_end"}:
+        step = smtp.message(smtp.over_limit(size, *_header_size(self._spool, self.cfg.max_header_bytes)))
+        if step.why:
+            return end("end of message", step.answer, "the message passed a front-end limit")
+        if step.ask is not None:
             request = wire.EndOfMessage(conn(), str(self._spool), env.sender, r.recipients, env.queue_id,
-                                        size, env.mail_args)  # fmt: skip
-            reply = self.runner.handle(request)
-            r.would += reply.would
-            r.tags += reply.tags
-            r.error = reply.error if reply.error and not r.error else r.error
-            r.stages.append(("end of message", wire.verdict_to_wire(reply.verdict)))
+                                        size, env.mail_args, smtp.policy, smtp.recipient_args)  # fmt: skip
+            reply = ask("end of message", request)
             end("end of message", reply.verdict, _at_eom(reply.verdict, len(r.recipients)))
             r.actions = [self._body(a, body_out) if a[0] == "replace_body" else a for a in reply.actions]
+            copies = sum(1 for a in r.actions if a[0] == "split")
+            if copies:
+                r.why = f"split into {copies} copies, each filtered again; the original discarded once queued"
             r.notices = [str(n) for n in self.runner.outbox]  # shown; sent only with send_mail
             if self.send_mail:
                 r.sent = [self._send(n) for n in self.runner.outbox]
@@ -238,16 +231,20 @@ class Trial:
             os.unlink(path)
         return ["replace_body", f"{len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()[:16]}"]
 
-    def _over_limit(self, path: Path, size: int) -> ReplySpec | None:
-        cfg = self.cfg
-        if size > cfg.max_message_size:
-            return cfg.on_message_too_large
-        with open(path, "rb") as f:
-            head = f.read(cfg.max_header_bytes + 1).split(b"\r\n\r\n", 1)[0]
-        fields = sum(1 for line in head.split(b"\r\n") if line[:1] not in (b" ", b"\t"))
-        if fields > cfg.max_headers or len(head) + 2 > cfg.max_header_bytes:
-            return cfg.on_header_too_large
-        return None
+
+def _header_size(path: Path, max_bytes: int) -> tuple[int, int]:
+    """The header section's field count and size (with its CRLF), as the front end counts them."""
+    with open(path, "rb") as f:
+        head = f.read(max_bytes + 1).split(b"\r\n\r\n", 1)[0]
+    fields = sum(1 for line in head.split(b"\r\n") if line[:1] not in (b" ", b"\t"))
+    return fields, len(head) + 2
+
+
+def _why(stage: str, v: Verdict) -> str:
+    """What the MTA does when the answer at ``stage`` ends the conversation."""
+    if stage in ("connect", "helo"):
+        return f"the {'connection' if v.action != 'discard' else 'mail'} is {_done(v)} at {stage}"
+    return f"the message is {_done(v)} at {'MAIL FROM' if stage == 'mail' else 'RCPT TO'}"
 
 
 def _done(v: Verdict) -> str:
@@ -259,10 +256,6 @@ def _at_eom(v: Verdict, recipients: int) -> str:
     if v.action in ("continue", "accept"):
         return f"the MTA delivers it to {recipients} recipient{'s' if recipients != 1 else ''}"
     return f"the message is {_done(v)} at end of message"
-
-
-def _spec(spec: ReplySpec) -> dict[str, Any]:
-    return wire.verdict_to_wire(spec.verdict)
 
 
 def spool_message(raw: bytes, dest: Path) -> int:
@@ -368,7 +361,7 @@ def render(r: Result) -> str:
     if not r.stages:
         lines.append("(no hook was asked: the filter defines none that applies)")
     refused = r.outcome["action"] not in ("continue", "accept")
-    if r.actions and refused:
+    if r.actions and refused and not any(a[0] == "split" for a in r.actions):
         lines.append("  (the actions below are not applied: the message is refused)")
     for action in r.actions:
         lines.append(f"  {action[0]}: {', '.join(str(a) for a in action[1:])}")

@@ -176,6 +176,13 @@ class Config:
     notify_timeout: float = 60.0
     notify_from: str = "MAILER-DAEMON"
     notify_administrator: str = "postmaster"
+    # [split]
+    split_method: str = "sendmail"
+    split_sendmail_path: Path = Path("/usr/sbin/sendmail")
+    split_smtp_host: str = "127.0.0.1"
+    split_smtp_port: int = 25
+    split_timeout: float = 10.0
+    split_max_copies: int = 50
     # [dns], [auth], [dkim], [arc] (defang.auth)
     dns_servers: tuple[str, ...] = ()
     dns_timeout: float = 2.0
@@ -317,6 +324,12 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("notify", "timeout"): ("notify_timeout", as_pos_num),
     ("notify", "from"): ("notify_from", as_str),
     ("notify", "administrator"): ("notify_administrator", as_str),
+    ("split", "method"): ("split_method", as_release_method),
+    ("split", "sendmail_path"): ("split_sendmail_path", as_path),
+    ("split", "smtp_host"): ("split_smtp_host", as_str),
+    ("split", "smtp_port"): ("split_smtp_port", as_port),
+    ("split", "timeout"): ("split_timeout", as_pos_num),
+    ("split", "max_copies"): ("split_max_copies", as_pos_int),
     ("dns", "servers"): ("dns_servers", lambda v: tuple(as_server(x) for x in as_list(v))),
     ("dns", "timeout"): ("dns_timeout", as_pos_num),
     ("dns", "lifetime"): ("dns_lifetime", as_pos_num),

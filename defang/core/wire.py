@@ -60,9 +60,8 @@ ACTIONS: dict[str, int] = {
 #: The header the front end adds for each refusal monitor mode noted (``Reply.would``).
 WOULD_HEADER = "X-Defang-Would"
 
-#: A worker that rebuilds a message's body writes it beside the spool file, with this
-#: suffix, and names it in a ``replace_body`` action; the front end streams it to the
-#: MTA and removes it.
+#: A worker that rebuilds a message's body writes it beside the spool file, with this suffix,
+#: and names it in a ``replace_body`` action; the front end streams it to the MTA and removes it.
 NEW_BODY_SUFFIX = ".new"
 
 
@@ -168,7 +167,8 @@ class Rcpt:
 @dataclass(slots=True)
 class EndOfMessage:
     """End of message: for the message hooks.  ``spool`` is the path of the spooled
-    message (header section, empty line, body; CRLF line ends)."""
+    message (header section, empty line, body; CRLF line ends).  ``recipient_args``: each
+    recipient's RCPT TO arguments joined by spaces (an esmtp-value has none: RFC 5321)."""
 
     OP: ClassVar[str] = "eom"
     conn: ConnInfo
@@ -178,6 +178,8 @@ class EndOfMessage:
     queue_id: str = ""
     size: int = 0
     sender_args: list[str] = field(default_factory=list)
+    policy: str | None = None  # the recipients' policy group (defang.core.transaction)
+    recipient_args: list[str] = field(default_factory=list)
     rcpt_args: ClassVar[list[str]] = []
 
     def __post_init__(self) -> None:
@@ -241,11 +243,10 @@ class Reply:
     ``rss`` the worker's resident size after it, when the multiplexor asked for it.
     ``would``: the refusals monitor mode noted instead of carrying them out (the front
     end stamps them on the message, ``WOULD_HEADER``); ``tags``: what the filter named
-    as having fired.
-    """
+    as having fired; ``policy``: filter_recipient's ``conn.policy()``."""
 
     OP: ClassVar[str] = "reply"
-    SPARSE: ClassVar[tuple[str, ...]] = ("error", "rss", "would", "tags")  # left out while unset
+    SPARSE: ClassVar[tuple[str, ...]] = ("error", "rss", "would", "tags", "policy")  # left out unset
     verdict: Verdict
     actions: list[list[Any]] = field(default_factory=list)
     notes: dict[str, Any] | None = None
@@ -254,6 +255,7 @@ class Reply:
     rss: int = 0
     would: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
+    policy: str | None = None
 
 
 @dataclass(slots=True)

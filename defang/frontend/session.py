@@ -20,12 +20,14 @@ message hooks the MTA does not send headers or body at all.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import milter
 
 from defang.core import hooks, wire
 from defang.core.config import ReplySpec
+from defang.core.transaction import Conversation
 from defang.core.verdicts import Verdict
 from defang.frontend.service import FrontEnd
 from defang.frontend.spool import SpoolError, SpoolFile
@@ -43,15 +45,14 @@ _RC = {"continue": milter.CONTINUE, "accept": milter.ACCEPT, "discard": milter.D
 
 
 class Envelope:
-    """One transaction: MAIL FROM, RCPT TO, the message's size and limits, its spool file."""
+    """One transaction: MAIL FROM, size, limits, spool file (recipients: ``Session.smtp``)."""
 
-    __slots__ = ("sender", "sender_args", "recipients", "size", "header_bytes", "header_count", "in_body",
+    __slots__ = ("sender", "sender_args", "size", "header_bytes", "header_count", "in_body",
                  "overflow", "spool", "would", "over_rcpts")  # fmt: skip
 
     def __init__(self, spool: SpoolFile, sender: str = "", sender_args: list[str] | None = None) -> None:
         self.sender = sender
         self.sender_args = sender_args or []
-        self.recipients: list[str] = []
         self.would: list[str] = []  # refusals monitor mode noted at MAIL FROM and RCPT TO
         self.size = self.header_bytes = self.header_count = 0
         self.in_body = False
@@ -65,7 +66,7 @@ class Session:
 
     __slots__ = ("fe", "ctx", "id", "hooks", "protocol", "leadspc", "ip", "port", "hostname", "helo",
                  "macros", "notes", "hdr_rc", "body_rc", "env", "in_txn", "would", "connected", "odd", "lost",
-                 "refusal")  # fmt: skip
+                 "refusal", "smtp")  # fmt: skip
 
     def __init__(self, fe: FrontEnd, ctx: Any) -> None:
         self.fe = fe
@@ -88,6 +89,7 @@ class Session:
         self.odd: set[str] = set()  # macros already logged as not UTF-8
         self.lost: list[str] = []  # stages pymilter could not hand us, decided at RCPT TO
         self.refusal: Verdict | None = None  # such a stage's refusal: every RCPT TO gets it
+        self.smtp = Conversation(self.hooks, fe.cfg)  # the stages' rules (defang.core.transaction)
 
     # ------------------------------------------------------------ negotiation
     def negotiate(self, opts: list[int]) -> int:
@@ -141,60 +143,56 @@ class Session:
             self.ip, self.port = str(hostaddr[0]), int(hostaddr[1])
         elif hostaddr:
             self.ip = str(hostaddr)
-        if "filter_relay" in self.hooks:
-            return self._decide_envelope(wire.Connect(self._conn()))
-        return self._reply_or_none(milter.P_NR_CONN, milter.CONTINUE)
+        return self._stage("connect", lambda: wire.Connect(self._conn()))
 
     def hello(self, helo: Any) -> int:
         self.helo = _text(helo)
-        if "filter_helo" in self.hooks:
-            return self._decide_envelope(wire.Helo(self._conn()))
-        return self._reply_or_none(milter.P_NR_HELO, milter.CONTINUE)
+        return self._stage("helo", lambda: wire.Helo(self._conn()))
 
     def envfrom(self, sender: bytes, *args: bytes) -> int:
         self._end_transaction(another=True)
         env = self.env
         env.sender = _strip_brackets(_text(sender))
         env.sender_args = [_text(a) for a in args]
-        if "filter_sender" in self.hooks:
-            return self._decide_envelope(wire.Mail(self._conn(), env.sender, env.sender_args))
-        return self._reply_or_none(milter.P_NR_MAIL, milter.CONTINUE)
+        return self._stage("mail", lambda: wire.Mail(self._conn(), env.sender, env.sender_args))
 
     def envrcpt(self, rcpt: bytes, *args: bytes) -> int:
         if self.lost:
             self._catch_up()
         if self.refusal is not None:
             return self._answer(self.refusal)
-        env = self.env
-        recipient = _strip_brackets(_text(rcpt))
-        cfg = self.fe.cfg
-        if len(env.recipients) >= cfg.max_recipients:
-            env.over_rcpts += 1  # one log line for the transaction, at its end
-            return self._answer(cfg.on_too_many_recipients.verdict)
-        rc = milter.CONTINUE
-        if "filter_recipient" in self.hooks:
-            rc = self._decide_envelope(wire.Rcpt(self._conn(), recipient, env.sender, env.sender_args,
-                                                 [_text(a) for a in args]))  # fmt: skip
-        if rc in (milter.CONTINUE, milter.ACCEPT):
-            env.recipients.append(recipient)
-        return rc
+        env, to, esmtp = self.env, _strip_brackets(_text(rcpt)), [_text(a) for a in args]
+        request = lambda: wire.Rcpt(self._conn(), to, env.sender, env.sender_args, esmtp)  # noqa: E731
+        return self._stage("rcpt", request, to, esmtp)
 
-    def _decide_envelope(self, request: wire.DecisionRequest) -> int:
+    def _stage(self, stage: str, request: Callable[[], wire.DecisionRequest], *rcpt: Any) -> int:
+        """An envelope stage as the transaction model rules it (``defang.core.transaction``);
+        ``rcpt``: at RCPT TO, the recipient and its ESMTP arguments."""
+        step = self.smtp.begin(stage, *rcpt)
+        asked = step.ask is not None
+        if asked:
+            reply = self._decide_envelope(request())
+            step = self.smtp.replied(reply.verdict, reply.policy)
+        if step.why == "max_recipients":
+            self.env.over_rcpts += 1  # one log line for the transaction, at its end
+        elif step.why:
+            log.info("conn %s: <%s> is of another policy group than the transaction's: %s %s", self.id,
+                     rcpt[0], step.answer.code, step.answer.dsn)  # fmt: skip
+        if not asked and step.answer.action == "continue" and stage in NO_REPLY:
+            return self._reply_or_none(NO_REPLY[stage], milter.CONTINUE)
+        return self._answer(step.answer)
+
+    def _decide_envelope(self, request: wire.DecisionRequest) -> wire.Reply:
         reply = self.fe.decide(request, f"conn {self.id} {request.OP}")
         self._take_notes(reply)
         if reply.would:  # stamped on the message(s) at end of message: the connection's, or this one's
             held = self.would if isinstance(request, wire.Connect | wire.Helo) else self.env.would
             held.extend(reply.would)
-        return self._answer(reply.verdict)
+        return reply
 
     def data(self) -> int:
-        """DATA, asked for only on TCP milter sockets, where it saves ~40 ms per message.
-
-        At DATA Postfix sends that stage's macros and flushes, then writes the whole
-        message once the client has sent it.  Without a reply to wait for, that second
-        write waits (Nagle, on Postfix's socket) for our kernel's delayed ACK of the
-        first: ~40 ms.  Answering DATA makes the ACK ride on our reply at once.
-        """
+        """DATA, asked for only on TCP milter sockets: without a reply to wait for, Postfix's
+        write of the message waits (Nagle) for our delayed ACK of its DATA macros, ~40 ms."""
         return milter.CONTINUE
 
     # ------------------------------------------------------------ content
@@ -208,14 +206,14 @@ class Session:
             env.header_count += 1
             env.header_bytes += len(line)
             env.size += len(line)
-            cfg = self.fe.cfg
-            if env.header_count > cfg.max_headers or env.header_bytes > cfg.max_header_bytes:
-                self._overflow(cfg.on_header_too_large, "header limit")
+            over = self.smtp.over_limit(env.size, env.header_count, env.header_bytes)
+            if over is not None:
+                self._overflow(over, "header or size limit")
             else:
                 try:  # no method of our own between: this runs for every header of every message
                     env.spool.write(line)
                 except SpoolError as exc:
-                    self._overflow(cfg.on_internal_error, str(exc))
+                    self._overflow(self.fe.cfg.on_internal_error, str(exc))
         return self.hdr_rc
 
     def body(self, chunk: bytes) -> int:
@@ -226,8 +224,9 @@ class Session:
                 self._write(b"\r\n")
                 env.size += 2
             env.size += len(chunk)
-            if env.size > self.fe.cfg.max_message_size:
-                self._overflow(self.fe.cfg.on_message_too_large, "max_message_size")
+            over = self.smtp.over_limit(env.size, 0, 0)
+            if over is not None:
+                self._overflow(over, "max_message_size")
             elif env.overflow is None:
                 try:
                     env.spool.write(chunk)
@@ -242,8 +241,8 @@ class Session:
             self._end_transaction()
 
     def _eom(self) -> int:
-        env = self.env
-        if env.overflow is None and not (self.hooks & hooks.MESSAGE_SET):
+        env, smtp = self.env, self.smtp
+        if env.overflow is None and smtp.message().ask is None:
             if self.would or env.would:
                 self._stamp_would([])
             return milter.CONTINUE  # nothing to decide: no macros to read either
@@ -262,8 +261,8 @@ class Session:
             log.warning("%s: conn %s: message over a limit: %s %s", queue_id or "-", self.id, spec.code,
                         spec.dsn)  # fmt: skip
             return self._answer(spec.verdict)
-        request = wire.EndOfMessage(self._conn(collect=False), path, env.sender, env.recipients, queue_id,
-                                    env.size, env.sender_args)  # fmt: skip
+        request = wire.EndOfMessage(self._conn(collect=False), path, env.sender, smtp.recipients, queue_id,
+                                    env.size, env.sender_args, smtp.policy, smtp.recipient_args)  # fmt: skip
         spool = env.spool
         spool.reusable, spool.new_body = False, True  # until a worker's reply says otherwise
         reply = self.fe.decide(request, f"{queue_id or '-'}: conn {self.id} eom")
@@ -284,7 +283,7 @@ class Session:
                           queue_id or "-", self.id, exc, spec.code, spec.dsn)  # fmt: skip
                 return self._answer(spec.verdict)
         log.info("%s: conn %s from=<%s> rcpts=%d size=%d verdict=%s%s actions=%d", queue_id or "-", self.id,
-                 env.sender, len(env.recipients), env.size, verdict.action, _reply_suffix(verdict),
+                 env.sender, len(smtp.recipients), env.size, verdict.action, _reply_suffix(verdict),
                  applied)  # fmt: skip
         return self._answer(verdict)
 
@@ -349,6 +348,7 @@ class Session:
             log.warning("conn %s: %d recipient(s) of from=<%s> over max_recipients %d refused", self.id,
                         self.env.over_rcpts, self.env.sender, self.fe.cfg.max_recipients)  # fmt: skip
         spool.discard(self.id, self.in_txn)  # and ready for the next transaction
+        self.smtp.end()
         self._txn(another)
         self.env = Envelope(spool)
 

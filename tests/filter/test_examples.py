@@ -316,3 +316,28 @@ def test_recipient_lists_allow_before_block_and_scores(tmp_path):
     r = trial(spammy, tmp_path, "--config", str(config), "--sender", "a@else.example", "--rcpt",
               "alice@example.org", filter_path=LISTS)  # fmt: skip
     assert r["outcome"]["text"] == "Looks like spam"
+
+
+@needs_scanners
+def test_per_user_spam_example_decides_each_threshold_group_alone(scanner_config, tmp_path):
+    from scanmail import SPAM
+
+    # the example beside a thresholds file of the test's: GTUBE scores about 1000
+    example = tmp_path / "per_user_spam.py"
+    example.write_text((EXAMPLES / "per_user_spam.py").read_text())
+    thresholds = "ceo@example.com 4\n@lists.example.com 5000\nbad line\n"
+    (tmp_path / "per_user_thresholds.txt").write_text(thresholds)
+    args = ("--config", str(scanner_config))
+    # ceo@ refuses from 4, the lists from 5000: two groups, the second gets 452
+    r = trial(SPAM, tmp_path, *args, "--rcpt", "ceo@example.com", "--rcpt", "dev@lists.example.com",
+              filter_path=example)  # fmt: skip
+    assert r["rcpt"]["dev@lists.example.com"]["code"] == "452" and r["recipients"] == ["ceo@example.com"]
+    assert r["exit"] == 1 and r["outcome"]["text"].startswith("Message looks like spam")
+    # the MTA's next transaction: the lists' group alone, where the same message is tagged
+    r = trial(SPAM, tmp_path, *args, "--rcpt", "dev@lists.example.com", "--rcpt", "ops@lists.example.com",
+              "--rcpt", "ceo@example.com", filter_path=example)  # fmt: skip
+    assert r["recipients"] == ["dev@lists.example.com", "ops@lists.example.com"]
+    assert r["exit"] == 0 and {a[1]: a[2] for a in r["actions"]}["Subject"].startswith("[SPAM] ")
+    # a recipient not listed: the default group and threshold (10): refused
+    r = trial(SPAM, tmp_path, *args, "--rcpt", "bob@example.com", filter_path=example)
+    assert r["exit"] == 1 and r["recipients"] == ["bob@example.com"]

@@ -210,3 +210,47 @@ def test_a_rewritten_body_is_described_and_saved_on_request(tmp_path):
 def test_an_envelope_needs_a_real_ip(ip):
     with pytest.raises(ValueError):
         Envelope(ip=ip)
+
+
+POLICY = """
+def filter_recipient(conn, rcpt):
+    if rcpt.startswith("strict"):
+        conn.policy("strict")
+
+def filter_end(msg):
+    msg.add_header("X-Policy", str(msg.policy))
+    msg.add_header("X-Recipients", ",".join(msg.recipients))
+"""
+
+
+def test_a_recipient_of_another_policy_group_gets_452_and_the_verdict_is_for_the_first_group(tmp_path):
+    env = Envelope(recipients=["tag@example.com", "strict@example.com", "tag2@example.com"])
+    r = run(tmp_path, POLICY, env)
+    said = [(stage, v["action"], v["code"]) for stage, v in r.stages if stage.startswith("rcpt")]
+    assert said == [("rcpt tag@example.com", "continue", None), ("rcpt strict@example.com", "continue", None),
+                    ("rcpt strict@example.com", "tempfail", "452"),
+                    ("rcpt tag2@example.com", "continue", None)]
+    assert dict(r.stages)["rcpt strict@example.com"]["dsn"] == "4.5.3"  # the last said: the MTA's answer
+    assert r.recipients == ["tag@example.com", "tag2@example.com"]
+    assert headers(r)["X-Policy"] == "None"
+    assert headers(r)["X-Recipients"] == "tag@example.com,tag2@example.com"
+
+
+def test_the_strict_group_first_gets_its_own_transaction(tmp_path):
+    r = run(tmp_path, POLICY, Envelope(recipients=["strict@example.com", "tag@example.com"]))
+    assert r.recipients == ["strict@example.com"] and headers(r)["X-Policy"] == "strict"
+
+
+def test_conn_policy_outside_filter_recipient_is_a_filter_error(tmp_path):
+    r = run(tmp_path, "def filter_sender(conn, sender):\n    conn.policy('strict')\n")
+    assert r.error and "conn.policy() is for filter_recipient" in r.error and r.ended == "mail"
+    r = run(tmp_path, "def filter_recipient(conn, rcpt):\n    conn.policy('')\n")
+    assert r.error and "a policy key is a printable string" in r.error
+
+
+def test_msg_rcpt_args_has_each_recipient_s_esmtp_arguments(tmp_path):
+    code = "def filter_end(msg):\n    msg.add_header('X-Args', repr(sorted(msg.rcpt_args.items())))\n"
+    env = Envelope(recipients=["a@example.com", "b@example.com"], rcpt_args=["NOTIFY=NEVER"])
+    r = run(tmp_path, code, env)
+    said = "[('a@example.com', ['NOTIFY=NEVER']), ('b@example.com', ['NOTIFY=NEVER'])]"
+    assert headers(r)["X-Args"] == said

@@ -33,7 +33,7 @@ class Connection:
     """
 
     __slots__ = ("id", "ip", "hostname", "port", "helo", "macros", "notes", "esmtp_args", "rcpt_args",
-                 "decision", "trial")  # fmt: skip
+                 "decision", "trial", "recipient", "policy_key")  # fmt: skip
 
     def __init__(
         self,
@@ -72,6 +72,21 @@ class Connection:
         self.decision: Any = None
         #: a trial (defang test, replay), not live mail: the runner sets it
         self.trial = False
+        #: the recipient filter_recipient is deciding (None in the other hooks)
+        self.recipient: str | None = None
+        #: the policy group filter_recipient put the recipient in (``policy``), None: the default
+        self.policy_key: str | None = None
+
+    def policy(self, key: str) -> None:
+        """Put the recipient ``filter_recipient`` is deciding in policy group ``key``
+        (``conn.policy("strict")``): a transaction takes only recipients of one group, the
+        others get ``452 4.5.3`` and the client sends them again in a new transaction; end of
+        message tells the hooks the group as ``msg.policy``.  No call: the default group."""
+        if self.recipient is None:
+            raise RuntimeError("conn.policy() is for filter_recipient")
+        if not isinstance(key, str) or not key or len(key) > 64 or not key.isprintable():
+            raise ValueError(f"a policy key is a printable string of 1 to 64 characters, not {key!r}")
+        self.policy_key = key
 
     def tag(self, name: str) -> None:
         """Name what fired (``conn.tag("rbl_zen")``): counted by tag in ``defangctl status``."""
@@ -83,9 +98,11 @@ class Connection:
     def from_request(cls, request: wire.DecisionRequest) -> Connection:
         """Build from a decision request: its ``conn``, and the ESMTP args its op carries."""
         c = request.conn
-        return cls(id=c.id, ip=c.ip, hostname=c.hostname, port=c.port, helo=c.helo,
+        conn = cls(id=c.id, ip=c.ip, hostname=c.hostname, port=c.port, helo=c.helo,
                    macros=dict(c.macros), notes=c.notes, esmtp_args=list(request.esmtp_args),
                    rcpt_args=list(request.rcpt_args))  # fmt: skip
+        conn.recipient = getattr(request, "recipient", None)
+        return conn
 
     def __repr__(self) -> str:
         return (

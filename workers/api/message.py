@@ -36,6 +36,7 @@ from typing import Any
 
 from defang.core import verdicts, wire
 from defang.core.verdicts import Verdict
+from defang.workers.api import split
 from defang.workers.api.conn import Connection
 from defang.workers.api.decision import Decision
 from defang.workers.api.headers import (
@@ -92,6 +93,13 @@ class Message(Services, WholeMessage):
         self.sender = sender
         #: the envelope recipients the MTA accepted (those refused at RCPT are not here)
         self.recipients = recipients
+        #: the policy group of every recipient here (``conn.policy()`` in filter_recipient);
+        #: None: the default group.  The verdict is for this group alone.
+        self.policy: str | None = None
+        #: each recipient's RCPT TO ESMTP arguments, by address (``{"bob@x": ["NOTIFY=NEVER"]}``)
+        self.rcpt_args: dict[str, list[str]] = {}
+        #: the recipients of each copy when a hook split the message (``split_by_recipient``)
+        self.split_copies: list[list[str]] | None = None
         #: the MTA's queue ID (macro ``i``), for log lines; None if the MTA did not send it
         self.queue_id = queue_id
         #: the spool file: the message as received, headers as the MTA passed them
@@ -120,9 +128,13 @@ class Message(Services, WholeMessage):
     def from_request(cls, request: wire.EndOfMessage, conn: Connection, *,
                      monitor: bool = False) -> Message:  # fmt: skip
         """Build from an end-of-message request (a size of 0 is read from the file)."""
-        return cls(conn, sender=request.sender, recipients=list(request.recipients),
-                   queue_id=request.queue_id, path=request.spool, size=request.size or None,
-                   monitor=monitor)  # fmt: skip
+        msg = cls(conn, sender=request.sender, recipients=list(request.recipients),
+                  queue_id=request.queue_id, path=request.spool, size=request.size or None,
+                  monitor=monitor)  # fmt: skip
+        msg.policy = request.policy
+        args = request.recipient_args  # none from a front end older than the worker: {}
+        msg.rcpt_args = {r: a.split() for r, a in zip(request.recipients, args, strict=False)}
+        return msg
 
     @property
     def verdict(self) -> Verdict:
@@ -482,6 +494,17 @@ class Message(Services, WholeMessage):
     def discard(self, *, monitor: bool = False) -> None:
         """Accept the message and throw it away, telling no one: the first decision stands."""
         self.decision.take(verdicts.discard(monitor=monitor))
+
+    def split_by_recipient(self) -> bool:
+        """Accept the message once and re-inject one copy per recipient, each filtered again
+        with its own recipient's policy (MIMEDefang's ``stream_by_recipient``); True when
+        it splits (two recipients or more): that is the decision, nothing later runs.  The
+        path and what it costs: ``[split]``, docs/filters.md."""
+        return split.ask(self, "recipient")
+
+    def split_by_domain(self) -> bool:
+        """``split_by_recipient`` with one copy per recipient domain (``stream_by_domain``)."""
+        return split.ask(self, "domain")
 
     def tag(self, name: str) -> None:
         """Name what fired (``msg.tag("spam_block")``): counted by tag in ``defangctl status``."""

@@ -54,12 +54,13 @@ class ServiceSettings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     state: StateSettings = field(default_factory=StateSettings)  # defang.state and its users
     greylist: GreylistSettings = field(default_factory=GreylistSettings)
+    split_max_copies: int = 50  # [split] max_copies: msg.split_by_recipient()
 
     @classmethod
     def from_config(cls, cfg: Any) -> ServiceSettings:
         return cls(ScanSettings.from_config(cfg), cfg.notify_from, cfg.notify_administrator,
                    AuthSettings.from_config(cfg), StateSettings.from_config(cfg),
-                   GreylistSettings.from_config(cfg))  # fmt: skip
+                   GreylistSettings.from_config(cfg), cfg.split_max_copies)  # fmt: skip
 
 
 #: this worker's settings (the runner sets them): what ``defang.auth`` and ``defang.state``

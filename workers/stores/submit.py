@@ -42,6 +42,12 @@ class Submission:
         return cls(cfg.notify_method, str(cfg.notify_sendmail_path), cfg.notify_smtp_host,
                    cfg.notify_smtp_port, cfg.notify_timeout)  # fmt: skip
 
+    @classmethod
+    def for_split(cls, cfg: Any) -> Submission:
+        """``[split]``: the copies of a split message (this path leads through defang again)."""
+        return cls(cfg.split_method, str(cfg.split_sendmail_path), cfg.split_smtp_host, cfg.split_smtp_port,
+                   cfg.split_timeout)  # fmt: skip
+
     @property
     def via(self) -> str:
         return self.sendmail_path if self.method == "sendmail" else f"smtp:{self.smtp_host}:{self.smtp_port}"
