@@ -111,18 +111,24 @@ def daemon_identity(cfg: configmod.Config) -> None:
     Done once, by the first process: ``defang run`` before it forks the daemons (which
     then never were root), ``defang milter`` or ``defang multiplexor`` on their own.
     """
+    from pathlib import Path
+
     from defang.core import privileges
     from defang.workers.stores.quarantine import quarantine_dir
 
     dirs = [(cfg.runtime_dir, privileges.RUNTIME_DIR_MODE), (cfg.spool_dir, privileges.PRIVATE_DIR_MODE),
             (quarantine_dir(cfg), privileges.PRIVATE_DIR_MODE)]  # fmt: skip
-    if cfg.state_backend == "sqlite" and cfg.state_path.parent != cfg.runtime_dir:  # [state] path's folder
-        dirs.append((cfg.state_path.parent, privileges.PRIVATE_DIR_MODE))
+    files: tuple[Path, ...] = ()
+    if cfg.state_backend == "sqlite":
+        if cfg.state_path.parent != cfg.runtime_dir:  # [state] path's folder
+            dirs.append((cfg.state_path.parent, privileges.PRIVATE_DIR_MODE))
+        files = tuple(Path(f"{cfg.state_path}{end}") for end in ("", "-wal", "-shm"))
     for sock in (configmod.unix_socket_path(cfg.milter_socket), cfg.multiplexor_socket, cfg.control_socket):
         if sock is not None and not sock.parent.exists():
             dirs.append((sock.parent, privileges.RUNTIME_DIR_MODE))
     groups = (cfg.socket_group, cfg.control_group)
-    privileges.become_daemon_user(cfg.daemon_user, cfg.daemon_group, tuple(g for g in groups if g), dirs)
+    privileges.become_daemon_user(cfg.daemon_user, cfg.daemon_group, tuple(g for g in groups if g), dirs,
+                                  files)  # fmt: skip
 
 
 def check(cfg: configmod.Config, strict: bool) -> int:

@@ -173,6 +173,7 @@ class Trial:
         def end(stage: str, verdict: Verdict, why: str) -> None:
             r.outcome, r.ended, r.why = wire.verdict_to_wire(verdict), stage, why
 
+        deferred: Verdict | None = None  # a recipient answered 4xx: the sender retries it
         for stage in hooks.STAGES[:-1]:
             for rcpt in env.recipients if stage == "rcpt" else [""]:
                 label = f"rcpt {rcpt}" if rcpt else stage
@@ -184,6 +185,8 @@ class Trial:
                         r.stages.append((label, wire.verdict_to_wire(step.answer)))
                 elif step.why:
                     r.stages.append((label, wire.verdict_to_wire(step.answer)))
+                if stage == "rcpt" and step.answer.action == "tempfail" and deferred is None:
+                    deferred = step.answer
                 if step.ends in ("connection", "transaction") and step.answer.action != "continue":
                     r.recipients = list(smtp.recipients)
                     if stage == "rcpt":
@@ -191,6 +194,9 @@ class Trial:
                     return end(label, step.answer, _why(stage, step.answer))
         r.recipients = list(smtp.recipients)
         step = smtp.data()
+        if step.why and deferred is not None:  # what the sender meets: try again later
+            return end("rcpt", deferred, "no recipient was accepted, one deferred (4xx): the sending MTA "
+                                         "keeps the message and retries")  # fmt: skip
         if step.why:
             return end("rcpt", step.answer, "no recipient was accepted: the MTA refuses DATA")
         size = spool_message(raw, self._spool)

@@ -361,6 +361,10 @@ assert all(attr in _ATTRS for attr, _ in KEYS.values())
 #: the runtime dir of a defang started as root, as a packaged daemon's (only root may
 #: create it, so no local user can take the name first)
 SYSTEM_RUNTIME_DIR = Path("/run/defang")
+#: With the system runtime dir (a tmpfs, emptied at boot), what must outlive a reboot goes
+#: where a packaged daemon keeps it: the quarantine in the spool tree, the state in /var/lib.
+SYSTEM_QUARANTINE_DIR = Path("/var/spool/defang/quarantine")
+SYSTEM_STATE_PATH = Path("/var/lib/defang/state.sqlite3")
 
 
 def default_runtime_dir() -> Path:
@@ -457,15 +461,19 @@ def load(
 
 
 def finish(cfg: Config) -> Config:
-    """Derive the paths left empty from the runtime dir."""
+    """Derive the paths left empty from the runtime dir (the quarantine and the state
+    file of a system defang, whose runtime dir is emptied at boot: under /var)."""
     run = cfg.runtime_dir if str(cfg.runtime_dir) not in ("", ".") else default_runtime_dir()
+    system = run == SYSTEM_RUNTIME_DIR
     derived: dict[str, Any] = {"runtime_dir": run}
     if str(cfg.spool_dir) in ("", "."):
         derived["spool_dir"] = run / "spool"
     if str(cfg.multiplexor_socket) in ("", "."):
         derived["multiplexor_socket"] = run / "multiplexor.sock"
+    if str(cfg.quarantine_dir) in ("", "."):
+        derived["quarantine_dir"] = SYSTEM_QUARANTINE_DIR if system else run / "quarantine"
     if str(cfg.state_path) in ("", "."):
-        derived["state_path"] = run / "state.sqlite3"
+        derived["state_path"] = SYSTEM_STATE_PATH if system else run / "state.sqlite3"
     if str(cfg.control_socket) in ("", "."):
         derived["control_socket"] = run / "control.sock"
     if not cfg.milter_socket:

@@ -223,13 +223,20 @@ def capabilities(pid: int | str = "self") -> dict[str, int]:
 
 
 def become_daemon_user(cfg_user: str, cfg_group: str, socket_groups: tuple[str, ...],
-                       directories: list[tuple[Path, int]]) -> Identity | None:  # fmt: skip
-    """What a daemon does first: directories ready, then root given up.  None: not root."""
+                       directories: list[tuple[Path, int]],
+                       files: tuple[Path, ...] = ()) -> Identity | None:  # fmt: skip
+    """What a daemon does first: directories ready, then root given up.  None: not root.
+
+    ``files``: the daemons' own files inside those directories that root may have made
+    before the daemons ever ran (``defang test`` as root with a filter that keeps state
+    makes the SQLite file root's, which the workers then could not open: every message
+    would get ``[state] on_error``); given to the daemons' user (``give_files``)."""
     if os.geteuid() != 0:
         prepare(directories, None)
         return None
     ident = lookup(cfg_user, cfg_group, socket_groups)
     prepare(directories, ident)
+    give_files(files, ident)
     if ident.uid == 0:
         log.warning("[daemon] user = %s: every defang process, the filter's too, runs as root",
                     cfg_user)  # fmt: skip
@@ -237,6 +244,27 @@ def become_daemon_user(cfg_user: str, cfg_group: str, socket_groups: tuple[str, 
     drop(ident)
     log.info("running as %s (uid %d, gid %d)", ident.user, ident.uid, ident.gid)
     return ident
+
+
+def give_files(files: tuple[Path, ...], ident: Identity) -> None:
+    """Give each existing regular file to ``ident``, never following a link (``O_NOFOLLOW``,
+    ``fchown`` on what was opened): they lie in a directory ``prepare`` made the daemons'
+    own, so nobody else can have put them there, but a link must still not be followed."""
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise PrivilegeError(f"{path}: cannot give it to {ident.user}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise PrivilegeError(f"{path}: not a regular file; defang's state must be one: remove it")
+            if (st.st_uid, st.st_gid) != (ident.uid, ident.gid):
+                os.fchown(fd, ident.uid, ident.gid)
+        finally:
+            os.close(fd)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

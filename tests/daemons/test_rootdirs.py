@@ -10,6 +10,7 @@ import os
 import pwd
 import re
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -67,6 +68,10 @@ def test_as_root_it_serves_from_run_defang_and_defangctl_finds_it_for_root_defan
         assert f"milter on unix:{run}/milter.sock," in line  # the path it serves on, as logged
         assert (run / "milter.sock").is_socket() and owner(run) == "defang"
         assert not Path(f"/tmp/defang-{uid_of('defang')}").exists()
+        # what must outlive a reboot is not on /run's tmpfs: the quarantine and the state
+        for kept in (Path("/var/spool/defang/quarantine"), Path("/var/lib/defang")):
+            assert kept.is_dir() and owner(kept) == "defang" and stat.S_IMODE(kept.stat().st_mode) == 0o700
+        assert not (run / "quarantine").exists()
         # no flags, no config: the packaged default config, as each of them would type it
         for who in ([], ["setpriv", "--reuid=defang", "--regid=defang", "--init-groups"],
                     ["setpriv", "--reuid=nobody", "--regid=nogroup", f"--groups={defang_gid}"]):  # fmt: skip
@@ -227,6 +232,34 @@ def test_a_quarantine_day_directory_another_user_made_is_not_used_and_the_messag
         assert not [p for p in q.rglob("*") if p.is_file()]  # nothing written where nobody owns
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def test_a_state_file_root_made_with_defang_test_is_given_to_the_daemons():
+    """An admin tries the greylisting example as root before starting defang: `defang test`
+    makes /var/lib/defang/state.sqlite3 as root; the daemons then own it, and greylist."""
+    eml = traversable_dir("defang-statefile-") / "m.eml"
+    eml.write_bytes(b"From: alice@example.org\r\nSubject: hi\r\n\r\nhello\r\n")
+    greylisting = REPO / "filters" / "examples" / "greylisting.py"
+    state = Path("/var/lib/defang/state.sqlite3")
+    try:
+        with system_runtime_dir():
+            r = subprocess.run([sys.executable, "-m", "defang", "test", str(eml), "--filter",
+                                str(greylisting), "--sender", "alice@example.org", "--rcpt",
+                                "bob@example.org", "--ip", "192.0.2.7"],
+                               capture_output=True, text=True, timeout=120, cwd="/")  # fmt: skip
+            assert r.returncode == 2 and "Greylisted" in r.stdout, (r.stdout, r.stderr)  # tempfail
+            assert owner(state) == "root"
+            with Defang(greylisting, default_paths=True) as d:
+                d.wait_log("multiplexor ready")
+                assert owner(state) == "defang"
+                with MilterSession(d.milter_path) as s:
+                    s.connect(ip="192.0.2.7")
+                    s.helo()
+                    s.mail("alice@example.org")
+                    r = s.rcpt("bob@example.org")
+                assert r.reply == "reply" and r.text.startswith("451 4.7.1 Greylisted"), r
+    finally:
+        subprocess.run(["rm", "-rf", str(eml.parent)], check=False)
 
 
 # --- the milter socket that cannot be made -----------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from paths import FILTERS, REPO  # noqa: F401  (FILTERS: for the tests that import it from here)
 
-from defang.core.config import SYSTEM_RUNTIME_DIR
+from defang.core.config import SYSTEM_QUARANTINE_DIR, SYSTEM_RUNTIME_DIR, SYSTEM_STATE_PATH
 from defang.testbed.access import reachable_by_others
 from defang.testbed.procs import stat_fields, titled
 
@@ -65,17 +65,19 @@ def write_config(path: Path, settings: dict[str, dict[str, Any]]) -> Path:
 @contextlib.contextmanager
 def system_runtime_dir():
     """/run/defang (a root defang's default) for one test at a time: locked, absent before
-    (else the test is skipped: a defang serves there), removed after."""
+    (else the test is skipped: a defang serves there), removed after; so are the
+    quarantine and state folders a root defang makes under /var, if the test made them."""
     with open("/run/defang-tests.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         with socket.socket(socket.AF_UNIX) as probe:
             if probe.connect_ex(str(SYSTEM_RUNTIME_DIR / "control.sock")) == 0:
                 pytest.skip("a defang serves from /run/defang on this machine")
         subprocess.run(["rm", "-rf", str(SYSTEM_RUNTIME_DIR)], check=True)
+        made = [d for d in (SYSTEM_QUARANTINE_DIR.parent, SYSTEM_STATE_PATH.parent) if not d.exists()]
         try:
             yield SYSTEM_RUNTIME_DIR
         finally:
-            subprocess.run(["rm", "-rf", str(SYSTEM_RUNTIME_DIR)], check=False)
+            subprocess.run(["rm", "-rf", str(SYSTEM_RUNTIME_DIR), *map(str, made)], check=False)
 
 
 class Defang:
