@@ -121,7 +121,8 @@ def test_no_recipient_left_but_one_deferred_is_a_tempfail_as_the_sender_meets_it
     r = run(tmp_path, "RCPT = lambda c, r: tempfail('Greylisted', '451', '4.7.1')\n")
     assert "end of message" not in stages(r)
     assert r.ended == "rcpt" and r.exit_code == 2 and "retries" in r.why
-    assert (r.outcome["action"], r.outcome["code"], r.outcome["dsn"]) == ("tempfail", "451", "4.7.1"), r.outcome
+    outcome = (r.outcome["action"], r.outcome["code"], r.outcome["dsn"])
+    assert outcome == ("tempfail", "451", "4.7.1"), r.outcome
 
 
 def test_accept_at_rcpt_accepts_the_message_with_every_recipient_and_asks_nothing_more(tmp_path):
