@@ -14,7 +14,8 @@ front end.  It restarts a daemon that dies, with a back-off.  On TERM (graceful)
 stops the front end first (no new mail; it finishes the messages in progress, whose
 decisions the multiplexor still makes), then the multiplexor.  On INT or QUIT (fast) it
 stops the multiplexor first, which answers everything in flight with a tempfail, then
-the front end.  SIGHUP is passed to the multiplexor: a reload.
+the front end.  SIGHUP is passed to the multiplexor: a reload; SIGUSR1 to both daemons
+(a ``[log] file`` reopened).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from defang.core import child
+from defang.core import child, logsetup
 from defang.core.config import Config
 from defang.core.proctitle import set_title
 
@@ -153,7 +154,7 @@ def run(cfg: Config, multiplexor: DaemonMain, milter: DaemonMain) -> int:
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
-    for sig in HANDLED_SIGNALS:
+    for sig in (*HANDLED_SIGNALS, signal.SIGUSR1):
         signal.signal(sig, lambda *_: None)
     stop_signal = 0
     while not stop_signal:
@@ -165,6 +166,10 @@ def run(cfg: Config, multiplexor: DaemonMain, milter: DaemonMain) -> int:
             elif signum == signal.SIGHUP and mx.proc is not None:
                 log.info("SIGHUP: asking the multiplexor to reload the config and the filter")
                 mx.proc.send_signal(signal.SIGHUP)
+            elif signum == signal.SIGUSR1 and logsetup.reopen():  # a [log] file or syslog
+                for d in (mx, fe):  # they reopen theirs; the workers notice a renamed file
+                    if d.proc is not None and d.proc.poll() is None:
+                        d.proc.send_signal(signal.SIGUSR1)
         if not stop_signal:
             for d in (mx, fe):
                 _keep_alive(d)

@@ -73,9 +73,11 @@ def serve(sock: socket.socket, runner: FilterRunner, *, worker_id: int, generati
                 # runs would need a timer signal (SIGALRM) that admin code may want.
                 what = request.queue_id or request.OP
                 set_title(f"defang-worker: {what} since {time.strftime('%H:%M:%S')}")
+                began = time.monotonic()
                 reply = runner.handle(request)
+                reply.elapsed = round(time.monotonic() - began, 6)
                 size = request.size if isinstance(request, wire.EndOfMessage) else 0
-            reply.gen = generation
+            reply.gen, reply.pid = generation, pid
             if report_rss:
                 reply.rss = procinfo.rss() or 0
             sock.sendall(wire.encode(reply))

@@ -160,6 +160,8 @@ class FilterRunner:
     def handle(self, request: wire.DecisionRequest) -> wire.Reply:
         """The reply to one decision request; never raises."""
         self.outbox = []
+        if isinstance(request, wire.Tick):
+            return self._tick(request)
         conn = Connection.from_request(request)
         conn.trial = self.trial
         received_notes = conn.notes
@@ -194,6 +196,16 @@ class FilterRunner:
         reply.policy = conn.policy_key  # conn.policy(): the recipient's group (defang.core.transaction)
         return reply
 
+    def _tick(self, request: wire.Tick) -> wire.Reply:
+        """``filter_tick(n)``: its result is not a verdict; an exception is a filter error."""
+        fn = self._hooks.get("filter_tick")
+        try:
+            if fn is not None:
+                fn(request.n)
+        except (Exception, SystemExit) as exc:
+            return self._failed("filter_tick", exc, Connection(id=f"tick {request.n}"), {}, None)
+        return wire.Reply(CONTINUE)
+
     def _decision(self, queue_id: str) -> Decision:
         return Decision(monitor_all=self.monitor_all, monitor_rules=self.monitor_rules, queue_id=queue_id)
 
@@ -203,10 +215,14 @@ class FilterRunner:
         msg.limits = self.limits
         msg.services = self.services
         try:
-            return self._run_message(msg, conn, received_notes)
-        except OverBudget as exc:
-            self.budget.stop()
-            return self._over_budget(msg, conn, received_notes, exc)
+            try:
+                reply = self._run_message(msg, conn, received_notes)
+            except OverBudget as exc:
+                self.budget.stop()
+                reply = self._over_budget(msg, conn, received_notes, exc)
+            if msg._scans is not None:  # for the per-message log line and the metrics
+                reply.checks = msg._scans.outcomes()
+            return reply
         finally:
             if msg._scans is not None:
                 msg._scans.close()

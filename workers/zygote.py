@@ -83,7 +83,7 @@ def receive(sock: socket.socket) -> tuple[wire.Spawn | None, list[int]]:
 def main(cfg: configmod.Config, fd: int, generation: int) -> int:
     """Run in the child the multiplexor forked: ``cfg`` is the config of this generation
     (a reload's, as re-read), ``fd`` our end of the channel."""
-    logsetup.setup(cfg.log_level)
+    logsetup.set_level(cfg.log_level)  # the destination: the multiplexor's, inherited
     # Ctrl-C in a terminal reaches the whole process group; the multiplexor decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     set_title(f"defang-zygote (gen {generation})")

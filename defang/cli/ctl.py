@@ -1,4 +1,5 @@
-"""``defangctl``: ask a running multiplexor for its status, or reload the filter.
+"""``defangctl``: ask a running multiplexor for its status, or reload the filter; ``top``
+watches it live.
 
 Exit codes (for monitoring checks): 0 OK; 1 the command failed (e.g. a reload whose
 filter does not load); 2 usage or config error; 3 the multiplexor cannot be reached.
@@ -39,12 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config")
     ap.add_argument("--runtime-dir")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
-    ap.add_argument("command", choices=["status", "reload", "workers", "histo"])
+    ap.add_argument("command", choices=["status", "reload", "workers", "histo", "top"],
+                    help="top: a live view, refreshed each second (q quits)")
     args = ap.parse_args(argv)
     try:
         cfg = configmod.load(args.config, runtime_dir=args.runtime_dir, client=True)
     except configmod.ConfigError as exc:
         print(f"defangctl: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "top" and not (sys.stdout.isatty() and sys.stdin.isatty()):
+        print("defangctl: top: needs a terminal (defangctl status, or --json, for a script)", file=sys.stderr)
         return 2
     try:
         reply = request(str(cfg.control_socket), "reload" if args.command == "reload" else "status")
@@ -63,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"defangctl: cannot reach the multiplexor at {cfg.control_socket}: {exc}",
               file=sys.stderr)
         return 3
+    if args.command == "top":  # the multiplexor answered: watch it
+        from defang.cli import top
+
+        return top.run(lambda: request(str(cfg.control_socket), "status", timeout=5.0))
     shown = wire.to_wire(reply)
     if args.json:
         print(json.dumps(shown, indent=2))

@@ -65,9 +65,13 @@ def _workers(r: dict[str, Any]) -> str:
         rss = f"{w['rss'] // 1048576} MB" if w.get("rss") else ""
         rows.append((str(w["id"]), str(w["pid"]), str(w["gen"]), w["state"], str(w["served"]),
                      rss, w.get("queue_id") or w.get("op") or "", busy))  # fmt: skip
+    return "\n".join(_table(rows))
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows of cells as lines, each column as wide as its widest cell."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip()
-                     for row in rows)  # fmt: skip
+    return ["  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip() for row in rows]
 
 
 def _histo(r: dict[str, Any]) -> str:
@@ -83,3 +87,46 @@ def _histo(r: dict[str, Any]) -> str:
         bar = "#" * (round(50 * n / top) if n else 0)
         out.append(f"{label.rjust(width)} | {bar} {n}")
     return "\n".join(out)
+
+
+VERDICTS = ("accept", "reject", "tempfail", "discard")
+
+
+def top(cur: dict[str, Any], prev: dict[str, Any] | None, seconds: float) -> list[str]:
+    """``defangctl top``'s screen from two status replies ``seconds`` apart (``prev`` None:
+    the first, no rates yet)."""
+    counts = cur.get("verdicts", {})
+    names = [*VERDICTS, *sorted(set(counts) - set(VERDICTS))]
+    if prev is None or seconds <= 0:
+        rates = "  ".join(f"{v} -" for v in names)
+    else:
+        before = prev.get("verdicts", {})
+        rates = "  ".join(f"{v} {(counts.get(v, 0) - before.get(v, 0)) / seconds:.1f}" for v in names)
+    totals = "  ".join(f"{v} {counts.get(v, 0)}" for v in names)
+    lat, q = cur.get("latency_ms", {}), cur.get("queue", {})
+    workers = cur.get("workers", [])
+    states: dict[str, int] = {}
+    for w in workers:
+        states[w["state"]] = states.get(w["state"], 0) + 1
+    pool = cur.get("pool", {})
+    lines = [
+        f"defang top: multiplexor pid {cur.get('pid')}, up {cur.get('uptime')}s, generation "
+        f"{cur.get('generation')}, filter {cur.get('filter')}",
+        f"messages/s  {rates}",
+        f"total       {totals}",
+        f"latency     p50 {lat.get('p50')} ms  p95 {lat.get('p95')} ms  p99 {lat.get('p99')} ms",
+        f"queue       {q.get('depth')}/{q.get('size')}   workers "
+        + (", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none")
+        + f" (max {pool.get('max_workers')})",
+        "",
+    ]
+    rows = [("ID", "PID", "GEN", "STATE", "SERVED", "MESSAGE", "BUSY FOR")]
+    for w in workers:
+        busy = f"{w['busy_for']:.1f}s" if w.get("busy_for") is not None else ""
+        rows.append((str(w["id"]), str(w["pid"]), str(w["gen"]), w["state"], str(w["served"]),
+                     w.get("queue_id") or w.get("op") or "", busy))  # fmt: skip
+    lines += _table(rows)
+    errors = cur.get("errors") or []
+    lines += ["", "last errors" if errors else "last errors: none", *(f"  {e}" for e in reversed(errors))]
+    lines += ["", "q quits"]
+    return lines

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except configmod.ConfigError as exc:
         print(f"defang: {exc}", file=sys.stderr)
         return 2
-    logsetup.setup(cfg.log_level)
+    logsetup.configure(cfg)
     # once, by the first process: the daemons `defang run` forks (they get --ready-fd) are
     # already unprivileged, their directories made
     if args.command == "run" or args.command in ("milter", "multiplexor") and args.ready_fd is None:
@@ -126,6 +126,8 @@ def daemon_identity(cfg: configmod.Config) -> None:
     for sock in (configmod.unix_socket_path(cfg.milter_socket), cfg.multiplexor_socket, cfg.control_socket):
         if sock is not None and not sock.parent.exists():
             dirs.append((sock.parent, privileges.RUNTIME_DIR_MODE))
+    if cfg.log_destination == "file":
+        privileges.give_log_file(cfg.log_file, cfg.daemon_user, cfg.daemon_group)
     groups = (cfg.socket_group, cfg.control_group)
     privileges.become_daemon_user(cfg.daemon_user, cfg.daemon_group, tuple(g for g in groups if g), dirs,
                                   files)  # fmt: skip

@@ -18,6 +18,8 @@ import time
 import traceback
 from collections.abc import Callable, Collection
 
+from defang.core import logsetup
+
 #: The signals the parents here catch; in the child they are back to their defaults.
 PARENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT)
 
@@ -72,6 +74,7 @@ def fork(main: Callable[[], int | None], *, keep_fds: Collection[int] = ()) -> C
                     signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 _drop_inherited(keep_fds)
+                logsetup.after_fork()  # a [log] file's or syslog's descriptor went with the rest
                 result = main()
                 code = result if isinstance(result, int) else 0
             except SystemExit as exc:

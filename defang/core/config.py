@@ -23,12 +23,14 @@ from defang.core.convert import (
     as_bool,
     as_canon,
     as_choice,
+    as_facility,
     as_file_cap,
     as_filter_mode,
     as_int,
     as_key,
     as_level,
     as_list,
+    as_loopback,
     as_macros,
     as_mode,
     as_name,
@@ -86,6 +88,15 @@ class Config:
     log_level: str = "info"
     daemon_user: str = "defang"
     daemon_group: str = "defang"
+    # [log], [metrics] (defang.core.logsetup, defang.multiplexor.metrics)
+    log_format: str = "text"
+    log_destination: str = "stderr"
+    log_file: Path = Path()
+    log_syslog_facility: str = "mail"
+    log_syslog_socket: Path = Path("/dev/log")
+    metrics_listen: str = ""
+    tick_interval: float = 0.0  # [filter]: filter_tick every so many seconds; 0 = never
+    tick_timeout: float = 30.0
     # [milter]
     milter_socket: str = ""
     socket_mode: int = 0o660
@@ -249,6 +260,14 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("daemon", "log_level"): ("log_level", as_level),
     ("daemon", "user"): ("daemon_user", as_name),
     ("daemon", "group"): ("daemon_group", as_name),
+    ("log", "format"): ("log_format", lambda v: as_choice(v, ("text", "kv", "json"))),
+    ("log", "destination"): ("log_destination", lambda v: as_choice(v, ("stderr", "syslog", "file"))),
+    ("log", "file"): ("log_file", as_path),
+    ("log", "syslog_facility"): ("log_syslog_facility", as_facility),
+    ("log", "syslog_socket"): ("log_syslog_socket", as_path),
+    ("metrics", "listen"): ("metrics_listen", as_loopback),
+    ("filter", "tick_interval"): ("tick_interval", as_num),
+    ("filter", "tick_timeout"): ("tick_timeout", as_pos_num),
     ("milter", "socket"): ("milter_socket", as_str),
     ("milter", "socket_mode"): ("socket_mode", as_mode),
     ("milter", "socket_group"): ("socket_group", as_str),
@@ -483,6 +502,8 @@ def finish(cfg: Config) -> Config:
     if cfg.socket_mode & 0o002:
         raise ConfigError(f"[milter] socket_mode {cfg.socket_mode:04o}: others could write to the milter "
                           "socket and answer for the MTA; give the MTA's group access instead")  # fmt: skip
+    if cfg.log_destination == "file" and str(cfg.log_file) in ("", "."):
+        raise ConfigError('[log] destination = "file" needs [log] file, the path to write to')
     if cfg.min_workers > cfg.max_workers:
         raise ConfigError(f"[multiplexor] min_workers {cfg.min_workers} > max_workers {cfg.max_workers}")
     if cfg.min_spare > cfg.max_workers:

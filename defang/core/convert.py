@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import ipaddress
+from logging.handlers import SysLogHandler
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,28 @@ def as_redis_url(v: Any) -> str:
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise TypeError('expected a Redis URL: "redis://HOST:PORT/DB", "rediss://..." or "unix:///path"')
     return url
+
+
+def as_loopback(v: Any) -> str:
+    """``"127.0.0.1:9187"``, ``"[::1]:9187"`` or "" (off): an address only this host reaches."""
+    text = as_str(v)
+    if not text:
+        return ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise TypeError("expected HOST:PORT (a loopback address and a port), or \"\" for off")
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise TypeError(f"{host!r} is not an IP address (a loopback address: 127.0.0.1 or [::1])") from None
+    if not ip.is_loopback:
+        raise TypeError(f"{host} is not a loopback address: the metrics are for this host only "
+                        "(a scraper elsewhere reaches them through a proxy or a tunnel)")  # fmt: skip
+    return text
+
+
+def as_facility(v: Any) -> str:
+    """A syslog facility by name: mail, daemon, local0 ... local7, ..."""
+    if v not in SysLogHandler.facility_names:
+        raise TypeError("expected a syslog facility: mail, daemon, user or local0 to local7")
+    return v

@@ -23,8 +23,9 @@ class Hook:
     """One hook.
 
     ``stage``: the milter stage it runs at (None: run by the worker itself, at start or
-    exit).  ``request``: the wire request a worker gets for it.  ``argument``: the field
-    of that request passed as the hook's second argument, after ``conn``.
+    exit, or on the multiplexor's periodic ``Tick``).  ``request``: the wire request a
+    worker gets for it.  ``argument``: the field of that request passed as the hook's
+    second argument, after ``conn`` (``filter_tick``'s only one).
     ``skippable``: without this hook the stage is negotiated "no reply" (the MTA does
     not wait for one).  RCPT always needs a reply (``max_recipients`` is enforced
     there), and end of message is where the reply goes.
@@ -57,6 +58,7 @@ HOOKS: tuple[Hook, ...] = (
     Hook("filter_part", 2, "eom", wire.EndOfMessage),
     Hook("filter_multipart", 2, "eom", wire.EndOfMessage),
     Hook("filter_end", 1, "eom", wire.EndOfMessage),
+    Hook("filter_tick", 1, None, wire.Tick, "n"),  # every [filter] tick_interval, on one worker
 )
 
 BY_NAME: dict[str, Hook] = {h.name: h for h in HOOKS}
@@ -173,4 +175,4 @@ def signature_problem(name: str, fn: Any) -> str | None:
     return None
 
 
-assert {h.request.OP for h in HOOKS if h.request} == wire.DECISION_OPS  # type: ignore[attr-defined]
+assert {h.request.OP for h in HOOKS if h.stage} == wire.DECISION_OPS  # type: ignore[attr-defined]

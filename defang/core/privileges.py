@@ -314,6 +314,24 @@ def refuse_change(peer: tuple[int, int, int] | None, admin_group: str) -> str | 
     return f"uid {uid} ({name}) is not root, defang's user or in group {group}"
 
 
+def give_log_file(path: Path, user: str, group: str) -> None:
+    """``[log] file``, made (or taken) for the daemons' user while still root: the
+    daemons open it again as that user (each at its start, and after a rotation).  Never
+    through a link; a file that cannot be made is left to the log's fallback (stderr)."""
+    if os.geteuid() != 0:
+        return
+    ident = lookup(user, group, ())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        log.warning("[log] file %s: %s: logging to standard error", path, exc.strerror or exc)
+        return
+    try:
+        os.fchown(fd, ident.uid, ident.gid)
+    finally:
+        os.close(fd)
+
+
 def give_socket(path: Path, mode: int, group: str) -> None:
     """Set a socket file's mode and, if the group exists, its group (we must be in it)."""
     os.chmod(path, mode)

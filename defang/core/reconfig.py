@@ -27,6 +27,8 @@ RESTART_ONLY = frozenset({
     "spool_dir", "quarantine_dir", "state_path",  # directories made while root
     "multiplexor_socket", "control_socket", "control_socket_mode", "control_group",  # listening sockets
     "max_frame_size",  # the channels already open, on every socket
+    "log_format", "log_destination", "log_file", "log_syslog_facility", "log_syslog_socket",  # set up once
+    "metrics_listen",  # a listening socket
 })  # fmt: skip
 
 #: attribute -> "[section] key", as the admin writes it

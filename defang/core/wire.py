@@ -194,6 +194,15 @@ class EndOfMessage:
 DecisionRequest = Connect | Helo | Mail | Rcpt | EndOfMessage
 
 
+@dataclass(slots=True)
+class Tick:
+    """The multiplexor's periodic job for one worker: ``filter_tick(n)`` (multiplexor/ticks.py)."""
+
+    OP: ClassVar[str] = "tick"
+    n: int
+    queue_id: ClassVar[str] = ""
+
+
 # --- what the multiplexor reads of what it forwards (bytes unchanged; both ends read every
 # field): only what it routes, logs and counts by.  Decoding all of an end-of-message
 # request and its reply there cost it a third more CPU per message.
@@ -228,6 +237,9 @@ class RoutedReply:
     rss: int = 0
     would: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+    checks: list[str] = field(default_factory=list)
+    actions: list[list[Any]] = field(default_factory=list)
 
 
 # --- replies ---------------------------------------------------------------------------------
@@ -243,10 +255,14 @@ class Reply:
     ``rss`` the worker's resident size after it, when the multiplexor asked for it.
     ``would``: the refusals monitor mode noted instead of carrying them out (the front
     end stamps them on the message, ``WOULD_HEADER``); ``tags``: what the filter named
-    as having fired; ``policy``: filter_recipient's ``conn.policy()``."""
+    as having fired; ``policy``: filter_recipient's ``conn.policy()``; ``pid``, ``elapsed``:
+    the worker and its seconds in the filter; ``checks``: the scanners' outcomes
+    (``"spamassassin:spam 7.1/5.0"``, ``scanning.outcome``).
+    """
 
     OP: ClassVar[str] = "reply"
-    SPARSE: ClassVar[tuple[str, ...]] = ("error", "rss", "would", "tags", "policy")  # left out unset
+    SPARSE: ClassVar[tuple[str, ...]] = ("error", "rss", "would", "tags", "policy", "pid", "elapsed",
+                                         "checks")  # left out unset
     verdict: Verdict
     actions: list[list[Any]] = field(default_factory=list)
     notes: dict[str, Any] | None = None
@@ -256,6 +272,9 @@ class Reply:
     would: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     policy: str | None = None
+    pid: int = 0
+    elapsed: float = 0.0
+    checks: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -379,6 +398,7 @@ class Status:
     histogram: dict[str, Any]
     would: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # the last few, newest last (defangctl top)
     ok: bool = True
 
 
@@ -438,8 +458,8 @@ def _by_op(*classes: type) -> dict[str, Any]:
 
 
 #: what each side may receive, by op
-REQUESTS = _by_op(Hello, Connect, Helo, Mail, Rcpt, EndOfMessage)
-DECISION_OPS = frozenset(op for op in REQUESTS if op != Hello.OP)
+REQUESTS = _by_op(Hello, Connect, Helo, Mail, Rcpt, EndOfMessage, Tick)
+DECISION_OPS = frozenset(op for op in REQUESTS if op not in (Hello.OP, Tick.OP))  # what the front end asks
 FROM_WORKER = _by_op(WorkerReady, WorkerBootFailed, Reply)
 TO_FRONT_END = _by_op(Reply, HelloReply)
 TO_ZYGOTE = _by_op(Spawn)

@@ -3,8 +3,7 @@
 Thin by rule: every Python callback holds the GIL, so across all SMTP connections only
 one callback runs at a time.  Callbacks here only record envelope data, append header
 and body bytes to the spool file, and at decision points make one blocking request to
-the multiplexor (a blocking recv releases the GIL).  No MIME parsing, no regexes, no
-admin code.
+the multiplexor (a blocking recv releases the GIL).  No MIME parsing, no admin code.
 
 State lives on the ``Session`` attached to libmilter's context (one per SMTP
 connection), never in thread-locals: libmilter runs one connection's callbacks on
@@ -20,6 +19,7 @@ message hooks the MTA does not send headers or body at all.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +29,7 @@ from defang.core import hooks, wire
 from defang.core.config import ReplySpec
 from defang.core.transaction import Conversation
 from defang.core.verdicts import Verdict
+from defang.frontend import msglog
 from defang.frontend.service import FrontEnd
 from defang.frontend.spool import SpoolError, SpoolFile
 
@@ -260,12 +261,15 @@ class Session:
             spec = env.overflow
             log.warning("%s: conn %s: message over a limit: %s %s", queue_id or "-", self.id, spec.code,
                         spec.dsn)  # fmt: skip
+            msglog.log_message(self, queue_id, spec.verdict, None, 0.0, error="over a limit")
             return self._answer(spec.verdict)
         request = wire.EndOfMessage(self._conn(collect=False), path, env.sender, smtp.recipients, queue_id,
                                     env.size, env.sender_args, smtp.policy, smtp.recipient_args)  # fmt: skip
         spool = env.spool
         spool.reusable, spool.new_body = False, True  # until a worker's reply says otherwise
+        began = time.monotonic()
         reply = self.fe.decide(request, f"{queue_id or '-'}: conn {self.id} eom")
+        took = time.monotonic() - began
         self._take_notes(reply)
         verdict, actions = reply.verdict, reply.actions
         # A worker's own reply comes once it is done with the spool file, and it writes
@@ -273,18 +277,18 @@ class Session:
         # from it: it may still be at work) and the file may be in use, .new half written.
         spool.reusable = not reply.error
         spool.new_body = bool(reply.error) or any(a[0] == "replace_body" for a in actions)
-        applied = 0
+        stamped = 0
         if verdict.action in ("continue", "accept"):
             try:
-                applied = self._apply(actions) + self._stamp_would(reply.would)
+                self._apply(actions)
+                stamped = self._stamp_would(reply.would)
             except Exception as exc:  # an MTA that refused an action
                 spec = self.fe.cfg.on_internal_error
                 log.error("%s: conn %s: could not apply the filter's actions (%s): answering %s %s",
                           queue_id or "-", self.id, exc, spec.code, spec.dsn)  # fmt: skip
+                msglog.log_message(self, queue_id, spec.verdict, reply, took, error=f"actions refused: {exc}")
                 return self._answer(spec.verdict)
-        log.info("%s: conn %s from=<%s> rcpts=%d size=%d verdict=%s%s actions=%d", queue_id or "-", self.id,
-                 env.sender, len(smtp.recipients), env.size, verdict.action, _reply_suffix(verdict),
-                 applied)  # fmt: skip
+        msglog.log_message(self, queue_id, verdict, reply, took, stamped)
         return self._answer(verdict)
 
     def _apply(self, actions: list[list[Any]]) -> int:
@@ -494,7 +498,3 @@ def _strip_brackets(addr: str) -> str:
     return addr
 
 
-def _reply_suffix(verdict: Verdict) -> str:
-    if verdict.code:
-        return f" ({verdict.code} {verdict.dsn or ''} {verdict.text or ''})"
-    return ""

@@ -87,6 +87,7 @@ class Multiplexor(ControlCommands):
         self.closed_zygotes: list[child.Child] = []  # told to leave, not yet reaped
         self.listeners: list[socket.socket] = []
         self.started = time.time()
+        self.metrics: Any = None  # the MetricsServer, with [metrics] listen
         self._stopped: ev.Stopped | None = None
 
     # ---------------------------------------------------------------- main loop
@@ -110,6 +111,7 @@ class Multiplexor(ControlCommands):
         self._listen(self.cfg.multiplexor_socket, self._on_accept_client)  # the front end: us
         self._listen(self.cfg.control_socket, self._on_accept_control)
         give_socket(self.cfg.control_socket, self.cfg.control_socket_mode, self.cfg.control_group)
+        self._serve_metrics()
         self._announce_ready("ready")
         log.info("multiplexor ready: %d to %d workers (%d spare), queue %d, socket %s",
                  self.cfg.min_workers, self.cfg.max_workers, self.cfg.min_spare, self.cfg.queue_size,
@@ -125,6 +127,21 @@ class Multiplexor(ControlCommands):
         self._wait_for_zygotes()
         log.info("multiplexor stopped")
         return 0
+
+    def _serve_metrics(self) -> None:
+        """``[metrics] listen``: the Prometheus endpoint, in this loop (its code loaded only
+        then); one that cannot listen is an error line, and mail flows on without it."""
+        if not self.cfg.metrics_listen:
+            return
+        from defang.multiplexor.metrics import MetricsServer
+
+        try:
+            self.metrics = MetricsServer(self.pool, self.sel, self.cfg.metrics_listen)
+        except OSError as exc:
+            log.error("metrics: cannot listen on %s: %s; serving mail without metrics",
+                      self.cfg.metrics_listen, exc.strerror or exc)  # fmt: skip
+            return
+        log.info("metrics on http://%s/metrics", self.cfg.metrics_listen)
 
     def _feed(self, event: ev.Event) -> None:
         """Give the pool an event and carry out what it answers (which may feed more)."""
@@ -262,7 +279,7 @@ class Multiplexor(ControlCommands):
         msg = wire.decode(body, wire.ROUTED_FROM_WORKER)
         if isinstance(msg, wire.RoutedReply):
             self._feed(ev.WorkerReplied(wid, body, msg.verdict.action, msg.error, msg.rss, msg.would,
-                                        msg.tags))  # fmt: skip
+                                        msg.tags, msg.elapsed, msg.checks, msg.actions))  # fmt: skip
         elif isinstance(msg, wire.WorkerReady):
             self._feed(ev.WorkerReady(wid, msg.pid, msg.rss))
         else:

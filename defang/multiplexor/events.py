@@ -114,6 +114,9 @@ class WorkerReplied:
     rss: int = 0
     would: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+    checks: list[str] = field(default_factory=list)
+    actions: list[list[Any]] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -46,6 +46,7 @@ class GenerationRules:
     stopping: float
     next_spawn: float
     last_load_error: str
+    stats: Any  # defang.multiplexor.stats.Stats
     _out: list[ev.Command]
 
     def _spawn(self, gen: int) -> None: ...
@@ -86,6 +87,7 @@ class GenerationRules:
         if z is None:
             return
         self.last_load_error = e.error
+        self.stats.reloads["failed"] += 1
         log.error("reload failed, the running filter and config stay in place: %s", e.error)
         self._answer_waiters(z, wire.ControlResult(False, error=e.error))
         self._close_zygote(z)
@@ -114,6 +116,7 @@ class GenerationRules:
         """A worker of the new generation booted: new workers come from it from now on."""
         old, self.gen = self.gen, gen
         log.info("reload: generation %d serving; generation %d workers retire as they finish", gen, old)
+        self.stats.reloads["ok"] += 1
         self.next_spawn = 0.0
         z = self.generations[gen]
         if z.cfg is not self.cfg:
@@ -131,6 +134,7 @@ class GenerationRules:
 
     def _abandon_reload(self, gen: int, why: str) -> None:
         self.last_load_error = why
+        self.stats.reloads["failed"] += 1
         log.error("reload abandoned, the running filter stays in place: %s", why)
         z = self.generations.get(gen)
         if z is not None:

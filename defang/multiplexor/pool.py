@@ -56,6 +56,7 @@ from defang.multiplexor import events as ev
 from defang.multiplexor.events import BOOTING, BUSY, IDLE, STOPPING, Job
 from defang.multiplexor.generations import Generation, GenerationRules
 from defang.multiplexor.stats import Stats
+from defang.multiplexor.ticks import TickRules
 
 log = logging.getLogger("defang.multiplexor")
 
@@ -77,7 +78,7 @@ class Worker:
     rss: int = 0
 
 
-class Pool(GenerationRules):
+class Pool(GenerationRules, TickRules):
     def __init__(self, cfg: Config, stats: Stats | None = None, rng: random.Random | None = None) -> None:
         self.cfg = cfg
         self.stats = stats if stats is not None else Stats()
@@ -97,6 +98,7 @@ class Pool(GenerationRules):
         self.spawn_failures = 0
         self.next_spawn = 0.0
         self.last_load_error = ""
+        self.ticks, self.next_tick = 0, 0.0  # filter_tick: sent so far, when the next is due
         self._now = 0.0
         self._out: list[ev.Command] = []
 
@@ -120,8 +122,8 @@ class Pool(GenerationRules):
             deadline = min(deadline, self.queue[0].enqueued + self.cfg.queue_timeout)
         for w in self.workers.values():
             if w.job is not None:
-                deadline = min(deadline, w.job.started + self.cfg.busy_timeout)
-        return deadline
+                deadline = min(deadline, w.job.started + self._job_limit(w.job))
+        return min(deadline, self._tick_deadline(now))
 
     def in_flight(self) -> int:
         return len(self.queue) + sum(1 for w in self.workers.values() if w.state == BUSY)
@@ -158,7 +160,7 @@ class Pool(GenerationRules):
         self._out.append(ev.Send(w.wid, job))
 
     def _answer_error(self, job: Job, spec: ReplySpec, error: str) -> None:
-        self.stats.count(error)
+        self.stats.count(error, f"{job.queue_id or 'conn ' + job.conn_id} {job.op}")
         if job.client is not None:
             self._out.append(ev.Answer(job, spec=spec, error=error))
 
@@ -170,6 +172,7 @@ class Pool(GenerationRules):
                 self._assign(w, job)
                 return
         if w.gen != self.gen or self.stopping:
+            self.stats.recycles["reload" if w.gen != self.gen else "stop"] += 1
             self._stop_worker(w)
             return
         w.state, w.idle_since = IDLE, self._now
@@ -185,12 +188,15 @@ class Pool(GenerationRules):
             return
         w.job = None
         w.served += 1
-        self.stats.record(job.op, e.action, self._now - job.started, e.error, e.would, e.tags)
+        self.stats.record(job.op, e.action, self._now - job.started, e.error, e.would, e.tags,
+                          waited=job.started - job.enqueued, elapsed=e.elapsed, checks=e.checks,
+                          actions=e.actions, qid=job.queue_id)  # fmt: skip
         if job.client is not None:
             self._out.append(ev.Answer(job, body=e.body))
         why = self._retire_reason(w, e.rss)
         if why:
             log.info("worker %d (pid %d) retiring after %d requests: %s", w.wid, w.pid, w.served, why)
+            self.stats.recycles["max_requests" if why.startswith("max_requests") else "max_rss"] += 1
             self._stop_worker(w)
         else:
             self._worker_free(w)
@@ -255,6 +261,7 @@ class Pool(GenerationRules):
                       "tempfail", w.wid, w.pid, job.op, job.queue_id or "-", job.conn_id,
                       self._now - job.started, e.why)  # fmt: skip
             w.job = None
+            self.stats.recycles["lost"] += 1
             self._answer_error(job, self.cfg.on_internal_error, "worker_lost")
         elif w.state == BOOTING and w.gen > self.gen:
             self._forget(w)
@@ -331,6 +338,7 @@ class Pool(GenerationRules):
         self._expire_queue(now)
         self._enforce_deadlines(now)
         if not self.stopping:
+            self._send_tick(now)
             self._maintain_pool(now)
 
     def _expire_queue(self, now: float) -> None:
@@ -344,14 +352,15 @@ class Pool(GenerationRules):
             self._answer_error(job, self.cfg.on_busy, "busy")
 
     def _enforce_deadlines(self, now: float) -> None:
-        busy_timeout = self.cfg.busy_timeout
         for w in list(self.workers.values()):
             job = w.job
-            if w.state == BUSY and job is not None and now - job.started > busy_timeout:
-                log.error("worker %d (pid %d) busy %.1fs on %s %s (conn %s), past busy_timeout %.0fs: "
+            if w.state == BUSY and job is not None and now - job.started > (limit := self._job_limit(job)):
+                log.error("worker %d (pid %d) busy %.1fs on %s %s (conn %s), past %s %.0fs: "
                           "answering tempfail, sending TERM", w.wid, w.pid, now - job.started, job.op,
-                          job.queue_id or "-", job.conn_id, busy_timeout)  # fmt: skip
+                          job.queue_id or "-", job.conn_id, "tick_timeout" if job.op == "tick" else
+                          "busy_timeout", limit)  # fmt: skip
                 w.job = None
+                self.stats.recycles["busy_timeout"] += 1
                 self._answer_error(job, self.cfg.on_internal_error, "busy_timeout")
                 self._out.append(ev.Signal(w.pid, signal.SIGTERM))
                 self.dying[w.pid] = (now + self.cfg.busy_grace, w.wid)
@@ -395,6 +404,7 @@ class Pool(GenerationRules):
             if w is not None and w.gen == self.gen and now - w.idle_since > cfg.idle_timeout:
                 log.info("worker %d (pid %d) idle for %.0fs: retiring it (%d live, min %d)",
                          w.wid, w.pid, now - w.idle_since, live, cfg.min_workers)  # fmt: skip
+                self.stats.recycles["idle_timeout"] += 1
                 self._stop_worker(w)
 
     # ------------------------------------------------------------------ stopping

@@ -13,9 +13,28 @@ from typing import Any
 
 RING = 10000
 MAX_TAGS = 1000  # distinct tags counted; more are counted as "(other)" (a filter may make names)
+ERRORS = 10  # the last errors kept for defangctl top
 HORIZON = 900  # seconds of per-second buckets (15 minutes)
 # Histogram bucket upper bounds in seconds (the last is +inf).
 BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class Histogram:
+    """Counts per ``BUCKETS`` bound (not cumulative; the last: above them all) and their sum."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.sum += seconds
+        for i, bound in enumerate(BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
 
 
 class Stats:
@@ -28,12 +47,37 @@ class Stats:
         self.latencies: deque[float] = deque(maxlen=RING)
         self.histogram = [0] * (len(BUCKETS) + 1)
         self._seconds: deque[list[int]] = deque()  # [epoch second, messages]
+        # for the metrics (defang.multiplexor.metrics): per stage (op) the decision's time in
+        # the multiplexor, its wait in the queue, the worker's time in the filter
+        self.decision: dict[str, Histogram] = {}
+        self.waited: dict[str, Histogram] = {}
+        self.filtering: dict[str, Histogram] = {}
+        self.checks: Counter[tuple[str, str]] = Counter()  # (scanner, outcome)
+        self.actions: Counter[str] = Counter()  # by name, as the worker asked for them
+        self.recycles: Counter[str] = Counter()  # workers let go, by reason
+        self.reloads: Counter[str] = Counter()  # ok, failed
+        self.errors: deque[str] = deque(maxlen=ERRORS)  # the last ones, for defangctl top
 
     def record(self, op: str, verdict: str, latency: float, error: str | None,
-               would: list[str] = (), tags: list[str] = ()) -> None:  # type: ignore[assignment]  # fmt: skip
+               would: list[str] = (), tags: list[str] = (), *, waited: float = 0.0,  # type: ignore[assignment]
+               elapsed: float = 0.0, checks: list[str] = (), actions: list[list] = (),  # type: ignore[assignment]
+               qid: str = "") -> None:  # fmt: skip
         self.requests[op] += 1
+        # latency: from the worker's start; the decision: from the request's arrival
+        for table, seconds in ((self.decision, waited + latency), (self.waited, waited),
+                               (self.filtering, elapsed)):  # fmt: skip
+            histo = table.get(op)
+            if histo is None:
+                histo = table[op] = Histogram()
+            histo.add(seconds)
+        for check in checks:
+            name, _, outcome = check.partition(" ")[0].partition(":")
+            self.checks[(name, outcome)] += 1
+        for action in actions:
+            self.actions[action[0]] += 1
         if error:  # by kind ("filter error in filter_end"), not by text: the keys stay few
             self.events[error.split(":", 1)[0]] += 1
+            self.errors.append(f"{time.strftime('%H:%M:%S')} {qid or '-'} {op}: {error[:200]}")
         for entry in would:
             self.would[entry.split(" ", 1)[0]] += 1
         for tag in tags:
@@ -58,8 +102,10 @@ class Stats:
             while secs and secs[0][0] <= now - HORIZON:
                 secs.popleft()
 
-    def count(self, event: str) -> None:
+    def count(self, event: str, what: str = "") -> None:
         self.events[event] += 1
+        if event not in ("worker_retired",):
+            self.errors.append(f"{time.strftime('%H:%M:%S')} {what + ': ' if what else ''}{event}")
 
     def rates(self) -> dict[str, float]:
         now = int(time.time())
@@ -85,6 +131,7 @@ class Stats:
             "requests": dict(self.requests),
             "events": dict(self.events),
             "would": dict(self.would),
+            "errors": list(self.errors),
             "tags": dict(self.tags),
             "messages_per_second": self.rates(),
             "latency_ms": self.percentiles(),

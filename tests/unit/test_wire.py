@@ -26,6 +26,9 @@ MESSAGES = [
                                    ["change_sender", "x@example.org", None], ["delete_header", "X-B", 2]],
                                    {"k": "v"}, None, 3, 0)),  # fmt: skip
     (wire.TO_FRONT_END, wire.Reply(Verdict("continue"), [], None, "busy", 0, 0)),
+    (wire.TO_FRONT_END, wire.Reply(Verdict("continue"), [], None, None, 2, 0, tags=["t"], pid=77,
+                                   elapsed=0.25, checks=["clamav:clean clean"])),  # fmt: skip
+    (wire.REQUESTS, wire.Tick(3)),
     (wire.TO_FRONT_END, wire.HelloReply(2, ["filter_end", "filter_sender"])),
     (wire.FROM_WORKER, wire.WorkerReady(4242, 2, 9_000_000)),
     (wire.FROM_WORKER, wire.WorkerBootFailed(4242, "filter_initialize raised")),
@@ -63,7 +66,8 @@ def test_every_channel_table_is_covered():
     assert {(id(t), cls) for t in tables for cls in t.values()} == covered
 
 
-@pytest.mark.parametrize(("table", "msg"), [m for m in MESSAGES if m[0] in (wire.REQUESTS, wire.FROM_WORKER)],
+@pytest.mark.parametrize(("table", "msg"), [m for m in MESSAGES if m[0] in (wire.REQUESTS, wire.FROM_WORKER)
+                                            and not isinstance(m[1], wire.Tick)],
                          ids=lambda m: getattr(type(m), "OP", ""))  # fmt: skip
 def test_what_the_multiplexor_reads_of_what_it_forwards(table, msg):
     body = wire.encode_body(msg)
@@ -76,6 +80,11 @@ def test_what_the_multiplexor_reads_of_what_it_forwards(table, msg):
         assert routed == msg
 
 
+def test_a_tick_is_the_multiplexors_own_the_front_end_cannot_send_one():
+    with pytest.raises(wire.ProtocolError, match="unexpected op 'tick'"):
+        wire.decode(wire.encode_body(wire.Tick(1)), wire.ROUTED_REQUESTS)
+
+
 def test_the_multiplexor_refuses_what_is_no_request_at_all():
     for bad in (b"[]", _body(op="eom"), _body(op="eom", conn={"id": []}), _body(op="reply", verdict={})):
         with pytest.raises(ProtocolError):
@@ -85,7 +94,8 @@ def test_the_multiplexor_refuses_what_is_no_request_at_all():
 def test_decision_ops_are_the_hook_table_s():
     from defang.core import hooks
 
-    assert {h.request.OP for h in hooks.HOOKS if h.request} == wire.DECISION_OPS
+    assert {h.request.OP for h in hooks.HOOKS if h.stage} == wire.DECISION_OPS
+    assert {h.request.OP for h in hooks.HOOKS if h.request and not h.stage} == {wire.Tick.OP}
 
 
 # --- framing ----------------------------------------------------------------------------

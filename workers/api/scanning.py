@@ -254,6 +254,12 @@ class Scans:
             log.info("%s: %s: %s", self.queue_id, what, result)
         return result
 
+    def outcomes(self) -> list[str]:
+        """The checks' outcomes for the per-message log line and the metrics:
+        ``"name:outcome detail"``, the outcome one of spam, ham, virus, suspicious, clean,
+        error or skipped (a few values: the metrics label them by it)."""
+        return [outcome(result) for result in self.results.values()]
+
     def close(self) -> None:
         """The hooks are done: drop what was never read (sockets, the file passed)."""
         for name in list(self._pending):
@@ -261,6 +267,19 @@ class Scans:
             p.exchange.abandon()
             if p.fd is not None:
                 os.close(p.fd)
+
+
+def outcome(result: Any) -> str:
+    """One check's result as ``name:outcome`` and, if scanned, its verdict in a few words."""
+    if result.error:
+        return f"{result.NAME}:error"
+    if result.skipped:
+        return f"{result.NAME}:skipped"
+    if isinstance(result, VirusResult):
+        kind = "clean" if result.category == "ok" else result.category
+    else:
+        kind = "spam" if result.is_spam else "ham"
+    return f"{result.NAME}:{kind} {result.verdict()}"
 
 
 def spam_headers(result: SpamResult) -> list[tuple[str, str]]:
