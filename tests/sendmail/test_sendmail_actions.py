@@ -2,7 +2,7 @@
 scripts/bootstrap), with the milter lines of etc/sendmail.mc.snippet: checked at the
 client, at the sink and in Sendmail's queue, like tests/postfix/test_postfix_actions.py.
 
-Sendmail-only differences these tests pin (README, "Hook it into Sendmail"):
+Sendmail-only differences these tests pin (docs/running.md, "Sendmail"):
 Sendmail puts the address in front of a reply to MAIL FROM or RCPT TO
 ("<bob@example.org>... No such user here"); a hold is Sendmail's quarantine, which keeps
 the reason; with F=T an unreachable defang is "451 4.3.2 Please try again later" at MAIL
@@ -120,7 +120,7 @@ def test_hold_is_sendmails_quarantine_with_the_reason(stack):
     assert held["reason"] == "looks odd"  # Postfix's hold queue keeps no reason; Sendmail's does
     assert held["sender"] == "alice@example.org" and held["recipients"] == ["bob@example.org"]
     assert not [m for m in stack.sink.messages() if b"hold me" in m.raw]
-    # released as the README says; the next queue run (-q5s) delivers it
+    # released as docs/running.md says; the next queue run (-q5s) delivers it
     subprocess.run(stack.sendmail.command("-qQ", f"-qI{r.queue_id}", "-Q"), check=True, timeout=60)
     assert not stack.sendmail.held()
     stack.arrived(b"hold me", timeout=30)
