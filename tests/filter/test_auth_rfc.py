@@ -194,3 +194,16 @@ def test_pct_is_exposed_and_a_message_outside_the_sample_gets_the_next_policy_do
     d = seen(run(every, tmp_path, cfg, probe, sender="a@everyone.example.test"))["dmarc"]
     assert (d["pct"], d["disposition"]) == (100, "reject")
     assert run(every, tmp_path, cfg, DMARC, sender="a@everyone.example.test")["outcome"]["code"] == "550"
+
+
+# --- 6. an author domain DNS cannot hold (RFC 7489 6.6.3 at its organisational domain) -------------
+
+
+@pytest.mark.parametrize("frm", ["a@b..example.test", "a@" + "x" * 64 + ".example.test"])
+def test_a_from_domain_dns_cannot_hold_is_under_its_organisational_domain(cfg, probe, tmp_path, frm):
+    # no record can be at _dmarc of an empty label or a 64-octet one: that is "none there", not
+    # "no answer", so example.test's p=reject applies, as for any other name under it (a
+    # temperror would tempfail the message on every retry until it expires)
+    d = seen(run(body(frm), tmp_path, cfg, probe, sender="a@relay.test"))["dmarc"]
+    assert (d["result"], d["policy"], d["disposition"]) == ("fail", "reject", "reject")
+    assert run(body(frm), tmp_path, cfg, DMARC, sender="a@relay.test")["outcome"]["code"] == "550"

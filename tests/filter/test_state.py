@@ -115,6 +115,7 @@ def test_greylist_exemptions_and_ipv6(backend):
     args = ("a@example.org", "b@example.net")
     assert greylist.check(conn(**{"{auth_authen}": "alice"}), *args) is None
     assert greylist.check(conn("192.0.2.9"), *args, exempt_networks=["192.0.2.0/24"]) is None
+    assert greylist.check(conn("::ffff:192.0.2.9"), *args, exempt_networks=["192.0.2.0/24"]) is None
     assert greylist.check(conn("192.0.2.9"), *args, exempt_domains=["example.org"]) is None
     assert greylist.check(conn("192.0.2.9"), "a@mail.example.org", "b@x.test",
                           exempt_domains=["example.org"]) is None
@@ -150,6 +151,9 @@ def test_lists_allow_wins_and_scopes(backend):
     assert lists.lookup("198.51.100.9", "a@else.test").entry == "198.51.100.0/24"
     assert lists.lookup("2001:db8::1", "x@example.org").list == "allow"
     assert lists.lookup("203.0.113.1", "a@else.test") is None
+    # a dual-stack socket's IPv4-mapped address is the IPv4 client, not a way round its block
+    assert lists.lookup("::ffff:198.51.100.9", "a@else.test").entry == "198.51.100.0/24"
+    assert lists.lookup("IPv6:::ffff:198.51.100.9", "a@else.test").entry == "198.51.100.0/24"
     lists.add("block", ["spam.test"], scope="example.net")  # a recipient domain
     assert lists.lookup(None, "a@spam.test", "z@example.net").scope == "example.net"
     assert lists.remove("block", ["EXAMPLE.ORG"]) == 1

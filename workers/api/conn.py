@@ -9,12 +9,27 @@ back and forth with every decision of the connection.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any
 
 from defang.core import wire
 
 DEFAULT_MAX_NOTES_BYTES = 64 * 1024
+
+
+def client_address(ip: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``conn.ip`` as an address (None when it is none): ``[...]`` and ``IPv6:`` taken off,
+    and an IPv4-mapped IPv6 address (``::ffff:192.0.2.1``, a dual-stack socket's) read as
+    the IPv4 address it is, so that one client is one address to every list and network
+    it is compared with."""
+    try:
+        addr = ipaddress.ip_address((ip or "").strip("[]").removeprefix("IPv6:"))
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
 
 
 class NotesError(ValueError):

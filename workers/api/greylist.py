@@ -37,6 +37,7 @@ from typing import Any
 
 from defang.core.verdicts import Verdict, tempfail
 from defang.workers.api import services, state
+from defang.workers.api.conn import client_address
 from defang.workers.stores.state import CURRENT, GreylistSettings, StateError
 
 log = logging.getLogger("defang.filter")
@@ -46,12 +47,9 @@ DAY = 86400.0
 
 def network(ip: str, settings: GreylistSettings) -> str | None:
     """The client network of ``ip`` (``203.0.113.0/24``, ``2001:db8::/64``); None if not an IP."""
-    try:
-        addr = ipaddress.ip_address(ip.strip("[]").removeprefix("IPv6:"))
-    except ValueError:
+    addr = client_address(ip)
+    if addr is None:
         return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
     bits = settings.ipv4_prefix if addr.version == 4 else settings.ipv6_prefix
     return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
 
@@ -63,9 +61,8 @@ def in_domains(address: str, domains: Iterable[str]) -> bool:
 
 
 def in_networks(ip: str, networks: Iterable[str]) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip.strip("[]").removeprefix("IPv6:"))
-    except ValueError:
+    addr = client_address(ip)
+    if addr is None:
         return False
     return any(addr in ipaddress.ip_network(n, strict=False) for n in networks)
 

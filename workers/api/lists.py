@@ -29,6 +29,7 @@ from typing import Any
 
 from defang.core.verdicts import Verdict, accept, reject
 from defang.workers.api import state
+from defang.workers.api.conn import client_address
 from defang.workers.stores.state import StateError, Store
 
 log = logging.getLogger("defang.filter")
@@ -146,11 +147,8 @@ def _candidates(sender: str) -> list[str]:
 
 
 def _match_ip(st: Store, key: str, ip: str | None) -> str | None:
-    if not ip:
-        return None
-    try:
-        addr = ipaddress.ip_address(ip.strip("[]").removeprefix("IPv6:"))
-    except ValueError:
+    addr = client_address(ip)
+    if addr is None:
         return None
     for entry in st.smembers(key):
         try:

@@ -74,9 +74,12 @@ def suffix_list(path: str = "") -> PublicSuffixList:
 def org_domain(domain: str, psl: str = "") -> str:
     """The organisational domain (RFC 7489 §3.2): the public suffix plus one label.  A TLD
     the list does not know is a public suffix by the list's default rule ``*``; a name
-    that is itself a public suffix is its own."""
+    that is itself a public suffix is its own.  An empty label (``b..bank.example``) is no
+    label: the list is asked about the labels there are, so such a name still falls
+    under its neighbours' policy (the list's answer for it would be none at all)."""
     domain = domain.lower().rstrip(".")
-    return suffix_list(psl).privatesuffix(domain) or domain
+    labels = ".".join(label for label in domain.split(".") if label)
+    return suffix_list(psl).privatesuffix(labels) or domain
 
 
 def aligned(a: str, b: str, mode: str, psl: str = "") -> bool:

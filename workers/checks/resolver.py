@@ -27,12 +27,21 @@ from typing import Any
 
 import dns.asyncresolver
 import dns.exception
+import dns.name
 import dns.nameserver
 import dns.resolver
 
 
 class TempError(Exception):
     """The lookup did not get an answer (timeout, SERVFAIL, refused, unreachable)."""
+
+
+# A name DNS cannot hold (an empty label ``a..b``, a label over 63 octets, a name over 255):
+# no record can be there, now or on a retry.  Its "no answer" is an answer, [], as for
+# NXDOMAIN, not a TempError: the names come from the message (a From domain, a link), and a
+# TempError would tempfail the message on every retry until it expires.
+_NO_SUCH_NAME = (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.exception.SyntaxError,
+                 dns.name.NameTooLong)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -79,10 +88,11 @@ class Resolver:
         dns.resolver.default_resolver = self.sync  # pyspf, dkimpy, authheaders: the same servers
 
     def query(self, name: str, rdtype: str) -> list[Any]:
-        """The records of ``name``; [] when there is none; TempError when no answer came."""
+        """The records of ``name``; [] when there is none (or the name cannot be one);
+        TempError when no answer came."""
         try:
             return list(self.sync.resolve(name, rdtype, search=False))
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        except _NO_SUCH_NAME:
             return []
         except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout) as exc:
             raise TempError(_why(exc)) from None
@@ -105,7 +115,7 @@ class Resolver:
         async def one(name: str, rdtype: str) -> list[Any] | TempError:
             try:
                 return list(await self.aio.resolve(name, rdtype, search=False))
-            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            except _NO_SUCH_NAME:
                 return []
             except dns.exception.DNSException as exc:
                 return TempError(_why(exc))
