@@ -271,6 +271,7 @@ class FilterRunner:
         try:
             actions = self._commit(msg, verdict)
             if msg.split_copies and verdict.action == "discard":  # split after accept (workers/api/split.py)
+                self.budget.stop()  # copies handed to the MTA are not taken back: never stopped halfway
                 verdict, shown = split.carry_out(msg, self.split_submission, self.trial)
                 actions = actions + shown
         except Exception as exc:
