@@ -103,6 +103,7 @@ class Scripted:
         self.greeting, self.reply, self.drip = greeting, reply, drip
         self.lines: list[bytes] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)  # accept() looks at ``done`` this often (close() does not wake it)
         self.port = self.sock.getsockname()[1]
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -121,8 +122,11 @@ class Scripted:
         while not self.done.is_set():
             try:
                 conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
+            conn.settimeout(None)
             with conn:
                 try:
                     self._send(conn, self.greeting)

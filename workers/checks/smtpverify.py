@@ -127,7 +127,8 @@ def _connect(host: str, port: int, deadline: float) -> socket.socket:
 def _unverified(what: str, code: int, text: bytes | str) -> Probe:
     text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
     text = " ".join(text.split())[:300]
-    return Probe("unverified", code, text, f"{what}: {code} {text}" if code > 0 else f"{what}: garbage {text!r}")
+    why = f"{what}: {code} {text}" if code > 0 else f"{what}: garbage {text!r}"
+    return Probe("unverified", code, text, why)
 
 
 def probe(address: str, settings: VerifySettings) -> Probe:
