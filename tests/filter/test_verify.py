@@ -5,11 +5,15 @@ test turns.  Every failure is the configured verdict, never a hang or an excepti
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
 from mta import needs_postfix, wait_for
 from nexthop import NextHop, Scripted, Silent, SinkServer, closed_port
+from paths import REPO
 
 from defang.workers.api import services, verify
 from defang.workers.api.conn import Connection
@@ -221,3 +225,20 @@ def test_one_line_per_probe_on_the_wire(tmp_path, clock):
                               b'RCPT TO:<"john doe"@example.org>\r\n', b"QUIT\r\n"]  # fmt: skip
 
 
+
+
+# --- the example filter, by ``defang test`` ------------------------------------------------------
+
+def test_example_filter_by_defang_test(next_hop, tmp_path):
+    config = tmp_path / "verify.toml"
+    config.write_text(f'[daemon]\nruntime_dir = "{tmp_path / "run"}"\nuser = "root"\n'
+                      f'[verify]\nhost = "127.0.0.1"\nport = {next_hop.port}\n')  # fmt: skip
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n")
+    rcpts = ("bob@example.org", "mallory@example.org", "someone@else.example")
+    argv = [sys.executable, "-m", "defang", "test", str(eml), "--json", "--config", str(config), "--filter",
+            str(REPO / "filters/examples/verify_recipients.py"), *(a for r in rcpts for a in ("--rcpt", r))]
+    r = json.loads(subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO).stdout)
+    answers = {rcpt: (o["action"], o["code"], o["dsn"]) for rcpt, o in r["rcpt"].items()}
+    assert answers["mallory@example.org"] == ("reject", "550", "5.1.1")
+    assert r["recipients"] == ["bob@example.org", "someone@else.example"]  # bob exists; another domain is not ours to ask
