@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 from mta import needs_postfix, wait_for
@@ -24,14 +25,6 @@ from defang.workers.stores.state import StateSettings
 pytestmark = needs_postfix  # root and Postfix's programs (smtp-sink, postfix)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture(scope="module")
 def next_hop():
     with NextHop() as hop:
@@ -39,14 +32,15 @@ def next_hop():
 
 
 @pytest.fixture
-def clock(tmp_path):
-    return Clock()
+def clock():
+    """The state's clock, turned by the test (``clock.now += 61``)."""
+    return SimpleNamespace(now=1_800_000_000.0)
 
 
 def configure(tmp_path, clock, state_path=None, **verify_settings) -> None:
     settings = StateSettings(path=state_path or tmp_path / "state.sqlite3", timeout=1.0)
     services.CURRENT = services.ServiceSettings(state=settings, verify=VerifySettings(**verify_settings))
-    stores.CURRENT.configure(settings, clock=clock)
+    stores.CURRENT.configure(settings, clock=lambda: clock.now)
 
 
 @pytest.fixture(autouse=True)
