@@ -110,6 +110,15 @@ def test_non_ascii_address_is_probed_with_smtputf8(next_hop, tmp_path, clock):
     configure(tmp_path, clock, host="127.0.0.1", port=next_hop.port)
     r = verify.recipient(conn(), "jürgen@example.org")
     assert (r.status, r.code) == ("unknown", 550)  # asked (not a syntax refusal), and not a user
+    wait_for("the next hop's log of jürgen", lambda: rcpt_lines(next_hop, "jürgen@example.org"))
+
+
+def test_non_ascii_address_to_a_server_without_smtputf8_is_not_sent(tmp_path, clock):
+    with Scripted(b"220 recorder\r\n") as recorder:
+        configure(tmp_path, clock, host="127.0.0.1", port=recorder.port)
+        r = verify.recipient(conn(), "jürgen@example.org")
+        assert (r.status, r.why) == ("unverified", "non-ASCII address and the server does not offer SMTPUTF8")
+        assert not any(line.startswith(b"RCPT") for line in recorder.lines)
 
 
 # --- a next hop that does not answer: [verify] on_error, never a hang -------------------------

@@ -144,6 +144,7 @@ def probe(address: str, settings: VerifySettings) -> Probe:
 
     deadline = time.monotonic() + settings.timeout
     smtp = smtplib.SMTP(local_hostname=settings.helo or socket.gethostname(), timeout=settings.timeout)
+    # _get_socket is smtplib's own seam for the socket (SMTP_SSL and LMTP override it)
     smtp._get_socket = lambda host, port, timeout: _connect(host, port, deadline)  # type: ignore[method-assign]
     try:
         code, text = smtp.connect(settings.host, settings.port)
