@@ -16,6 +16,7 @@ from mta import needs_postfix, wait_for
 from nexthop import NextHop, Scripted, Silent, SinkServer, closed_port
 from paths import REPO
 
+from defang.testbed.redisd import RedisServer, redis_available
 from defang.workers.api import services, verify
 from defang.workers.api.conn import Connection
 from defang.workers.checks.smtpverify import VerifySettings
@@ -90,6 +91,26 @@ def test_answers_expire_after_their_ttls(next_hop, tmp_path, clock):
     assert (ghost.status, ghost.cached) == ("unknown", False)
     clock.now += 600
     assert not verify.recipient(conn(), "carol@example.org").cached
+
+
+def test_answers_are_shared_through_redis_with_their_ttl(next_hop, clock):
+    """A fleet on one Redis: an answer one worker (or relay) got is another's, and Redis
+    itself forgets it after its TTL."""
+    if redis_available():
+        pytest.skip(redis_available())
+    import redis
+
+    with RedisServer() as server:
+        settings = StateSettings(backend="redis", redis_url=server.url, timeout=1.0)
+        services.CURRENT = services.ServiceSettings(state=settings, verify=VerifySettings(
+            host="127.0.0.1", port=next_hop.port, negative_ttl=120))  # fmt: skip
+        stores.CURRENT.configure(settings)
+        assert not verify.recipient(conn(), "walter@example.org").cached
+        stores.CURRENT.close()  # the next call is another connection, as another worker's
+        assert verify.recipient(conn(), "walter@example.org").cached
+        client = redis.Redis.from_url(server.url)
+        [key] = client.keys("defang:verify:*")
+        assert 0 < client.pttl(key) <= 120_000
 
 
 def test_ttl_zero_keeps_nothing(next_hop, tmp_path, clock):
