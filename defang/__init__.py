@@ -53,6 +53,7 @@ _LAZY: dict[str, str] = {
     "greylist": "defang.workers.api.greylist",
     "ratelimit": "defang.workers.api.ratelimit",
     "lists": "defang.workers.api.lists",
+    "verify": "defang.workers.api.verify",
 }
 
 __all__ = ["Verdict", "accept", "discard", "reject", "tempfail", *sorted(_LAZY)]

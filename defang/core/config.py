@@ -218,6 +218,15 @@ class Config:
     greylist_auto_allow: int = 5
     greylist_ipv4_prefix: int = 24
     greylist_ipv6_prefix: int = 64
+    # [verify] (defang.verify: recipients probed at the next hop)
+    verify_host: str = ""
+    verify_port: int = 25
+    verify_helo: str = ""
+    verify_sender: str = ""
+    verify_timeout: float = 10.0
+    verify_positive_ttl: float = 86400.0
+    verify_negative_ttl: float = 3600.0
+    verify_on_error: str = "tempfail"
     source: Path | None = field(default=None, compare=False)
 
     def effective_request_timeout(self) -> float:
@@ -250,6 +259,13 @@ def _address(v: Any, what: str) -> str:
             socket_address(v)
         except ConfigError as exc:
             raise TypeError(f"{what} address: {exc}") from None
+    return v
+
+
+def _one_word(v: Any) -> str:
+    """A name or address that goes on an SMTP command line (``[verify] helo``, ``sender``)."""
+    if any(c.isspace() or not c.isprintable() or c in "<>" for c in as_str(v)):
+        raise TypeError("expected one word (no space, control character or angle bracket)")
     return v
 
 
@@ -371,6 +387,14 @@ KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("greylist", "auto_allow"): ("greylist_auto_allow", as_int),
     ("greylist", "ipv4_prefix"): ("greylist_ipv4_prefix", lambda v: as_prefix(v, 32)),
     ("greylist", "ipv6_prefix"): ("greylist_ipv6_prefix", lambda v: as_prefix(v, 128)),
+    ("verify", "host"): ("verify_host", as_str),
+    ("verify", "port"): ("verify_port", as_port),
+    ("verify", "helo"): ("verify_helo", _one_word),
+    ("verify", "sender"): ("verify_sender", _one_word),
+    ("verify", "timeout"): ("verify_timeout", as_pos_num),
+    ("verify", "positive_ttl"): ("verify_positive_ttl", as_num),
+    ("verify", "negative_ttl"): ("verify_negative_ttl", as_num),
+    ("verify", "on_error"): ("verify_on_error", lambda v: as_choice(v, ("tempfail", "accept"))),
 }
 
 _ATTRS = {f.name for f in fields(Config)}

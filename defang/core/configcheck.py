@@ -27,10 +27,24 @@ def timeout_warnings(cfg: Config) -> list[str]:
         ("clamav", cfg.clamav_address, cfg.clamav_timeout),
         ("rspamd", cfg.rspamd_address, cfg.rspamd_timeout)) if address]  # fmt: skip
     parts.append((f"[dns] lifetime {cfg.dns_lifetime:g}", cfg.dns_lifetime))
+    out = _verify_warnings(cfg)
     total = sum(t for _, t in parts)
     if total < cfg.busy_timeout:
-        return []
-    return [f"config: [multiplexor] busy_timeout {cfg.busy_timeout:g} is not above "
+        return out
+    return [*out, f"config: [multiplexor] busy_timeout {cfg.busy_timeout:g} is not above "
             f"{' + '.join(what for what, _ in parts)} = {total:g} s: a hung scanner gets the worker "
             f"killed and the message on_internal_error before the filter can handle it; raise "
             f"busy_timeout or lower those timeouts"]  # fmt: skip
+
+
+def _verify_warnings(cfg: Config) -> list[str]:
+    """A recipient's probe (``defang.verify``) runs in one RCPT request: the cache read and
+    write (``[state] timeout`` each) and the probe must end before ``busy_timeout``, or a
+    hung next hop gets ``on_internal_error`` instead of ``[verify] on_error``."""
+    total = cfg.verify_timeout + 2 * cfg.state_timeout
+    if not cfg.verify_host or total < cfg.busy_timeout:
+        return []
+    return [f"config: [multiplexor] busy_timeout {cfg.busy_timeout:g} is not above [verify] timeout "
+            f"{cfg.verify_timeout:g} + 2 x [state] timeout {cfg.state_timeout:g} = {total:g} s: a hung next "
+            f"hop gets the worker killed and the recipient on_internal_error instead of [verify] on_error; "
+            f"raise busy_timeout or lower those timeouts"]  # fmt: skip

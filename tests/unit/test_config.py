@@ -86,3 +86,21 @@ def test_the_shipped_timeouts_fit_under_busy_timeout_with_every_scanner_configur
     [line] = timeout_warnings(replace(both, busy_timeout=55))
     assert line.startswith("config: [multiplexor] busy_timeout 55 is not above [spamassassin] timeout 20 + "
                            "[clamav] timeout 20 + [rspamd] timeout 10 + [dns] lifetime 5 = 55 s")  # fmt: skip
+
+
+def test_verify_options_and_the_probe_fitting_under_busy_timeout(tmp_path):
+    cfg = config.load(REPO / "etc" / "defang.toml", runtime_dir=str(tmp_path))
+    assert (cfg.verify_host, cfg.verify_on_error, cfg.verify_timeout) == ("", "tempfail", 10.0)
+    probing = replace(cfg, verify_host="10.0.0.7")
+    assert timeout_warnings(probing) == [] and timeout_warnings(replace(cfg, verify_timeout=600)) == []
+    [line] = timeout_warnings(replace(probing, verify_timeout=56))
+    assert line.startswith("config: [multiplexor] busy_timeout 60 is not above [verify] timeout 56 + "
+                           "2 x [state] timeout 2 = 60 s")  # fmt: skip
+    path = tmp_path / "v.toml"
+    bad = (('sender = "a@b\\r\\nRSET"', "[verify] sender = 'a@b\\r\\nRSET': expected one word"),
+           ('helo = "x y"', "[verify] helo = 'x y': expected one word"),
+           ('on_error = "reject"', "[verify] on_error"), ("port = 0", "[verify] port"))
+    for text, why in bad:
+        path.write_text(f'[daemon]\nruntime_dir = "{tmp_path}"\n[verify]\n{text}\n')
+        with pytest.raises(config.ConfigError, match=re.escape(why)):
+            config.load(path)

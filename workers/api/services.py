@@ -18,6 +18,7 @@ from typing import Any
 from defang.workers.api.notify import MAX_NOTICES, Notice, NoticeError, compose
 from defang.workers.api.scanning import Envelope, Scans, ScanSettings, spam_headers
 from defang.workers.checks.results import RspamdResult, SpamResult, VirusResult
+from defang.workers.checks.smtpverify import VerifySettings
 from defang.workers.stores.state import GreylistSettings, StateSettings
 
 log = logging.getLogger("defang.filter")
@@ -55,12 +56,14 @@ class ServiceSettings:
     state: StateSettings = field(default_factory=StateSettings)  # defang.state and its users
     greylist: GreylistSettings = field(default_factory=GreylistSettings)
     split_max_copies: int = 50  # [split] max_copies: msg.split_by_recipient()
+    verify: VerifySettings = field(default_factory=VerifySettings)  # defang.verify
 
     @classmethod
     def from_config(cls, cfg: Any) -> ServiceSettings:
         return cls(ScanSettings.from_config(cfg), cfg.notify_from, cfg.notify_administrator,
                    AuthSettings.from_config(cfg), StateSettings.from_config(cfg),
-                   GreylistSettings.from_config(cfg), cfg.split_max_copies)  # fmt: skip
+                   GreylistSettings.from_config(cfg), cfg.split_max_copies,
+                   VerifySettings.from_config(cfg))  # fmt: skip
 
 
 #: this worker's settings (the runner sets them): what ``defang.auth`` and ``defang.state``
