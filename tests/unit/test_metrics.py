@@ -56,6 +56,21 @@ def test_the_page_counts_what_the_stats_recorded():
     assert got[("defang_queue_wait_seconds_count", (("stage", "rcpt"),))] == 1
 
 
+def test_a_latency_on_a_bound_counts_in_that_bound_for_status_and_metrics_alike():
+    """One histogram type for ``defangctl histo`` and the metrics: a bound is "at most"."""
+    from defang.multiplexor.stats import BUCKETS, Stats
+
+    stats = Stats()
+    for seconds in (0.0, 0.001, 0.0011, 0.02, 30.0, 31.0):
+        stats.record("eom", "continue", seconds, None)
+    counts = stats.snapshot()["histogram"]["counts"]
+    assert len(counts) == len(BUCKETS) + 1
+    assert counts[0] == 2 and counts[1] == 1  # 0 and 0.001 at most 1 ms; 0.0011 in (1 ms, 2 ms]
+    assert counts[BUCKETS.index(0.02)] == 1 and counts[BUCKETS.index(30.0)] == 1 and counts[-1] == 1
+    assert stats.filtering["eom"].counts == [6] + [0] * len(BUCKETS)  # elapsed 0 each time
+    assert stats.decision["eom"].counts == counts  # nothing waited: the same times
+
+
 def test_top_rates_come_from_two_replies_a_refresh_apart():
     from defang.cli.ctlview import top
 
