@@ -276,8 +276,9 @@ def after_fork() -> None:
 
 
 def set_level(level: str) -> None:
-    """A new ``[daemon] log_level`` (a reload's zygote), the destination kept as it is: it
-    was opened before root was given up, and the [log] options need a restart anyway."""
+    """A reload's ``[daemon] log_level``, in the zygote, the multiplexor and the milter alike;
+    the destination is kept as it is: it was opened before root was given up, and the
+    [log] options need a restart anyway."""
     logging.getLogger().setLevel(level.upper())
 
 

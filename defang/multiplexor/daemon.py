@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from defang.core import child, wire
+from defang.core import child, logsetup, wire
 from defang.core.config import Config
 from defang.core.configcheck import timeout_warnings
 from defang.core.framing import frame
@@ -453,7 +453,7 @@ class Multiplexor(ControlCommands):
         self._send_client(c.waiter, wire.encode(c.result))
 
     def _do_config_applied(self, c: ev.ConfigApplied) -> None:
-        logging.getLogger().setLevel(c.cfg.log_level.upper())
+        logsetup.set_level(c.cfg.log_level)
 
     def _do_close_listeners(self, c: ev.CloseListeners) -> None:
         for lsock in self.listeners:
