@@ -42,6 +42,7 @@ from typing import Any
 from defang.core import child, logsetup, wire
 from defang.core.config import Config
 from defang.core.configcheck import timeout_warnings
+from defang.core.convert import loopback_address
 from defang.core.framing import frame
 from defang.core.privileges import give_socket, peer_credentials
 from defang.core.proctitle import set_title
@@ -136,7 +137,7 @@ class Multiplexor(ControlCommands):
         from defang.multiplexor.metrics import MetricsServer
 
         try:
-            self.metrics = MetricsServer(self.pool, self.sel, self.cfg.metrics_listen)
+            self.metrics = MetricsServer(self.pool, self.sel, loopback_address(self.cfg.metrics_listen))
         except OSError as exc:
             log.error("metrics: cannot listen on %s: %s; serving mail without metrics",
                       self.cfg.metrics_listen, exc.strerror or exc)  # fmt: skip
