@@ -282,13 +282,14 @@ class Pool(GenerationRules, TickRules):
     def _worker_exited(self, e: ev.WorkerExited) -> None:
         wid, gen = self.children.pop(e.pid, (0, 0))
         self.dying.pop(e.pid, None)
+        who = f"worker {wid} (pid {e.pid})"
         if os.WIFSIGNALED(e.status):
             how = f"killed by signal {signal.Signals(os.WTERMSIG(e.status)).name}"
-            self.stats.count("worker_killed")
+            self.stats.count("worker_killed", who)
         else:
             code = os.WEXITSTATUS(e.status)
             how = f"exited {code} ({exits.MEANING.get(code, 'unexpected exit code')})"
-            self.stats.count("worker_retired" if code == 0 else "worker_crashed")
+            self.stats.count("worker_retired" if code == 0 else "worker_crashed", who, error=code != 0)
         log.log(logging.INFO if how.startswith("exited 0") else logging.WARNING,
                 "worker %d (pid %d) %s", wid, e.pid, how)  # fmt: skip
         if gen:

@@ -94,9 +94,11 @@ class Stats:
             while secs and secs[0][0] <= now - HORIZON:
                 secs.popleft()
 
-    def count(self, event: str, what: str = "") -> None:
+    def count(self, event: str, what: str = "", *, error: bool = True) -> None:
+        """One more ``event``; an ``error`` (all but a worker's normal exit) also goes to the
+        last errors ``defangctl top`` shows, after ``what`` it was about."""
         self.events[event] += 1
-        if event not in ("worker_retired",):
+        if error:
             self.errors.append(f"{time.strftime('%H:%M:%S')} {what + ': ' if what else ''}{event}")
 
     def rates(self) -> dict[str, float]:

@@ -247,11 +247,15 @@ def test_a_worker_not_ready_within_boot_timeout_is_killed_and_counts_as_a_failur
 
 def test_exits_are_counted_by_how_the_worker_ended():
     h = Harness(min_workers=3)
-    a, b, c = (h.pid(w) for w in h.boot(h.tick()))
+    wids = h.boot(h.tick())
+    a, b, c = (h.pid(w) for w in wids)
     h.send(ev.WorkerExited(a, 0))  # exit 0: retired
     h.send(ev.WorkerExited(b, 4 << 8))  # exit 4: crashed
     h.send(ev.WorkerExited(c, signal.SIGKILL))  # killed
     assert dict(h.pool.stats.events) == {"worker_retired": 1, "worker_crashed": 1, "worker_killed": 1}
+    # defangctl top's last errors: the crash and the kill, each naming its worker; no retirement
+    assert [e.split(" ", 1)[1] for e in h.pool.stats.errors] == [
+        f"worker {wids[1]} (pid {b}): worker_crashed", f"worker {wids[2]} (pid {c}): worker_killed"]
 
 
 def test_a_lost_zygote_is_replaced_with_a_back_off():
