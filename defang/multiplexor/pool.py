@@ -193,20 +193,21 @@ class Pool(GenerationRules, TickRules):
                           actions=e.actions, qid=job.queue_id)  # fmt: skip
         if job.client is not None:
             self._out.append(ev.Answer(job, body=e.body))
-        why = self._retire_reason(w, e.rss)
-        if why:
+        reason, why = self._retire_reason(w, e.rss)
+        if reason:
             log.info("worker %d (pid %d) retiring after %d requests: %s", w.wid, w.pid, w.served, why)
-            self.stats.recycles["max_requests" if why.startswith("max_requests") else "max_rss"] += 1
+            self.stats.recycles[reason] += 1
             self._stop_worker(w)
         else:
             self._worker_free(w)
 
-    def _retire_reason(self, w: Worker, rss: int) -> str:
+    def _retire_reason(self, w: Worker, rss: int) -> tuple[str, str]:
+        """Why ``w`` leaves after its reply: (the metrics' reason, the log's words), or ("", "")."""
         if w.limit and w.served >= w.limit:
-            return f"max_requests {w.limit}"
+            return "max_requests", f"max_requests {w.limit}"
         if self.cfg.max_rss and rss > self.cfg.max_rss:
-            return f"RSS {rss // 1024} KiB over max_rss {self.cfg.max_rss // 1024} KiB"
-        return ""
+            return "max_rss", f"RSS {rss // 1024} KiB over max_rss {self.cfg.max_rss // 1024} KiB"
+        return "", ""
 
     # ------------------------------------------------------------------ workers
     def _booted(self, wid: int, pid: int, said: str) -> Worker | None:

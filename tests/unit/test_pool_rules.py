@@ -279,6 +279,7 @@ def test_max_requests_retires_a_worker_after_its_own_limit(caplog):
     assert answered(cmds) == [("Q2", "reply")] and ev.CloseWorker(wid) in cmds  # after the answer
     assert cmds.index(ev.CloseWorker(wid)) > cmds.index(of(ev.Answer, cmds)[0])
     assert "retiring after 3 requests: max_requests 3" in caplog.text
+    assert dict(h.pool.stats.recycles) == {"max_requests": 1}  # the metrics' reason
     assert ev.Signal(pid, signal.SIGKILL) in h.tick(STOP_GRACE + 0.1)  # if it does not leave
 
 
@@ -298,6 +299,7 @@ def test_max_rss_retires_a_worker_whose_reply_reports_more(caplog):
     h.request("Q2")
     assert ev.CloseWorker(wid) in h.reply(wid, rss=51_000_000)
     assert "retiring after 2 requests: RSS 49804 KiB over max_rss 48828 KiB" in caplog.text
+    assert dict(h.pool.stats.recycles) == {"max_rss": 1}  # the metrics' reason
 
 
 def test_a_worker_whose_rss_at_boot_passes_max_rss_is_warned_about(caplog):
