@@ -156,7 +156,10 @@ class FileDestination(_Switchable):
     def _open(self) -> None:
         # The descriptor is ours to close (closefd=False): after a fork that closed it
         # (child.fork), the stream is forgotten, never closed: its number may be a socket by then.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        # O_NONBLOCK for the open only: a FIFO with no reader is ENXIO (stderr then), not a
+        # daemon that never starts; writes block as they always did.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o640)
+        os.set_blocking(fd, True)
         stream = open(fd, "a", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
         old, old_fd = self.stream, self.fd
         self.stream, self.fd = stream, fd
