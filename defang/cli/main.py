@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from defang.cli.parser import FILTER, OPTIONS, RUNTIME, SOCKET, build_parser
+from defang.cli.parser import CLIENTS, FILTER, OPTIONS, RUNTIME, SOCKET, build_parser
 from defang.core import config as configmod
 from defang.core import logsetup
 
@@ -32,7 +32,7 @@ def _config_reader(args: argparse.Namespace) -> Callable[[], configmod.Config]:
     return lambda: configmod.load(args.config, filter_path=getattr(args, FILTER, None),
                                   socket=getattr(args, SOCKET, None),
                                   runtime_dir=getattr(args, RUNTIME, None),
-                                  client=args.command == "quarantine")  # fmt: skip
+                                  client=args.command in CLIENTS)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,10 @@ OPTIONS = {
     "quarantine": (CONFIG, RUNTIME),
     "lists": (CONFIG, RUNTIME),
 }
+#: Commands that work on the files of a running defang (its quarantine, its state) rather
+#: than being one: with no runtime dir given, theirs is the one a defang runs in
+#: (``config.running_runtime_dir``), so that the defang user and its group reach root's.
+CLIENTS = frozenset({"quarantine", "lists"})
 HELP = {
     CONFIG: "config file (default: the etc/defang.toml that comes with defang)",
     FILTER: "filter.py to run (overrides [daemon] filter)",

@@ -431,7 +431,7 @@ def default_runtime_dir() -> Path:
 
 
 def running_runtime_dir() -> Path:
-    """The default runtime dir for a client (``defangctl``, ``defang quarantine``).
+    """The default runtime dir for a client (``defangctl``, ``defang quarantine``, ``lists``).
 
     Its own default when a defang of its user runs there (the directory is the user's),
     else ``/run/defang`` when the system's defang runs there (root, the ``defang`` user

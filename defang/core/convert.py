@@ -171,8 +171,14 @@ def as_redis_url(v: Any) -> str:
 def as_loopback(v: Any) -> str:
     """``"127.0.0.1:9187"``, ``"[::1]:9187"`` or "" (off): an address only this host reaches."""
     text = as_str(v)
-    if not text:
-        return ""
+    if text:
+        loopback_address(text)
+    return text
+
+
+def loopback_address(text: str) -> tuple[str, int]:
+    """``as_loopback``'s text as the (host, port) to bind (``[::1]:9187`` -> ``("::1", 9187)``);
+    TypeError, saying why, for anything else."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise TypeError("expected HOST:PORT (a loopback address and a port), or \"\" for off")
@@ -183,7 +189,7 @@ def as_loopback(v: Any) -> str:
     if not ip.is_loopback:
         raise TypeError(f"{host} is not a loopback address: the metrics are for this host only "
                         "(a scraper elsewhere reaches them through a proxy or a tunnel)")  # fmt: skip
-    return text
+    return str(ip), int(port)
 
 
 def as_facility(v: Any) -> str:

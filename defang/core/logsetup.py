@@ -156,7 +156,10 @@ class FileDestination(_Switchable):
     def _open(self) -> None:
         # The descriptor is ours to close (closefd=False): after a fork that closed it
         # (child.fork), the stream is forgotten, never closed: its number may be a socket by then.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        # O_NONBLOCK for the open only: a FIFO with no reader is ENXIO (stderr then), not a
+        # daemon that never starts; writes block as they always did.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o640)
+        os.set_blocking(fd, True)
         stream = open(fd, "a", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
         old, old_fd = self.stream, self.fd
         self.stream, self.fd = stream, fd
@@ -276,8 +279,9 @@ def after_fork() -> None:
 
 
 def set_level(level: str) -> None:
-    """A new ``[daemon] log_level`` (a reload's zygote), the destination kept as it is: it
-    was opened before root was given up, and the [log] options need a restart anyway."""
+    """A reload's ``[daemon] log_level``, in the zygote, the multiplexor and the milter alike;
+    the destination is kept as it is: it was opened before root was given up, and the
+    [log] options need a restart anyway."""
     logging.getLogger().setLevel(level.upper())
 
 

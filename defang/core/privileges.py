@@ -317,12 +317,14 @@ def refuse_change(peer: tuple[int, int, int] | None, admin_group: str) -> str | 
 def give_log_file(path: Path, user: str, group: str) -> None:
     """``[log] file``, made (or taken) for the daemons' user while still root: the
     daemons open it again as that user (each at its start, and after a rotation).  Never
-    through a link; a file that cannot be made is left to the log's fallback (stderr)."""
+    through a link, never waiting (a FIFO with no reader); a file that cannot be made is
+    left to the log's fallback (stderr)."""
     if os.geteuid() != 0:
         return
     ident = lookup(user, group, ())
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open(path, flags, 0o640)
     except OSError as exc:
         log.warning("[log] file %s: %s: logging to standard error", path, exc.strerror or exc)
         return

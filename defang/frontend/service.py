@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from defang.core import hooks, wire
+from defang.core import hooks, logsetup, wire
 from defang.core.config import Config, ConfigError
 from defang.core.reconfig import reconfigure
 from defang.frontend.mxclient import MultiplexorClient, MultiplexorError
@@ -109,7 +109,7 @@ class FrontEnd:
         r = reconfigure(self.cfg, fresh)
         self.cfg = r.cfg  # one assignment: each callback reads fe.cfg once per use
         self.client.set_timeout(r.cfg.effective_request_timeout())
-        logging.getLogger().setLevel(r.cfg.log_level.upper())
+        logsetup.set_level(r.cfg.log_level)
         log.info("milter: generation %d: config re-read, %d option(s) changed", gen, len(r.changed))
 
     def decide(self, request: wire.DecisionRequest, what: str) -> wire.Reply:

@@ -39,9 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from defang.core import child, wire
+from defang.core import child, logsetup, wire
 from defang.core.config import Config
 from defang.core.configcheck import timeout_warnings
+from defang.core.convert import loopback_address
 from defang.core.framing import frame
 from defang.core.privileges import give_socket, peer_credentials
 from defang.core.proctitle import set_title
@@ -136,7 +137,7 @@ class Multiplexor(ControlCommands):
         from defang.multiplexor.metrics import MetricsServer
 
         try:
-            self.metrics = MetricsServer(self.pool, self.sel, self.cfg.metrics_listen)
+            self.metrics = MetricsServer(self.pool, self.sel, loopback_address(self.cfg.metrics_listen))
         except OSError as exc:
             log.error("metrics: cannot listen on %s: %s; serving mail without metrics",
                       self.cfg.metrics_listen, exc.strerror or exc)  # fmt: skip
@@ -453,7 +454,7 @@ class Multiplexor(ControlCommands):
         self._send_client(c.waiter, wire.encode(c.result))
 
     def _do_config_applied(self, c: ev.ConfigApplied) -> None:
-        logging.getLogger().setLevel(c.cfg.log_level.upper())
+        logsetup.set_level(c.cfg.log_level)
 
     def _do_close_listeners(self, c: ev.CloseListeners) -> None:
         for lsock in self.listeners:

@@ -123,19 +123,18 @@ class _Scraper:
 
 
 class MetricsServer:
-    """The HTTP endpoint on ``listen`` (``host:port``, loopback), in the loop's selector."""
+    """The HTTP endpoint on ``address`` (host, port: ``convert.loopback_address`` of
+    ``[metrics] listen``), in the loop's selector."""
 
-    def __init__(self, pool: Any, sel: selectors.BaseSelector, listen: str) -> None:
+    def __init__(self, pool: Any, sel: selectors.BaseSelector, address: tuple[str, int]) -> None:
         self.sel = sel
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(Collector(pool))  # type: ignore[arg-type]
-        host, _, port = listen.rpartition(":")
-        host = host.strip("[]")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.lsock = socket.socket(family, socket.SOCK_STREAM)
         try:
             self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.lsock.bind((host, int(port)))
+            self.lsock.bind(address)
             self.lsock.listen(64)
         except OSError:
             self.lsock.close()

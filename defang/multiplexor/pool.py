@@ -193,20 +193,21 @@ class Pool(GenerationRules, TickRules):
                           actions=e.actions, qid=job.queue_id)  # fmt: skip
         if job.client is not None:
             self._out.append(ev.Answer(job, body=e.body))
-        why = self._retire_reason(w, e.rss)
-        if why:
+        reason, why = self._retire_reason(w, e.rss)
+        if reason:
             log.info("worker %d (pid %d) retiring after %d requests: %s", w.wid, w.pid, w.served, why)
-            self.stats.recycles["max_requests" if why.startswith("max_requests") else "max_rss"] += 1
+            self.stats.recycles[reason] += 1
             self._stop_worker(w)
         else:
             self._worker_free(w)
 
-    def _retire_reason(self, w: Worker, rss: int) -> str:
+    def _retire_reason(self, w: Worker, rss: int) -> tuple[str, str]:
+        """Why ``w`` leaves after its reply: (the metrics' reason, the log's words), or ("", "")."""
         if w.limit and w.served >= w.limit:
-            return f"max_requests {w.limit}"
+            return "max_requests", f"max_requests {w.limit}"
         if self.cfg.max_rss and rss > self.cfg.max_rss:
-            return f"RSS {rss // 1024} KiB over max_rss {self.cfg.max_rss // 1024} KiB"
-        return ""
+            return "max_rss", f"RSS {rss // 1024} KiB over max_rss {self.cfg.max_rss // 1024} KiB"
+        return "", ""
 
     # ------------------------------------------------------------------ workers
     def _booted(self, wid: int, pid: int, said: str) -> Worker | None:
@@ -282,13 +283,14 @@ class Pool(GenerationRules, TickRules):
     def _worker_exited(self, e: ev.WorkerExited) -> None:
         wid, gen = self.children.pop(e.pid, (0, 0))
         self.dying.pop(e.pid, None)
+        who = f"worker {wid} (pid {e.pid})"
         if os.WIFSIGNALED(e.status):
             how = f"killed by signal {signal.Signals(os.WTERMSIG(e.status)).name}"
-            self.stats.count("worker_killed")
+            self.stats.count("worker_killed", who)
         else:
             code = os.WEXITSTATUS(e.status)
             how = f"exited {code} ({exits.MEANING.get(code, 'unexpected exit code')})"
-            self.stats.count("worker_retired" if code == 0 else "worker_crashed")
+            self.stats.count("worker_retired" if code == 0 else "worker_crashed", who, error=code != 0)
         log.log(logging.INFO if how.startswith("exited 0") else logging.WARNING,
                 "worker %d (pid %d) %s", wid, e.pid, how)  # fmt: skip
         if gen:

@@ -8,6 +8,7 @@ sits in the hot path without showing up in a profile.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import Counter, deque
 from typing import Any
 
@@ -30,11 +31,7 @@ class Histogram:
 
     def add(self, seconds: float) -> None:
         self.sum += seconds
-        for i, bound in enumerate(BUCKETS):
-            if seconds <= bound:
-                self.counts[i] += 1
-                return
-        self.counts[-1] += 1
+        self.counts[bisect_left(BUCKETS, seconds)] += 1  # the first bound >= seconds, else the last
 
 
 class Stats:
@@ -45,7 +42,7 @@ class Stats:
         self.would: Counter[str] = Counter()  # monitor mode's refusals, by kind: reject, drop, ...
         self.tags: Counter[str] = Counter()  # what the filter named as having fired
         self.latencies: deque[float] = deque(maxlen=RING)
-        self.histogram = [0] * (len(BUCKETS) + 1)
+        self.histogram = Histogram()  # eom latencies, for defangctl histo
         self._seconds: deque[list[int]] = deque()  # [epoch second, messages]
         # for the metrics (defang.multiplexor.metrics): per stage (op) the decision's time in
         # the multiplexor, its wait in the queue, the worker's time in the filter
@@ -87,12 +84,7 @@ class Stats:
         # at end of message "continue" means the message is accepted
         self.verdicts["accept" if verdict == "continue" else verdict] += 1
         self.latencies.append(latency)
-        for i, bound in enumerate(BUCKETS):
-            if latency <= bound:
-                self.histogram[i] += 1
-                break
-        else:
-            self.histogram[-1] += 1
+        self.histogram.add(latency)
         now = int(time.time())
         secs = self._seconds
         if secs and secs[-1][0] == now:
@@ -102,9 +94,11 @@ class Stats:
             while secs and secs[0][0] <= now - HORIZON:
                 secs.popleft()
 
-    def count(self, event: str, what: str = "") -> None:
+    def count(self, event: str, what: str = "", *, error: bool = True) -> None:
+        """One more ``event``; an ``error`` (all but a worker's normal exit) also goes to the
+        last errors ``defangctl top`` shows, after ``what`` it was about."""
         self.events[event] += 1
-        if event not in ("worker_retired",):
+        if error:
             self.errors.append(f"{time.strftime('%H:%M:%S')} {what + ': ' if what else ''}{event}")
 
     def rates(self) -> dict[str, float]:
@@ -137,6 +131,6 @@ class Stats:
             "latency_ms": self.percentiles(),
             "histogram": {
                 "bounds_ms": [b * 1000 for b in BUCKETS],
-                "counts": list(self.histogram),
+                "counts": list(self.histogram.counts),
             },
         }

@@ -15,11 +15,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from defang.testbed.ports import free_port
-from defang.testbed.procs import stop_process
+from defang.testbed.procs import stop_process, wait_ready
 
 
 def txt(value: str) -> str:
@@ -79,18 +78,14 @@ class Nsd:
         with open(d / "nsd.out", "ab") as out:
             self.proc = subprocess.Popen(["nsd", "-d", "-c", str(d / "nsd.conf")], stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        deadline = time.monotonic() + timeout
         origin = next(iter(self.zones))
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                said = "".join(p.read_text() for p in (d / "nsd.out", d / "nsd.log") if p.exists())
-                self.stop()
-                raise RuntimeError(f"nsd exited {self.proc.returncode}: {said[-2000:]}")
-            if self._answers(origin):
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"nsd not answering within {timeout}s")
+        try:
+            wait_ready(self.proc, lambda: self._answers(origin), timeout, "nsd",
+                       lambda: "".join(p.read_text() for p in (d / "nsd.out", d / "nsd.log") if p.exists()))
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def _answers(self, origin: str) -> bool:
         """A SOA query for ``origin`` gets an authoritative answer."""

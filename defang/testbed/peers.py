@@ -29,11 +29,10 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 from defang.testbed.ports import free_port
-from defang.testbed.procs import stop_process
+from defang.testbed.procs import stop_process, wait_ready
 
 #: Clients the peers must treat as the outside world: neither may skip or sign what
 #: comes from 127.0.0.1 (both do by default), so their "internal"/"ignored" list names
@@ -100,18 +99,17 @@ class _Milter:
         with open(self.dir / "out.log", "ab") as out:
             self.proc = subprocess.Popen(self.command(conf), stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                said = (self.dir / "out.log").read_text(errors="replace")
-                raise RuntimeError(f"{self.name} exited {self.proc.returncode}: {said[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.name} not listening on 127.0.0.1:{self.port} within {timeout}s")
+        try:
+            wait_ready(self.proc, self._listening, timeout, f"{self.name} on 127.0.0.1:{self.port}",
+                       self.output)  # fmt: skip
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    def _listening(self) -> bool:
+        socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+        return True
 
     def output(self) -> str:
         """What the daemon printed (with ``-f`` and no syslog, its complaints)."""

@@ -1,11 +1,13 @@
-"""Reading /proc for the test bed, the tests and the benchmarks: who is whose child, CPU."""
+"""Reading /proc for the test bed, the tests and the benchmarks: who is whose child, CPU;
+starting and stopping the servers the test bed runs."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 
@@ -56,3 +58,23 @@ def stop_process(proc: subprocess.Popen | None, timeout: float) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def wait_ready(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float, what: str,
+               output: Callable[[], str] = str) -> None:  # fmt: skip
+    """Return once ``ready()`` (an OSError from it: not yet), polled every 50 ms.
+
+    RuntimeError, with the end of ``output()`` (what the server said), when ``proc`` exits
+    first or ``timeout`` passes; the caller stops it (``stop_process``) and cleans up.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited {proc.returncode}: {output()[-2000:]}")
+        try:
+            if ready():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} not ready within {timeout}s: {output()[-2000:]}")

@@ -12,11 +12,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from defang.testbed.ports import free_port
-from defang.testbed.procs import stop_process
+from defang.testbed.procs import stop_process, wait_ready
 
 
 def redis_available() -> str | None:
@@ -48,16 +47,13 @@ class RedisServer:
                 "--logfile", str(self.log), "--databases", "4"]  # fmt: skip
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                said = self.log.read_text()[-2000:] if self.log.exists() else ""
-                raise RuntimeError(f"redis-server exited {self.proc.returncode}: {said}")
-            if self.ping():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis-server not ready within {timeout}s")
+        try:
+            wait_ready(self.proc, self.ping, timeout, "redis-server",
+                       lambda: self.log.read_text() if self.log.exists() else "")  # fmt: skip
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def ping(self) -> bool:
         """Whether the server answers PING now."""

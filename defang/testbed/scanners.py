@@ -23,11 +23,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from defang.testbed.ports import free_port
-from defang.testbed.procs import stop_process
+from defang.testbed.procs import stop_process, wait_ready
 
 EICAR = (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!" + b"$H+H*")
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -93,21 +92,13 @@ class _Daemon:
             return self.PING[1] in s.recv(200)
 
     def _wait_ready(self, probe, timeout: float) -> None:  # noqa: ANN001
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                said = self.log.read_text()[-2000:] if self.log.exists() else ""
-                self.stop()
-                raise RuntimeError(f"{type(self).__name__} exited {self.proc.returncode}: {said}")
-            try:
-                if probe():
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        said = self.log.read_text()[-2000:] if self.log.exists() else ""
-        self.stop()
-        raise RuntimeError(f"{type(self).__name__} not ready within {timeout}s: {said}")
+        assert self.proc is not None
+        try:
+            wait_ready(self.proc, probe, timeout, type(self).__name__,
+                       lambda: self.log.read_text() if self.log.exists() else "")  # fmt: skip
+        except RuntimeError:
+            self.stop()
+            raise
 
 
 class Spamd(_Daemon):

@@ -139,3 +139,21 @@ def test_a_reload_warns_when_the_scanner_timeouts_do_not_fit(stack):
                        "on_internal_error before the filter can handle it; raise busy_timeout or lower those "
                        "timeouts"]  # fmt: skip
     assert "reload: config: [multiplexor] busy_timeout 60 is not above" in d.log()
+
+
+def test_a_changed_log_level_is_taken_by_the_milter_with_the_generation(stack):
+    """The milter takes a reload's log level when it meets the new generation, before it
+    writes that message's line: at "warning" the per-message INFO line is gone, back at
+    "debug" (the tests' level) it is there again."""
+    d, _ = stack
+    send(d.milter_path, qid="QINFO1")
+    assert "QINFO1: conn" in d.log()
+    d.rewrite_config({"daemon": {"log_level": "warning"}})
+    r = d.ctl("reload")
+    assert r.returncode == 0 and "changed: [daemon] log_level: debug -> warning" in r.stdout.splitlines()
+    assert gen_header(send(d.milter_path, qid="QWARN")) == ["one"]
+    d.rewrite_config({"daemon": {"log_level": "debug"}})
+    assert d.ctl("reload").returncode == 0
+    assert gen_header(send(d.milter_path, qid="QINFO2")) == ["one"]
+    log = d.log()
+    assert "QWARN: conn" not in log and "QINFO2: conn" in log

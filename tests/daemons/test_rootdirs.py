@@ -262,6 +262,28 @@ def test_a_state_file_root_made_with_defang_test_is_given_to_the_daemons():
         subprocess.run(["rm", "-rf", str(eml.parent)], check=False)
 
 
+def test_defang_lists_as_the_defang_user_edits_the_state_of_roots_defang():
+    """With root's defang serving from /run/defang, `defang lists` with no flags, as the
+    defang user, edits the state those daemons read (/var/lib/defang), as root does; not
+    a file of its own under /tmp that no daemon reads."""
+    as_defang = ["setpriv", "--reuid=defang", "--regid=defang", "--init-groups"]
+    lists = [sys.executable, "-m", "defang", "lists"]
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=120, cwd="/")
+
+    with system_runtime_dir(), Defang(FILTERS / "end_only.py", default_paths=True) as d:
+        d.wait_log("multiplexor ready")
+        try:
+            r = run(*as_defang, *lists, "add", "block", "lists-test.example")
+            assert r.returncode == 0, r.stderr
+            assert r.stdout == "block (global): 1 added, 0 already there\n"
+            r = run(*lists, "show", "block")  # root: the daemons' own state
+            assert r.returncode == 0 and "block global lists-test.example" in r.stdout.splitlines(), r
+        finally:
+            run(*lists, "remove", "block", "lists-test.example")
+
+
 # --- the milter socket that cannot be made -----------------------------------------------
 
 

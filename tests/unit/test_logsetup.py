@@ -124,3 +124,25 @@ def test_a_forked_daemon_reopens_the_file_and_never_writes_into_a_socket(tmp_pat
     logging.getLogger("defang.parent").info("from the parent")
     text = path.read_text()
     assert "defang.child" in text and "from the child" in text and "from the parent" in text
+
+
+def test_a_fifo_with_no_reader_is_stderr_not_a_process_that_never_starts(tmp_path: Path):
+    """A [log] file that is a FIFO nobody reads: the open would wait for a reader forever
+    (root's at start-up in give_log_file, each daemon's in setup).  Both give up at once:
+    the line goes to stderr with one line saying why.  Run in a child, so that a
+    regression is a failed test, not a hung suite."""
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    code = ("import logging, os, pwd, grp\n"
+            "from defang.core import logsetup, privileges\n"
+            "if os.geteuid() == 0:\n"
+            "    privileges.give_log_file(PATH, pwd.getpwuid(0).pw_name, grp.getgrgid(0).gr_name)\n"
+            "logsetup.setup('info', 'text', 'file', path=str(PATH))\n"
+            "logging.getLogger('defang.test').info('still logged')\n").replace("PATH", repr(str(fifo)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"log: log file {fifo} failed" in r.stderr and r.stderr.count("failed") == 1, r.stderr
+    assert "INFO: still logged" in r.stderr

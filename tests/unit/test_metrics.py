@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from defang.core.config import Config
-from defang.core.convert import as_loopback
+from defang.core.convert import as_loopback, loopback_address
 from defang.multiplexor.metrics import MetricsServer
 from defang.multiplexor.pool import Pool
 
@@ -26,6 +26,18 @@ def test_loopback_addresses_pass():
     assert as_loopback("") == ""
 
 
+def test_the_checked_address_is_the_one_the_server_binds():
+    """One parser: what the config accepts is what the multiplexor binds."""
+    assert loopback_address("127.0.0.1:9187") == ("127.0.0.1", 9187)
+    assert loopback_address("[::1]:9187") == ("::1", 9187)
+    sel = selectors.DefaultSelector()
+    server = MetricsServer(Pool(Config()), sel, ("::1", 0))  # port 0: any free one
+    try:
+        assert server.lsock.getsockname()[0] == "::1"
+    finally:
+        server.close()
+
+
 def test_the_page_counts_what_the_stats_recorded():
     pool = Pool(Config())
     stats = pool.stats
@@ -34,7 +46,7 @@ def test_the_page_counts_what_the_stats_recorded():
     stats.record("eom", "reject", 0.5, "filter error in filter_end: boom", tags=["a", "b"])
     stats.record("rcpt", "continue", 0.001, None)
     sel = selectors.DefaultSelector()
-    server = MetricsServer(pool, sel, "127.0.0.1:0")
+    server = MetricsServer(pool, sel, ("127.0.0.1", 0))
     try:
         got = {}
         for family in text_string_to_metric_families(server.render().decode()):
@@ -54,6 +66,21 @@ def test_the_page_counts_what_the_stats_recorded():
     assert got[("defang_decision_seconds_bucket", (("le", "0.02"), ("stage", "eom")))] == 1
     assert got[("defang_decision_seconds_sum", eom)] == pytest.approx(0.512)
     assert got[("defang_queue_wait_seconds_count", (("stage", "rcpt"),))] == 1
+
+
+def test_a_latency_on_a_bound_counts_in_that_bound_for_status_and_metrics_alike():
+    """One histogram type for ``defangctl histo`` and the metrics: a bound is "at most"."""
+    from defang.multiplexor.stats import BUCKETS, Stats
+
+    stats = Stats()
+    for seconds in (0.0, 0.001, 0.0011, 0.02, 30.0, 31.0):
+        stats.record("eom", "continue", seconds, None)
+    counts = stats.snapshot()["histogram"]["counts"]
+    assert len(counts) == len(BUCKETS) + 1
+    assert counts[0] == 2 and counts[1] == 1  # 0 and 0.001 at most 1 ms; 0.0011 in (1 ms, 2 ms]
+    assert counts[BUCKETS.index(0.02)] == 1 and counts[BUCKETS.index(30.0)] == 1 and counts[-1] == 1
+    assert stats.filtering["eom"].counts == [6] + [0] * len(BUCKETS)  # elapsed 0 each time
+    assert stats.decision["eom"].counts == counts  # nothing waited: the same times
 
 
 def test_top_rates_come_from_two_replies_a_refresh_apart():
@@ -87,7 +114,7 @@ def test_the_grafana_dashboard_asks_only_for_metrics_defang_serves():
     pool.stats.recycles["idle_timeout"] += 1
     pool.stats.reloads["ok"] += 1
     pool.stats.count("busy")
-    server = MetricsServer(pool, selectors.DefaultSelector(), "127.0.0.1:0")
+    server = MetricsServer(pool, selectors.DefaultSelector(), ("127.0.0.1", 0))
     try:
         served = {s.name for f in text_string_to_metric_families(server.render().decode()) for s in f.samples}
     finally:

@@ -247,11 +247,15 @@ def test_a_worker_not_ready_within_boot_timeout_is_killed_and_counts_as_a_failur
 
 def test_exits_are_counted_by_how_the_worker_ended():
     h = Harness(min_workers=3)
-    a, b, c = (h.pid(w) for w in h.boot(h.tick()))
+    wids = h.boot(h.tick())
+    a, b, c = (h.pid(w) for w in wids)
     h.send(ev.WorkerExited(a, 0))  # exit 0: retired
     h.send(ev.WorkerExited(b, 4 << 8))  # exit 4: crashed
     h.send(ev.WorkerExited(c, signal.SIGKILL))  # killed
     assert dict(h.pool.stats.events) == {"worker_retired": 1, "worker_crashed": 1, "worker_killed": 1}
+    # defangctl top's last errors: the crash and the kill, each naming its worker; no retirement
+    assert [e.split(" ", 1)[1] for e in h.pool.stats.errors] == [
+        f"worker {wids[1]} (pid {b}): worker_crashed", f"worker {wids[2]} (pid {c}): worker_killed"]
 
 
 def test_a_lost_zygote_is_replaced_with_a_back_off():
@@ -275,6 +279,7 @@ def test_max_requests_retires_a_worker_after_its_own_limit(caplog):
     assert answered(cmds) == [("Q2", "reply")] and ev.CloseWorker(wid) in cmds  # after the answer
     assert cmds.index(ev.CloseWorker(wid)) > cmds.index(of(ev.Answer, cmds)[0])
     assert "retiring after 3 requests: max_requests 3" in caplog.text
+    assert dict(h.pool.stats.recycles) == {"max_requests": 1}  # the metrics' reason
     assert ev.Signal(pid, signal.SIGKILL) in h.tick(STOP_GRACE + 0.1)  # if it does not leave
 
 
@@ -294,6 +299,7 @@ def test_max_rss_retires_a_worker_whose_reply_reports_more(caplog):
     h.request("Q2")
     assert ev.CloseWorker(wid) in h.reply(wid, rss=51_000_000)
     assert "retiring after 2 requests: RSS 49804 KiB over max_rss 48828 KiB" in caplog.text
+    assert dict(h.pool.stats.recycles) == {"max_rss": 1}  # the metrics' reason
 
 
 def test_a_worker_whose_rss_at_boot_passes_max_rss_is_warned_about(caplog):
