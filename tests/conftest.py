@@ -42,12 +42,14 @@ def ns(keydir):
 @pytest.fixture(scope="session")
 def dns_config(ns, keydir, tmp_path_factory):
     """A defang.toml whose [dns] is the test server (never the system's resolver), with
-    relay.test's DKIM and ARC keys: for every test that runs a filter using defang.auth."""
+    relay.test's DKIM and ARC keys: for every test that runs a filter using defang.auth;
+    its [state] is a file of its own (a root test never writes /var/lib/defang's)."""
     from authzones import key
 
     relay = key("relay", keydir)[0]
     path = tmp_path_factory.mktemp("dnscfg") / "defang.toml"
     path.write_text(f'[dns]\nservers = ["{ns.server}"]\ntimeout = 1\nlifetime = 2\n'
+                    f'[state]\npath = "{path.parent / "state.sqlite3"}"\n'  # never the system's state
                     '[auth]\nauthserv_id = "mx.relay.test"\n'
                     f'[dkim]\nkeys = [{{domain = "relay.test", selector = "s2026", key = "{relay}"}}]\n'
                     f'[arc]\nkey = {{domain = "relay.test", selector = "arc", key = "{relay}"}}\n'

@@ -37,10 +37,15 @@ def replay(*args: str) -> tuple[int, dict]:
 EXAMPLES = ["filters/filter.py", *(str(p.relative_to(REPO)) for p in sorted(
     [*(REPO / "filters" / "examples").glob("*.py"), *(REPO / "filters" / "examples").glob("*/filter.py"),
      *(REPO / "filters" / "examples").glob("mimedefang/*.py")]))]
+#: Examples whose answer to a message depends, by design, on the messages before it and on
+#: the clock: greylisting's first attempt and its "try again in N seconds (after HH:MM:SS)".
+#: A replay of the corpus and a `defang test` of each message cannot answer alike; what they
+#: do is tested in test_examples.py (each attempt, against its own state).
+ORDER_DEPENDENT = {"filters/examples/greylisting.py"}
 
 
 @needs_corpus
-@pytest.mark.parametrize("filter_path", EXAMPLES)  # the default filter and every example
+@pytest.mark.parametrize("filter_path", sorted(set(EXAMPLES) - ORDER_DEPENDENT))  # the default, every example
 def test_replay_gives_each_corpus_message_what_defang_test_gives_it(filter_path, capsys, dns_config):
     # dns_config: the examples that use defang.auth ask the test DNS server, never the system's
     rc, out = replay(str(CORPUS), "--filter", filter_path, "--jobs", "2", "--config", str(dns_config))
