@@ -164,9 +164,12 @@ def draw(panels: list[Panel], title: str, subtitle: str, out: Path) -> None:
             ax.set_yticks([])
         else:
             ax.set_ylim(bottom=0)
-            ax.xaxis.set_major_locator(mdates.AutoDateLocator(maxticks=7, tz=UTC))
+            ax.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=3, tz=UTC))
             ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=UTC))
-            ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.16), ncol=min(drawn, 6), fontsize=8.5,
+            # as many columns as the panel's width holds (at 80 dpi, about 6 px a character)
+            longest = max(len(line.get_label()) for line in ax.get_lines())
+            ncol = max(1, min(drawn, int((width * 16 * 80 - 60) / (6 * longest + 40))))
+            ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.16), ncol=ncol, fontsize=8.5,
                       frameon=False, labelcolor=TEXT, handlelength=1.2, columnspacing=1.2)  # fmt: skip
         ax.set_ylabel(label, color=TEXT, fontsize=8.5)
         ax.tick_params(colors=TEXT, labelsize=8.5)
