@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from defang.core.verdicts import ACTIONS
 from defang.multiplexor.stats import BUCKETS, Histogram
 
 log = logging.getLogger("defang.multiplexor")
@@ -36,6 +37,12 @@ log = logging.getLogger("defang.multiplexor")
 MAX_REQUEST = 8192  # bytes of request line and headers
 MAX_CLIENTS = 16
 STATES = ("booting", "idle", "busy", "stopping")
+
+
+# the closed label sets (Stats counts them by these names): on the page from the start
+VERDICTS = tuple(sorted(ACTIONS - {"continue"}))  # "continue" at end of message is counted as accept
+RECYCLE_REASONS = ("max_requests", "max_rss", "idle_timeout", "busy_timeout", "lost", "reload", "stop")
+RELOAD_OUTCOMES = ("ok", "failed")
 
 
 class Collector:
@@ -50,7 +57,7 @@ class Collector:
     def collect(self) -> Iterator[Metric]:
         pool, stats = self.pool, self.pool.stats
         yield _counter("defang_messages", "Messages decided at end of message, by verdict.", "verdict",
-                       stats.verdicts)  # fmt: skip
+                       stats.verdicts, VERDICTS)  # fmt: skip
         yield _counter("defang_tags", "Messages by what the filter named as having fired (msg.tag).", "tag",
                        stats.tags)  # fmt: skip
         yield _counter("defang_actions", "Actions the filter asked for, by name.", "action", stats.actions)
@@ -70,8 +77,9 @@ class Collector:
         for (name, outcome), n in stats.checks.items():
             checks.add_metric([name, outcome], n)
         yield checks
-        yield _counter("defang_worker_recycles", "Workers let go, by reason.", "reason", stats.recycles)
-        yield _counter("defang_reloads", "Reloads, by outcome.", "outcome", stats.reloads)
+        yield _counter("defang_worker_recycles", "Workers let go, by reason.", "reason", stats.recycles,
+                       RECYCLE_REASONS)  # fmt: skip
+        yield _counter("defang_reloads", "Reloads, by outcome.", "outcome", stats.reloads, RELOAD_OUTCOMES)
         for name, text, table in (
             ("defang_decision_seconds", "From a request's arrival at the multiplexor to the reply, by "
              "stage (eom: the message's time in the daemons after the MTA sent it).", stats.decision),
@@ -99,9 +107,15 @@ class Collector:
             yield GaugeMetricFamily(name, text, value=value)
 
 
-def _counter(name: str, text: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
+def _counter(name: str, text: str, label: str, counts: dict[str, int],
+             known: tuple[str, ...] = ()) -> CounterMetricFamily:  # fmt: skip
+    """A labelled counter; the ``known`` values are on the page at 0 before they are counted.
+
+    A series that first appears at 1 loses that 1 to rate() and increase(), which need two
+    samples: the first reload or recycle of a run would never show on a graph.
+    """
     family = CounterMetricFamily(name, text, labels=[label])
-    for key, n in counts.items():
+    for key, n in {**dict.fromkeys(known, 0), **counts}.items():
         family.add_metric([key], n)
     return family
 

@@ -125,3 +125,24 @@ def test_the_grafana_dashboard_asks_only_for_metrics_defang_serves():
     assert asked and asked <= served, asked - served
     titles = [p["title"] for p in dashboard["panels"]]
     assert "Messages per second by verdict" in titles and "Workers by state" in titles
+
+
+def test_a_fresh_page_shows_the_closed_label_sets_at_zero():
+    """A series born at 1 loses that 1 to rate() and increase(): scripts/dashboard's first
+    run drew its reload as 0.  Verdicts, recycle reasons and reload outcomes start at 0."""
+    pool = Pool(Config())
+    pool.stats.reloads["ok"] += 1
+    sel = selectors.DefaultSelector()
+    server = MetricsServer(pool, sel, "127.0.0.1:0")
+    try:
+        got = {(s.name, tuple(s.labels.values())): s.value
+               for family in text_string_to_metric_families(server.render().decode())
+               for s in family.samples}  # fmt: skip
+    finally:
+        server.close()
+    for verdict in ("accept", "reject", "tempfail", "discard"):
+        assert got[("defang_messages_total", (verdict,))] == 0
+    for reason in ("max_requests", "max_rss", "idle_timeout", "busy_timeout", "lost", "reload", "stop"):
+        assert got[("defang_worker_recycles_total", (reason,))] == 0
+    assert got[("defang_reloads_total", ("failed",))] == 0
+    assert got[("defang_reloads_total", ("ok",))] == 1
