@@ -59,7 +59,17 @@ def test_one_line_per_message_with_every_field_and_postfixs_queue_id():
         lines = wait_for("five per-message lines", lambda: len(ms := message_lines(stack.defang.log())) == 5
                          and ms)  # fmt: skip
         by_subject = {}
-        maillog = stack.postfix.log_text()
+        # Postfix's log is written by postlogd after the reply: wait for each message's lines
+        refused = ("reject", "tempfail")
+        need = [f"{v['qid']}: " for v in lines]
+        need += [f"{v['qid']}: milter-reject: END-OF-MESSAGE" for v in lines if v["verdict"] in refused]
+        need += [f"{v['qid']}: milter-discard: END-OF-MESSAGE" for v in lines if v["verdict"] == "discard"]
+
+        def maillog_with_all() -> str | None:
+            text = stack.postfix.log_text()
+            return text if all(n in text for n in need) else None
+
+        maillog = wait_for("Postfix's log lines of the five messages", maillog_with_all, timeout=60)
         for line in lines:
             assert FIELDS <= set(line), line
             assert line["level"] == "info" and line["from"] == "<alice@example.org>" and line["rcpts"] == 1
