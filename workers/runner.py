@@ -77,7 +77,7 @@ class FilterRunner:
         self.max_notes_bytes = max_notes_bytes
         cfg = config
         if cfg is not None:
-            self.limits = MimeLimits.from_config(cfg)
+            self.limits = cfg.section(MimeLimits)
             self.on_limit = cfg.mime_on_limit.verdict
             self.budget = CpuBudget(cfg.max_cpu_seconds)
             self.on_cpu_limit = cfg.on_cpu_limit.verdict
