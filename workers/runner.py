@@ -36,8 +36,8 @@ from collections.abc import Callable
 from typing import Any
 
 from defang.core import hooks, wire
-from defang.core.config import default_runtime_dir
-from defang.core.verdicts import CONTINUE, Verdict, reject, tempfail
+from defang.core.config import FilterSection, default_runtime_dir
+from defang.core.verdicts import CONTINUE, Verdict, tempfail
 from defang.workers.api import services, split
 from defang.workers.api.conn import DEFAULT_MAX_NOTES_BYTES, Connection, NotesError, encode_notes
 from defang.workers.api.decision import Decision, FilterError
@@ -54,9 +54,10 @@ log = logging.getLogger("defang.worker")
 
 BAD_REQUEST = tempfail("Temporary local problem, please try again later", "451", "4.3.0")
 LOCAL_PROBLEM = tempfail("Temporary local problem, please try again later", "451", "4.3.0")
-DEFAULT_ON_LIMIT = reject("Message structure exceeds local limits", "554", "5.6.0")
-DEFAULT_MAX_CPU_SECONDS = 10.0
-DEFAULT_ON_CPU_LIMIT = reject("Message too costly to check (local limit)", "554", "5.6.0")
+# a runner given no config (a test, a script) uses the declared defaults
+DEFAULT_ON_LIMIT = MimeLimits().on_limit.verdict
+DEFAULT_MAX_CPU_SECONDS = FilterSection().max_cpu_seconds
+DEFAULT_ON_CPU_LIMIT = FilterSection().on_cpu_limit.verdict
 
 
 class FilterRunner:
@@ -77,7 +78,7 @@ class FilterRunner:
         self.max_notes_bytes = max_notes_bytes
         cfg = config
         if cfg is not None:
-            self.limits = MimeLimits.from_config(cfg)
+            self.limits = cfg.section(MimeLimits)
             self.on_limit = cfg.mime_on_limit.verdict
             self.budget = CpuBudget(cfg.max_cpu_seconds)
             self.on_cpu_limit = cfg.on_cpu_limit.verdict

@@ -73,7 +73,7 @@ def run(cfg: Any, args: argparse.Namespace) -> int:
 def _open(cfg: Any) -> Any:
     from defang.workers.stores.state import StateSettings, open_store
 
-    settings = StateSettings.from_config(cfg)
+    settings = cfg.section(StateSettings)
     if settings.backend == "sqlite":  # the daemons' file: made and written as their user
         folder = settings.path.parent
         mode = privileges.RUNTIME_DIR_MODE if folder == cfg.runtime_dir else privileges.PRIVATE_DIR_MODE

@@ -1,9 +1,12 @@
 """Configuration: one TOML file (``etc/defang.toml``), command-line overrides on top.
 
-Every option has a default here and a documented line in ``etc/defang.toml``; an
-unknown key is an error (a typo must not silently leave a default in force).
-Relative paths are taken relative to the directory of the config file, so the
-default ``etc/defang.toml`` finds ``filters/filter.py`` wherever it is run from.
+Every option is declared once, in its section's frozen dataclass here (default, and the
+converter of its TOML value in the field's metadata); ``Config`` and ``KEYS`` are made from
+those, an engine takes its section as-is (``cfg.section(MimeSection)``), and each option has
+a documented line in ``etc/defang.toml``.  An unknown key is an error (a typo must not
+silently leave a default in force).  Relative paths are taken relative to the directory
+of the config file, so the default ``etc/defang.toml`` finds ``filters/filter.py``
+wherever it is run from.
 
 Where the defaults are (``DEFAULTS``): an installed defang carries ``etc/`` and
 ``filters/`` as package data, ``<site-packages>/defang/etc`` and ``defang/filters``; a
@@ -46,6 +49,7 @@ from defang.core.convert import (
     as_server,
     as_str,
 )
+from defang.core.options import SECTIONS, flat_view, opt, options, section_of
 from defang.core.verdicts import Verdict, for_reply
 
 _PACKAGE = Path(__file__).resolve().parent.parent  # .../defang
@@ -61,6 +65,7 @@ def _defaults_dir() -> Path:
 DEFAULTS = _defaults_dir()
 DEFAULT_CONFIG = DEFAULTS / "etc" / "defang.toml"
 DEFAULT_FILTER = DEFAULTS / "filters" / "filter.py"
+MiB = 1024 * 1024
 
 
 class ConfigError(Exception):
@@ -78,166 +83,6 @@ class ReplySpec:
     @property
     def verdict(self) -> Verdict:
         return for_reply(self.code, self.dsn, self.text)
-
-
-@dataclass(frozen=True)
-class Config:
-    # [daemon]
-    runtime_dir: Path = Path()
-    filter: Path = DEFAULT_FILTER
-    log_level: str = "info"
-    daemon_user: str = "defang"
-    daemon_group: str = "defang"
-    # [log], [metrics] (defang.core.logsetup, defang.multiplexor.metrics)
-    log_format: str = "text"
-    log_destination: str = "stderr"
-    log_file: Path = Path()
-    log_syslog_facility: str = "mail"
-    log_syslog_socket: Path = Path("/dev/log")
-    metrics_listen: str = ""
-    tick_interval: float = 0.0  # [filter]: filter_tick every so many seconds; 0 = never
-    tick_timeout: float = 30.0
-    # [milter]
-    milter_socket: str = ""
-    socket_mode: int = 0o660
-    socket_group: str = "postfix"
-    spool_dir: Path = Path()
-    milter_io_timeout: int = 600
-    tcp_nodelay: bool = True
-    request_timeout: float = 0.0
-    max_message_size: int = 50 * 1024 * 1024
-    max_header_bytes: int = 1024 * 1024
-    max_headers: int = 1000
-    max_recipients: int = 1000
-    macros: tuple[str, ...] = (
-        "i", "j", "_", "{daemon_name}", "{daemon_addr}", "{daemon_port}",
-        "{if_addr}", "{client_addr}", "{client_port}", "{client_name}",
-        "{auth_type}", "{auth_authen}", "{auth_author}",
-        "{tls_version}", "{cipher}", "{cert_subject}", "{cert_issuer}", "{mail_mailer}",
-    )  # fmt: skip
-    # [multiplexor]
-    multiplexor_socket: Path = Path()
-    control_socket: Path = Path()
-    control_socket_mode: int = 0o660
-    control_group: str = ""
-    min_workers: int = 2
-    max_workers: int = 10
-    min_spare: int = 1
-    idle_timeout: float = 300.0
-    max_frame_size: int = 1024 * 1024
-    busy_timeout: float = 60.0
-    busy_grace: float = 5.0
-    queue_size: int = 200
-    queue_timeout: float = 120.0
-    max_requests: int = 500
-    max_requests_jitter: int = 50
-    max_rss: int = 0
-    # [filter]
-    max_notes_bytes: int = 64 * 1024
-    filter_mode: str = "enforce"
-    monitor_rules: tuple[str, ...] = ()
-    max_cpu_seconds: float = 10.0
-    on_cpu_limit: ReplySpec = ReplySpec("554", "5.6.0", "Message too costly to check (local limit)")
-    on_filter_error: ReplySpec = ReplySpec("451", "4.3.0", "Temporary filter error, try again later")
-    on_internal_error: ReplySpec = ReplySpec(
-        "451", "4.3.0", "Mail filter unavailable, try again later"
-    )
-    on_busy: ReplySpec = ReplySpec("451", "4.3.2", "defang busy, try again later")
-    on_message_too_large: ReplySpec = ReplySpec("552", "5.3.4", "Message size exceeds limit")
-    on_header_too_large: ReplySpec = ReplySpec("552", "5.3.4", "Message header exceeds limit")
-    on_too_many_recipients: ReplySpec = ReplySpec("452", "4.5.3", "Too many recipients")
-    # [mime]
-    mime_max_parts: int = 5000
-    mime_max_depth: int = 50
-    mime_max_decoded_size: int = 100 * 1024 * 1024
-    mime_max_archive_members: int = 5000
-    mime_max_archive_depth: int = 3
-    mime_max_archive_expansion: int = 100 * 1024 * 1024
-    mime_on_limit: ReplySpec = ReplySpec("554", "5.6.0", "Message structure exceeds local limits")
-    # [quarantine]
-    quarantine_dir: Path = Path()
-    quarantine_release_method: str = "sendmail"
-    quarantine_sendmail_path: Path = Path("/usr/sbin/sendmail")
-    quarantine_smtp_host: str = "127.0.0.1"
-    quarantine_smtp_port: int = 25
-    quarantine_max_files: int = 100
-    quarantine_max_bytes: int = 50 * 1024 * 1024
-    # [spamassassin] (spamd), [clamav] (clamd): "" = not asked
-    spamassassin_address: str = ""
-    spamassassin_connect_timeout: float = 2.0
-    spamassassin_timeout: float = 20.0
-    spamassassin_max_size: int = 512000
-    spamassassin_user: str = ""
-    spamassassin_add_received: bool = True
-    clamav_address: str = ""
-    clamav_connect_timeout: float = 2.0
-    clamav_timeout: float = 20.0
-    clamav_max_size: int = 25 * 1024 * 1024
-    clamav_fd_passing: bool = True
-    # [rspamd]: "" = not asked
-    rspamd_address: str = ""
-    rspamd_connect_timeout: float = 2.0
-    rspamd_timeout: float = 10.0
-    rspamd_max_size: int = 20 * 1024 * 1024
-    # [notify]
-    notify_method: str = "sendmail"
-    notify_sendmail_path: Path = Path("/usr/sbin/sendmail")
-    notify_smtp_host: str = "127.0.0.1"
-    notify_smtp_port: int = 25
-    notify_timeout: float = 60.0
-    notify_from: str = "MAILER-DAEMON"
-    notify_administrator: str = "postmaster"
-    # [split]
-    split_method: str = "sendmail"
-    split_sendmail_path: Path = Path("/usr/sbin/sendmail")
-    split_smtp_host: str = "127.0.0.1"
-    split_smtp_port: int = 25
-    split_timeout: float = 10.0
-    split_max_copies: int = 50
-    # [dns], [auth], [dkim], [arc] (defang.auth)
-    dns_servers: tuple[str, ...] = ()
-    dns_timeout: float = 2.0
-    dns_lifetime: float = 5.0
-    dns_cache_size: int = 10000
-    authserv_id: str = ""
-    dkim_keys: tuple[tuple[str, str, str], ...] = ()  # (domain, selector, key file)
-    dkim_body_canonicalization: str = "relaxed"
-    arc_key: tuple[str, str, str] | None = None
-    public_suffix_list: str = ""
-    dkim_accept_rsa_sha1: bool = False
-    # [state] (defang.state: greylisting, rate limits, lists), [greylist]
-    state_backend: str = "sqlite"
-    state_path: Path = Path()
-    state_redis_url: str = "redis://127.0.0.1:6379/0"
-    state_timeout: float = 2.0
-    state_on_error: str = "tempfail"
-    state_sweep_interval: float = 300.0
-    greylist_delay: float = 300.0
-    greylist_retry_window: float = 4 * 3600.0
-    greylist_pass_ttl: float = 36 * 86400.0
-    greylist_auto_allow: int = 5
-    greylist_ipv4_prefix: int = 24
-    greylist_ipv6_prefix: int = 64
-    # [verify] (defang.verify: recipients probed at the next hop)
-    verify_host: str = ""
-    verify_port: int = 25
-    verify_helo: str = ""
-    verify_sender: str = ""
-    verify_timeout: float = 10.0
-    verify_positive_ttl: float = 86400.0
-    verify_negative_ttl: float = 3600.0
-    verify_on_error: str = "tempfail"
-    source: Path | None = field(default=None, compare=False)
-
-    def effective_request_timeout(self) -> float:
-        """How long the front end waits for a decision before it tempfails.
-
-        Longer than anything the multiplexor itself may take (queue wait, then a hung
-        worker's deadline), so that normally the multiplexor answers first and says why.
-        """
-        if self.request_timeout > 0:
-            return self.request_timeout
-        return self.queue_timeout + self.busy_timeout + self.busy_grace + 5.0
 
 
 def _reply(v: Any) -> ReplySpec:
@@ -269,136 +114,245 @@ def _one_word(v: Any) -> str:
     return v
 
 
-# (section, key) -> (Config attribute, converter)
-KEYS: dict[tuple[str, str], tuple[str, Any]] = {
-    ("daemon", "runtime_dir"): ("runtime_dir", as_path),
-    ("daemon", "filter"): ("filter", as_path),
-    ("daemon", "log_level"): ("log_level", as_level),
-    ("daemon", "user"): ("daemon_user", as_name),
-    ("daemon", "group"): ("daemon_group", as_name),
-    ("log", "format"): ("log_format", lambda v: as_choice(v, ("text", "kv", "json"))),
-    ("log", "destination"): ("log_destination", lambda v: as_choice(v, ("stderr", "syslog", "file"))),
-    ("log", "file"): ("log_file", as_path),
-    ("log", "syslog_facility"): ("log_syslog_facility", as_facility),
-    ("log", "syslog_socket"): ("log_syslog_socket", as_path),
-    ("metrics", "listen"): ("metrics_listen", as_loopback),
-    ("filter", "tick_interval"): ("tick_interval", as_num),
-    ("filter", "tick_timeout"): ("tick_timeout", as_pos_num),
-    ("milter", "socket"): ("milter_socket", as_str),
-    ("milter", "socket_mode"): ("socket_mode", as_mode),
-    ("milter", "socket_group"): ("socket_group", as_str),
-    ("milter", "spool_dir"): ("spool_dir", as_path),
-    ("milter", "io_timeout"): ("milter_io_timeout", as_pos_int),
-    ("milter", "tcp_nodelay"): ("tcp_nodelay", as_bool),
-    ("milter", "request_timeout"): ("request_timeout", as_num),
-    ("milter", "max_message_size"): ("max_message_size", as_pos_int),
-    ("milter", "max_header_bytes"): ("max_header_bytes", as_pos_int),
-    ("milter", "max_headers"): ("max_headers", as_pos_int),
-    ("milter", "max_recipients"): ("max_recipients", as_pos_int),
-    ("milter", "macros"): ("macros", as_macros),
-    ("multiplexor", "socket"): ("multiplexor_socket", as_path),
-    ("multiplexor", "control_socket"): ("control_socket", as_path),
-    ("multiplexor", "control_socket_mode"): ("control_socket_mode", as_mode),
-    ("multiplexor", "control_group"): ("control_group", as_str),
-    ("multiplexor", "min_workers"): ("min_workers", as_int),
-    ("multiplexor", "max_workers"): ("max_workers", as_pos_int),
-    ("multiplexor", "min_spare"): ("min_spare", as_int),
-    ("multiplexor", "idle_timeout"): ("idle_timeout", as_num),
-    ("multiplexor", "max_frame_size"): ("max_frame_size", as_pos_int),
-    ("multiplexor", "busy_timeout"): ("busy_timeout", as_num),
-    ("multiplexor", "busy_grace"): ("busy_grace", as_num),
-    ("multiplexor", "queue_size"): ("queue_size", as_int),
-    ("multiplexor", "queue_timeout"): ("queue_timeout", as_num),
-    ("multiplexor", "max_requests"): ("max_requests", as_int),
-    ("multiplexor", "max_requests_jitter"): ("max_requests_jitter", as_int),
-    ("multiplexor", "max_rss"): ("max_rss", as_int),
-    ("filter", "max_notes_bytes"): ("max_notes_bytes", as_pos_int),
-    ("filter", "mode"): ("filter_mode", as_filter_mode),
-    ("filter", "monitor_rules"): ("monitor_rules", as_names),
-    ("filter", "max_cpu_seconds"): ("max_cpu_seconds", as_num),
-    ("filter", "on_cpu_limit"): ("on_cpu_limit", _reply),
-    ("replies", "on_filter_error"): ("on_filter_error", _reply),
-    ("replies", "on_internal_error"): ("on_internal_error", _reply),
-    ("replies", "on_busy"): ("on_busy", _reply),
-    ("replies", "on_message_too_large"): ("on_message_too_large", _reply),
-    ("replies", "on_header_too_large"): ("on_header_too_large", _reply),
-    ("replies", "on_too_many_recipients"): ("on_too_many_recipients", _reply),
-    ("mime", "max_parts"): ("mime_max_parts", as_int),
-    ("mime", "max_depth"): ("mime_max_depth", as_int),
-    ("mime", "max_decoded_size"): ("mime_max_decoded_size", as_int),
-    ("mime", "max_archive_members"): ("mime_max_archive_members", as_int),
-    ("mime", "max_archive_depth"): ("mime_max_archive_depth", as_int),
-    ("mime", "max_archive_expansion"): ("mime_max_archive_expansion", as_int),
-    ("mime", "on_limit"): ("mime_on_limit", _reply),
-    ("quarantine", "dir"): ("quarantine_dir", as_path),
-    ("quarantine", "release_method"): ("quarantine_release_method", as_release_method),
-    ("quarantine", "sendmail_path"): ("quarantine_sendmail_path", as_path),
-    ("quarantine", "smtp_host"): ("quarantine_smtp_host", as_str),
-    ("quarantine", "smtp_port"): ("quarantine_smtp_port", as_port),
-    ("quarantine", "max_files"): ("quarantine_max_files", as_file_cap),
-    ("quarantine", "max_bytes"): ("quarantine_max_bytes", as_int),
-    ("spamassassin", "address"): ("spamassassin_address", lambda v: _address(v, "spamd")),
-    ("spamassassin", "connect_timeout"): ("spamassassin_connect_timeout", as_pos_num),
-    ("spamassassin", "timeout"): ("spamassassin_timeout", as_pos_num),
-    ("spamassassin", "max_size"): ("spamassassin_max_size", as_pos_int),
-    ("spamassassin", "user"): ("spamassassin_user", as_str),
-    ("spamassassin", "add_received"): ("spamassassin_add_received", as_bool),
-    ("clamav", "address"): ("clamav_address", lambda v: _address(v, "clamd")),
-    ("clamav", "connect_timeout"): ("clamav_connect_timeout", as_pos_num),
-    ("clamav", "timeout"): ("clamav_timeout", as_pos_num),
-    ("clamav", "max_size"): ("clamav_max_size", as_pos_int),
-    ("clamav", "fd_passing"): ("clamav_fd_passing", as_bool),
-    ("rspamd", "address"): ("rspamd_address", lambda v: _address(v, "rspamd")),
-    ("rspamd", "connect_timeout"): ("rspamd_connect_timeout", as_pos_num),
-    ("rspamd", "timeout"): ("rspamd_timeout", as_pos_num),
-    ("rspamd", "max_size"): ("rspamd_max_size", as_pos_int),
-    ("notify", "method"): ("notify_method", as_release_method),
-    ("notify", "sendmail_path"): ("notify_sendmail_path", as_path),
-    ("notify", "smtp_host"): ("notify_smtp_host", as_str),
-    ("notify", "smtp_port"): ("notify_smtp_port", as_port),
-    ("notify", "timeout"): ("notify_timeout", as_pos_num),
-    ("notify", "from"): ("notify_from", as_str),
-    ("notify", "administrator"): ("notify_administrator", as_str),
-    ("split", "method"): ("split_method", as_release_method),
-    ("split", "sendmail_path"): ("split_sendmail_path", as_path),
-    ("split", "smtp_host"): ("split_smtp_host", as_str),
-    ("split", "smtp_port"): ("split_smtp_port", as_port),
-    ("split", "timeout"): ("split_timeout", as_pos_num),
-    ("split", "max_copies"): ("split_max_copies", as_pos_int),
-    ("dns", "servers"): ("dns_servers", lambda v: tuple(as_server(x) for x in as_list(v))),
-    ("dns", "timeout"): ("dns_timeout", as_pos_num),
-    ("dns", "lifetime"): ("dns_lifetime", as_pos_num),
-    ("dns", "cache_size"): ("dns_cache_size", as_pos_int),
-    ("auth", "authserv_id"): ("authserv_id", as_str),
-    ("auth", "public_suffix_list"): ("public_suffix_list", as_str),
-    ("dkim", "accept_rsa_sha1"): ("dkim_accept_rsa_sha1", as_bool),
-    ("dkim", "keys"): ("dkim_keys", lambda v: tuple(as_key(k) for k in as_list(v))),
-    ("dkim", "body_canonicalization"): ("dkim_body_canonicalization", as_canon),
-    ("arc", "key"): ("arc_key", lambda v: as_key(v) if v else None),
-    ("state", "backend"): ("state_backend", lambda v: as_choice(v, ("sqlite", "redis"))),
-    ("state", "path"): ("state_path", as_path),
-    ("state", "redis_url"): ("state_redis_url", as_redis_url),
-    ("state", "timeout"): ("state_timeout", as_pos_num),
-    ("state", "on_error"): ("state_on_error", lambda v: as_choice(v, ("tempfail", "accept"))),
-    ("state", "sweep_interval"): ("state_sweep_interval", as_pos_num),
-    ("greylist", "delay"): ("greylist_delay", as_num),
-    ("greylist", "retry_window"): ("greylist_retry_window", as_pos_num),
-    ("greylist", "pass_ttl"): ("greylist_pass_ttl", as_pos_num),
-    ("greylist", "auto_allow"): ("greylist_auto_allow", as_int),
-    ("greylist", "ipv4_prefix"): ("greylist_ipv4_prefix", lambda v: as_prefix(v, 32)),
-    ("greylist", "ipv6_prefix"): ("greylist_ipv6_prefix", lambda v: as_prefix(v, 128)),
-    ("verify", "host"): ("verify_host", as_str),
-    ("verify", "port"): ("verify_port", as_port),
-    ("verify", "helo"): ("verify_helo", _one_word),
-    ("verify", "sender"): ("verify_sender", _one_word),
-    ("verify", "timeout"): ("verify_timeout", as_pos_num),
-    ("verify", "positive_ttl"): ("verify_positive_ttl", as_num),
-    ("verify", "negative_ttl"): ("verify_negative_ttl", as_num),
-    ("verify", "on_error"): ("verify_on_error", lambda v: as_choice(v, ("tempfail", "accept"))),
-}
+@options("daemon")
+class DaemonSection:
+    runtime_dir: Path = opt(Path(), as_path)
+    filter: Path = opt(DEFAULT_FILTER, as_path)
+    log_level: str = opt("info", as_level)
+    user: str = opt("defang", as_name, flat="daemon_user")
+    group: str = opt("defang", as_name, flat="daemon_group")
 
-_ATTRS = {f.name for f in fields(Config)}
-assert all(attr in _ATTRS for attr, _ in KEYS.values())
+
+@options("log", "log_")  # defang.core.logsetup
+class LogSection:
+    format: str = opt("text", lambda v: as_choice(v, ("text", "kv", "json")))
+    destination: str = opt("stderr", lambda v: as_choice(v, ("stderr", "syslog", "file")))
+    file: Path = opt(Path(), as_path)
+    syslog_facility: str = opt("mail", as_facility)
+    syslog_socket: Path = opt(Path("/dev/log"), as_path)
+
+
+@options("metrics", "metrics_")  # defang.multiplexor.metrics
+class MetricsSection:
+    listen: str = opt("", as_loopback)
+
+
+@options("milter")
+class MilterSection:
+    socket: str = opt("", as_str, flat="milter_socket")
+    socket_mode: int = opt(0o660, as_mode)
+    socket_group: str = opt("postfix", as_str)
+    spool_dir: Path = opt(Path(), as_path)
+    io_timeout: int = opt(600, as_pos_int, flat="milter_io_timeout")
+    tcp_nodelay: bool = opt(True, as_bool)
+    request_timeout: float = opt(0.0, as_num)
+    max_message_size: int = opt(50 * MiB, as_pos_int)
+    max_header_bytes: int = opt(MiB, as_pos_int)
+    max_headers: int = opt(1000, as_pos_int)
+    max_recipients: int = opt(1000, as_pos_int)
+    macros: tuple[str, ...] = opt((
+        "i", "j", "_", "{daemon_name}", "{daemon_addr}", "{daemon_port}",
+        "{if_addr}", "{client_addr}", "{client_port}", "{client_name}",
+        "{auth_type}", "{auth_authen}", "{auth_author}",
+        "{tls_version}", "{cipher}", "{cert_subject}", "{cert_issuer}", "{mail_mailer}",
+    ), as_macros)  # fmt: skip
+
+
+@options("multiplexor")
+class MultiplexorSection:
+    socket: Path = opt(Path(), as_path, flat="multiplexor_socket")
+    control_socket: Path = opt(Path(), as_path)
+    control_socket_mode: int = opt(0o660, as_mode)
+    control_group: str = opt("", as_str)
+    min_workers: int = opt(2, as_int)
+    max_workers: int = opt(10, as_pos_int)
+    min_spare: int = opt(1, as_int)
+    idle_timeout: float = opt(300.0, as_num)
+    max_frame_size: int = opt(MiB, as_pos_int)
+    busy_timeout: float = opt(60.0, as_num)
+    busy_grace: float = opt(5.0, as_num)
+    queue_size: int = opt(200, as_int)
+    queue_timeout: float = opt(120.0, as_num)
+    max_requests: int = opt(500, as_int)
+    max_requests_jitter: int = opt(50, as_int)
+    max_rss: int = opt(0, as_int)
+
+
+@options("filter")
+class FilterSection:
+    max_notes_bytes: int = opt(64 * 1024, as_pos_int)
+    mode: str = opt("enforce", as_filter_mode, flat="filter_mode")
+    monitor_rules: tuple[str, ...] = opt((), as_names)
+    max_cpu_seconds: float = opt(10.0, as_num)
+    on_cpu_limit: ReplySpec = opt(ReplySpec("554", "5.6.0", "Message too costly to check (local limit)"),
+                                  _reply)  # fmt: skip
+    tick_interval: float = opt(0.0, as_num)  # filter_tick every so many seconds; 0 = never
+    tick_timeout: float = opt(30.0, as_pos_num)
+
+
+@options("replies")
+class RepliesSection:
+    on_filter_error: ReplySpec = opt(ReplySpec("451", "4.3.0", "Temporary filter error, try again later"),
+                                     _reply)  # fmt: skip
+    on_internal_error: ReplySpec = opt(ReplySpec("451", "4.3.0", "Mail filter unavailable, try again later"),
+                                       _reply)  # fmt: skip
+    on_busy: ReplySpec = opt(ReplySpec("451", "4.3.2", "defang busy, try again later"), _reply)
+    on_message_too_large: ReplySpec = opt(ReplySpec("552", "5.3.4", "Message size exceeds limit"), _reply)
+    on_header_too_large: ReplySpec = opt(ReplySpec("552", "5.3.4", "Message header exceeds limit"), _reply)
+    on_too_many_recipients: ReplySpec = opt(ReplySpec("452", "4.5.3", "Too many recipients"), _reply)
+
+
+@options("mime", "mime_")  # defang.workers.mime.limits.MimeLimits (0 = no limit)
+class MimeSection:
+    """The ``[mime]`` limits; see etc/defang.toml for what each one bounds."""
+
+    max_parts: int = opt(5000, as_int)
+    max_depth: int = opt(50, as_int)
+    max_decoded_size: int = opt(100 * MiB, as_int)
+    max_archive_members: int = opt(5000, as_int)
+    max_archive_depth: int = opt(3, as_int)
+    max_archive_expansion: int = opt(100 * MiB, as_int)
+    on_limit: ReplySpec = opt(ReplySpec("554", "5.6.0", "Message structure exceeds local limits"), _reply)
+
+
+@options("quarantine", "quarantine_")
+class QuarantineSection:
+    dir: Path = opt(Path(), as_path)
+    release_method: str = opt("sendmail", as_release_method)
+    sendmail_path: Path = opt(Path("/usr/sbin/sendmail"), as_path)
+    smtp_host: str = opt("127.0.0.1", as_str)
+    smtp_port: int = opt(25, as_port)
+    max_files: int = opt(100, as_file_cap)
+    max_bytes: int = opt(50 * MiB, as_int)
+
+
+@options("spamassassin", "spamassassin_")  # the scanners (api.scanning.Scanner): address "" = not asked
+class SpamassassinSection:
+    address: str = opt("", lambda v: _address(v, "spamd"))
+    connect_timeout: float = opt(2.0, as_pos_num)
+    timeout: float = opt(20.0, as_pos_num)
+    max_size: int = opt(512000, as_pos_int)
+    user: str = opt("", as_str)
+    add_received: bool = opt(True, as_bool)
+
+
+@options("clamav", "clamav_")
+class ClamavSection:
+    address: str = opt("", lambda v: _address(v, "clamd"))
+    connect_timeout: float = opt(2.0, as_pos_num)
+    timeout: float = opt(20.0, as_pos_num)
+    max_size: int = opt(25 * MiB, as_pos_int)
+    fd_passing: bool = opt(True, as_bool)
+
+
+@options("rspamd", "rspamd_")
+class RspamdSection:
+    address: str = opt("", lambda v: _address(v, "rspamd"))
+    connect_timeout: float = opt(2.0, as_pos_num)
+    timeout: float = opt(10.0, as_pos_num)
+    max_size: int = opt(20 * MiB, as_pos_int)
+
+
+@options("notify", "notify_")
+class NotifySection:
+    method: str = opt("sendmail", as_release_method)
+    sendmail_path: Path = opt(Path("/usr/sbin/sendmail"), as_path)
+    smtp_host: str = opt("127.0.0.1", as_str)
+    smtp_port: int = opt(25, as_port)
+    timeout: float = opt(60.0, as_pos_num)
+    from_: str = opt("MAILER-DAEMON", as_str, key="from")
+    administrator: str = opt("postmaster", as_str)
+
+
+@options("split", "split_")
+class SplitSection:
+    method: str = opt("sendmail", as_release_method)
+    sendmail_path: Path = opt(Path("/usr/sbin/sendmail"), as_path)
+    smtp_host: str = opt("127.0.0.1", as_str)
+    smtp_port: int = opt(25, as_port)
+    timeout: float = opt(10.0, as_pos_num)
+    max_copies: int = opt(50, as_pos_int)
+
+
+@options("dns", "dns_")  # defang.workers.checks.resolver.DnsSettings
+class DnsSection:
+    servers: tuple[str, ...] = opt((), lambda v: tuple(as_server(x) for x in as_list(v)))  # () = resolv.conf
+    timeout: float = opt(2.0, as_pos_num)  # one try of one server
+    lifetime: float = opt(5.0, as_pos_num)  # one lookup, all tries
+    cache_size: int = opt(10000, as_pos_int)
+
+
+@options("auth")  # [dns], [auth], [dkim], [arc]: defang.auth
+class AuthSection:
+    authserv_id: str = opt("", as_str)
+    public_suffix_list: str = opt("", as_str)  # "" = the list that ships with publicsuffixlist
+
+
+@options("dkim", "dkim_")
+class DkimSection:
+    accept_rsa_sha1: bool = opt(False, as_bool)  # RFC 8301: rsa-sha1 signatures fail
+    keys: tuple[tuple[str, str, str], ...] = opt((), lambda v: tuple(as_key(k) for k in as_list(v)))
+    body_canonicalization: str = opt("relaxed", as_canon)
+
+
+@options("arc", "arc_")
+class ArcSection:
+    key: tuple[str, str, str] | None = opt(None, lambda v: as_key(v) if v else None)  # domain, selector, file
+
+
+@options("state", "state_")  # defang.workers.stores.state.StateSettings
+class StateSection:
+    backend: str = opt("sqlite", lambda v: as_choice(v, ("sqlite", "redis")))
+    path: Path = opt(Path(), as_path)
+    redis_url: str = opt("redis://127.0.0.1:6379/0", as_redis_url)
+    timeout: float = opt(2.0, as_pos_num)
+    on_error: str = opt("tempfail", lambda v: as_choice(v, ("tempfail", "accept")))
+    sweep_interval: float = opt(300.0, as_pos_num)
+
+
+@options("greylist", "greylist_")  # defang.workers.stores.state.GreylistSettings (seconds)
+class GreylistSection:
+    delay: float = opt(300.0, as_num)
+    retry_window: float = opt(4 * 3600.0, as_pos_num)
+    pass_ttl: float = opt(36 * 86400.0, as_pos_num)
+    auto_allow: int = opt(5, as_int)
+    ipv4_prefix: int = opt(24, lambda v: as_prefix(v, 32))
+    ipv6_prefix: int = opt(64, lambda v: as_prefix(v, 128))
+
+
+@options("verify", "verify_")  # defang.workers.checks.smtpverify.VerifySettings (probes at the next hop)
+class VerifySection:
+    host: str = opt("", as_str)
+    port: int = opt(25, as_port)
+    helo: str = opt("", _one_word)
+    sender: str = opt("", _one_word)
+    timeout: float = opt(10.0, as_pos_num)
+    positive_ttl: float = opt(86400.0, as_num)
+    negative_ttl: float = opt(3600.0, as_num)
+    on_error: str = opt("tempfail", lambda v: as_choice(v, ("tempfail", "accept")))
+
+
+def _effective_request_timeout(self: Any) -> float:
+    """How long the front end waits for a decision before it tempfails.
+
+    Longer than anything the multiplexor itself may take (queue wait, then a hung
+    worker's deadline), so that normally the multiplexor answers first and says why.
+    """
+    if self.request_timeout > 0:
+        return self.request_timeout
+    return self.queue_timeout + self.busy_timeout + self.busy_grace + 5.0
+
+
+#: every option under its flat name (``cfg.mime_max_parts``), as the daemons read it, and the file
+#: it was read from; ``cfg.section(MimeSection)`` gives a section as its engine takes it
+_SOURCE = ("source", "Path | None", field(default=None, compare=False))
+Config = flat_view("Config", *SECTIONS, module=__name__, extra=(_SOURCE,),
+                   namespace={"effective_request_timeout": _effective_request_timeout, "section": section_of})
+
+#: (section, key) -> (Config attribute, converter)
+KEYS: dict[tuple[str, str], tuple[str, Any]] = {
+    (s.SECTION, s.KEYS[f.name]): (s.FLAT[f.name], f.metadata["conv"]) for s in SECTIONS for f in fields(s)
+}
 
 
 #: the runtime dir of a defang started as root, as a packaged daemon's (only root may

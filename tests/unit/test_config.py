@@ -104,3 +104,42 @@ def test_verify_options_and_the_probe_fitting_under_busy_timeout(tmp_path):
         path.write_text(f'[daemon]\nruntime_dir = "{tmp_path}"\n[verify]\n{text}\n')
         with pytest.raises(config.ConfigError, match=re.escape(why)):
             config.load(path)
+
+
+def test_each_option_is_declared_once_and_config_is_made_from_the_declarations():
+    from dataclasses import fields
+
+    from defang.core.options import SECTIONS
+
+    declared = [(s.SECTION, s.KEYS[f.name]) for s in SECTIONS for f in fields(s)]
+    assert len(declared) == len(set(declared)) == len(config.KEYS)
+    flat = {s.FLAT[f.name]: f.default for s in SECTIONS for f in fields(s)}
+    cfg = config.Config()
+    assert {f.name for f in fields(config.Config)} == set(flat) | {"source"}
+    assert all(getattr(cfg, name) == default for name, default in flat.items())
+
+
+def test_engines_take_their_section_as_loaded(tmp_path):
+    from defang.workers.api.services import ServiceSettings
+    from defang.workers.checks.resolver import DnsSettings
+    from defang.workers.checks.smtpverify import VerifySettings
+    from defang.workers.mime.limits import MimeLimits
+    from defang.workers.stores.state import StateSettings
+
+    p = tmp_path / "c.toml"
+    p.write_text('[mime]\nmax_parts = 7\n[dns]\ntimeout = 1.5\n[state]\nbackend = "redis"\n'
+                 '[greylist]\nauto_allow = 9\n[clamav]\naddress = "inet:3310@127.0.0.1"\ntimeout = 4\n'
+                 '[notify]\nfrom = "filter@example.org"\n[spamassassin]\nadd_received = false\n'
+                 '[verify]\nhost = "10.0.0.7"\nnegative_ttl = 60\n')  # fmt: skip
+    cfg = config.load(p, runtime_dir=str(tmp_path))
+    assert cfg.section(MimeLimits) == MimeLimits(max_parts=7) and MimeLimits is config.MimeSection
+    assert cfg.section(DnsSettings).timeout == 1.5
+    assert cfg.section(StateSettings).path == tmp_path / "state.sqlite3"
+    services = ServiceSettings.from_config(cfg)
+    assert services.state.backend == "redis" and services.greylist.auto_allow == 9
+    assert services.auth.dns_timeout == 1.5 and services.auth.dkim_body_canonicalization == "relaxed"
+    assert services.scans.clamav.address == "inet:3310@127.0.0.1" and services.scans.clamav.timeout == 4
+    assert services.scans.spamassassin.received is False and services.scans.rspamd.off
+    assert services.notify_from == "filter@example.org" and services.administrator == "postmaster"
+    assert services.verify == VerifySettings(host="10.0.0.7", negative_ttl=60)
+    assert VerifySettings is config.VerifySection

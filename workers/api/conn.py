@@ -14,8 +14,9 @@ import json
 from typing import Any
 
 from defang.core import wire
+from defang.core.config import FilterSection
 
-DEFAULT_MAX_NOTES_BYTES = 64 * 1024
+DEFAULT_MAX_NOTES_BYTES = FilterSection().max_notes_bytes  # [filter] max_notes_bytes, as declared
 
 
 def client_address(ip: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
-from defang.core.config import ConfigError, socket_address
+from defang.core.config import ClamavSection, ConfigError, RspamdSection, SpamassassinSection, socket_address
 from defang.workers.checks import clamd, rspamd, spamd
 from defang.workers.checks.exchange import Exchange, run
 from defang.workers.checks.received import hop_headers
@@ -48,6 +48,14 @@ class Scanner:
     fd_passing: bool = True
     received: bool = False  # spamd: put the hop's Return-Path/Received before the message
 
+    @classmethod
+    def of(cls, section: Any) -> Scanner:
+        """A scanner from its section as declared in defang.core.config (``[spamassassin]
+        add_received`` is ``received`` here)."""
+        values = {("received" if f.name == "add_received" else f.name): getattr(section, f.name)
+                  for f in fields(section)}  # fmt: skip
+        return cls(section.SECTION, **values)
+
     @property
     def off(self) -> str | None:
         return None if self.address else f"not configured ([{self.section}] address is empty)"
@@ -61,21 +69,14 @@ class Scanner:
 
 @dataclass(frozen=True)
 class ScanSettings:
-    spamassassin: Scanner = Scanner("spamassassin", received=True)
-    clamav: Scanner = Scanner("clamav", timeout=60.0, max_size=25 * 1024 * 1024)
-    rspamd: Scanner = Scanner("rspamd", max_size=20 * 1024 * 1024)
+    spamassassin: Scanner = Scanner.of(SpamassassinSection())
+    clamav: Scanner = Scanner.of(ClamavSection())
+    rspamd: Scanner = Scanner.of(RspamdSection())
 
     @classmethod
     def from_config(cls, cfg: Any) -> ScanSettings:
-        return cls(
-            Scanner("spamassassin", cfg.spamassassin_address, cfg.spamassassin_connect_timeout,
-                    cfg.spamassassin_timeout, cfg.spamassassin_max_size, cfg.spamassassin_user,
-                    received=cfg.spamassassin_add_received),
-            Scanner("clamav", cfg.clamav_address, cfg.clamav_connect_timeout, cfg.clamav_timeout,
-                    cfg.clamav_max_size, fd_passing=cfg.clamav_fd_passing),
-            Scanner("rspamd", cfg.rspamd_address, cfg.rspamd_connect_timeout, cfg.rspamd_timeout,
-                    cfg.rspamd_max_size),
-        )  # fmt: skip
+        """The three scanner sections of a ``defang.core.config.Config``."""
+        return cls(*(Scanner.of(cfg.section(s)) for s in (SpamassassinSection, ClamavSection, RspamdSection)))
 
 
 @dataclass(frozen=True)

@@ -15,55 +15,48 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from defang.core.config import (
+    ArcSection,
+    AuthSection,
+    DkimSection,
+    DnsSection,
+    NotifySection,
+    SplitSection,
+)
+from defang.core.options import flat_view
 from defang.workers.api.notify import MAX_NOTICES, Notice, NoticeError, compose
 from defang.workers.api.scanning import Envelope, Scans, ScanSettings, spam_headers
 from defang.workers.checks.results import RspamdResult, SpamResult, VirusResult
 from defang.workers.checks.smtpverify import VerifySettings
-from defang.workers.stores.state import GreylistSettings, StateSettings
+from defang.workers.stores.state import UNCONFIGURED, GreylistSettings, StateSettings
 
 log = logging.getLogger("defang.filter")
 
 
-@dataclass(frozen=True)
-class AuthSettings:
-    """``[dns]``, ``[auth]``, ``[dkim]``, ``[arc]``: plain values (``defang.auth`` turns them
-    into a resolver and keys; this module must not import dnspython)."""
-
-    dns_servers: tuple[str, ...] = ()
-    dns_timeout: float = 2.0
-    dns_lifetime: float = 5.0
-    dns_cache_size: int = 10000
-    authserv_id: str = ""
-    dkim_keys: tuple[tuple[str, str, str], ...] = ()
-    dkim_body_canonicalization: str = "relaxed"
-    arc_key: tuple[str, str, str] | None = None
-    public_suffix_list: str = ""  # "" = the list that ships with publicsuffixlist
-    dkim_accept_rsa_sha1: bool = False  # RFC 8301: rsa-sha1 signatures fail
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> AuthSettings:
-        return cls(cfg.dns_servers, cfg.dns_timeout, cfg.dns_lifetime, cfg.dns_cache_size, cfg.authserv_id,
-                   cfg.dkim_keys, cfg.dkim_body_canonicalization, cfg.arc_key, cfg.public_suffix_list,
-                   cfg.dkim_accept_rsa_sha1)  # fmt: skip
+#: ``[dns]``, ``[auth]``, ``[dkim]``, ``[arc]`` under their flat names (``dns_servers``), as
+#: declared in defang.core.config: plain values (``defang.auth`` turns them into a resolver
+#: and keys; this module must not import dnspython)
+AuthSettings = flat_view("AuthSettings", DnsSection, AuthSection, DkimSection, ArcSection, module=__name__)
 
 
 @dataclass(frozen=True)
 class ServiceSettings:
     scans: ScanSettings = field(default_factory=ScanSettings)
-    notify_from: str = "MAILER-DAEMON"
-    administrator: str = "postmaster"
-    auth: AuthSettings = field(default_factory=AuthSettings)
-    state: StateSettings = field(default_factory=StateSettings)  # defang.state and its users
+    notify_from: str = NotifySection().from_
+    administrator: str = NotifySection().administrator
+    auth: Any = field(default_factory=AuthSettings)
+    state: StateSettings = UNCONFIGURED  # defang.state and its users
     greylist: GreylistSettings = field(default_factory=GreylistSettings)
-    split_max_copies: int = 50  # [split] max_copies: msg.split_by_recipient()
+    split_max_copies: int = SplitSection().max_copies  # msg.split_by_recipient()
     verify: VerifySettings = field(default_factory=VerifySettings)  # defang.verify
 
     @classmethod
     def from_config(cls, cfg: Any) -> ServiceSettings:
-        return cls(ScanSettings.from_config(cfg), cfg.notify_from, cfg.notify_administrator,
-                   AuthSettings.from_config(cfg), StateSettings.from_config(cfg),
-                   GreylistSettings.from_config(cfg), cfg.split_max_copies,
-                   VerifySettings.from_config(cfg))  # fmt: skip
+        """The sections the message's services read, from a ``defang.core.config.Config``."""
+        notify = cfg.section(NotifySection)
+        return cls(ScanSettings.from_config(cfg), notify.from_, notify.administrator,
+                   cfg.section(AuthSettings), cfg.section(StateSettings), cfg.section(GreylistSettings),
+                   cfg.split_max_copies, cfg.section(VerifySettings))  # fmt: skip
 
 
 #: this worker's settings (the runner sets them): what ``defang.auth`` and ``defang.state``

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import dns.asyncresolver
@@ -30,6 +29,8 @@ import dns.exception
 import dns.name
 import dns.nameserver
 import dns.resolver
+
+from defang.core.config import DnsSection
 
 
 class TempError(Exception):
@@ -44,16 +45,9 @@ _NO_SUCH_NAME = (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.exception.Syn
                  dns.name.NameTooLong)  # fmt: skip
 
 
-@dataclass(frozen=True)
-class DnsSettings:
-    servers: tuple[str, ...] = ()  # "127.0.0.1", "127.0.0.1:5353", "[::1]:53"; () = /etc/resolv.conf
-    timeout: float = 2.0  # one try of one server
-    lifetime: float = 5.0  # one lookup, all tries
-    cache_size: int = 10000
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> DnsSettings:
-        return cls(tuple(cfg.dns_servers), cfg.dns_timeout, cfg.dns_lifetime, cfg.dns_cache_size)
+#: ``[dns]`` as declared in defang.core.config: servers ("127.0.0.1", "127.0.0.1:5353",
+#: "[::1]:53"; () = /etc/resolv.conf), timeout (one try of one server), lifetime (one lookup)
+DnsSettings = DnsSection
 
 
 def _server(spec: str) -> dns.nameserver.Nameserver:

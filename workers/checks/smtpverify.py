@@ -26,27 +26,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from defang.core.config import VerifySection
+
 #: RFC 5321 4.5.3.1.3: a path is at most 256 octets, "<" and ">" included
 MAX_ADDRESS = 254
 
 
-@dataclass(frozen=True)
-class VerifySettings:
-    """``[verify]``: the server asked, how, how long, how long answers are kept."""
-
-    host: str = ""  # "" = not configured: every probe is unverified
-    port: int = 25
-    helo: str = ""  # "" = this host's name (gethostname: getfqdn could wait on DNS)
-    sender: str = ""  # the probe's MAIL FROM; "" = the null sender <>
-    timeout: float = 10.0  # the whole probe, connect to RCPT reply
-    positive_ttl: float = 86400.0  # how long "exists" is kept; 0 = not kept
-    negative_ttl: float = 3600.0  # how long "unknown" is kept; 0 = not kept
-    on_error: str = "tempfail"  # an unverified address: "tempfail" (451 4.4.3) or "accept"
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> VerifySettings:
-        return cls(cfg.verify_host, cfg.verify_port, cfg.verify_helo, cfg.verify_sender, cfg.verify_timeout,
-                   cfg.verify_positive_ttl, cfg.verify_negative_ttl, cfg.verify_on_error)  # fmt: skip
+#: ``[verify]`` as declared in defang.core.config: the server asked (host "" = not configured:
+#: every probe is unverified), port, helo ("" = this host's name: gethostname, as getfqdn could
+#: wait on DNS), sender (the probe's MAIL FROM; "" = the null sender <>), timeout (the whole
+#: probe, connect to RCPT reply), positive_ttl / negative_ttl (how long "exists" / "unknown" is
+#: kept; 0 = not kept), on_error (an unverified address: "tempfail" (451 4.4.3) or "accept")
+VerifySettings = VerifySection
 
 
 @dataclass(frozen=True)

@@ -12,34 +12,11 @@ The limits travel with the message (``msg.limits``) so that helpers called from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from defang.core.config import MimeSection
 
-MiB = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class MimeLimits:
-    """The ``[mime]`` limits; see etc/defang.toml for what each one bounds."""
-
-    max_parts: int = 5000
-    max_depth: int = 50
-    max_decoded_size: int = 100 * MiB
-    max_archive_members: int = 5000
-    max_archive_depth: int = 3
-    max_archive_expansion: int = 100 * MiB
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> MimeLimits:
-        """Take the ``mime_*`` fields of a ``defang.core.config.Config``."""
-        return cls(
-            max_parts=cfg.mime_max_parts,
-            max_depth=cfg.mime_max_depth,
-            max_decoded_size=cfg.mime_max_decoded_size,
-            max_archive_members=cfg.mime_max_archive_members,
-            max_archive_depth=cfg.mime_max_archive_depth,
-            max_archive_expansion=cfg.mime_max_archive_expansion,
-        )
+#: the ``[mime]`` section as declared in defang.core.config, taken as-is (``cfg.section(MimeLimits)``);
+#: see etc/defang.toml for what each limit bounds
+MimeLimits = MimeSection
 
 
 def exceeds(value: int, limit: int) -> bool:

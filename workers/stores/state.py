@@ -29,48 +29,23 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+from defang.core.config import GreylistSection, StateSection
 from defang.workers.stores.state_errors import Clock, Secs, StateError
 
 __all__ = ["CURRENT", "Clock", "GreylistSettings", "PerProcess", "StateError", "StateSettings", "Store",
            "open_store"]  # fmt: skip
 
 
-@dataclass(frozen=True)
-class StateSettings:
-    """``[state]``: which back end, where, how long a call may take, what a failure means."""
-
-    backend: str = "sqlite"
-    path: Path = Path("state.sqlite3")
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    timeout: float = 2.0
-    on_error: str = "tempfail"
-    sweep_interval: float = 300.0
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> StateSettings:
-        return cls(cfg.state_backend, Path(cfg.state_path), cfg.state_redis_url, cfg.state_timeout,
-                   cfg.state_on_error, cfg.state_sweep_interval)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class GreylistSettings:
-    """``[greylist]``: the defaults of ``defang.greylist.check`` (seconds)."""
-
-    delay: float = 300.0
-    retry_window: float = 4 * 3600.0
-    pass_ttl: float = 36 * 86400.0
-    auto_allow: int = 5
-    ipv4_prefix: int = 24
-    ipv6_prefix: int = 64
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> GreylistSettings:
-        return cls(cfg.greylist_delay, cfg.greylist_retry_window, cfg.greylist_pass_ttl,
-                   cfg.greylist_auto_allow, cfg.greylist_ipv4_prefix, cfg.greylist_ipv6_prefix)  # fmt: skip
+#: ``[state]`` as declared in defang.core.config: which back end, where, how long a call may
+#: take, what a failure means (``cfg.section(StateSettings)``)
+StateSettings = StateSection
+#: ``[greylist]``: the defaults of ``defang.greylist.check`` (seconds)
+GreylistSettings = GreylistSection
+#: where a store not configured from a config file keeps its state (a filter run by hand)
+UNCONFIGURED = StateSettings(path=Path("state.sqlite3"))
 
 
 class Store(Protocol):
@@ -118,7 +93,7 @@ class PerProcess:
     """One store per process, opened on first use with the settings last given."""
 
     def __init__(self) -> None:
-        self.settings = StateSettings()
+        self.settings = UNCONFIGURED
         self.clock: Clock = time.time
         self._store: Store | None = None
         self._pid = 0
