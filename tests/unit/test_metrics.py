@@ -133,7 +133,7 @@ def test_a_fresh_page_shows_the_closed_label_sets_at_zero():
     pool = Pool(Config())
     pool.stats.reloads["ok"] += 1
     sel = selectors.DefaultSelector()
-    server = MetricsServer(pool, sel, "127.0.0.1:0")
+    server = MetricsServer(pool, sel, ("127.0.0.1", 0))
     try:
         got = {(s.name, tuple(s.labels.values())): s.value
                for family in text_string_to_metric_families(server.render().decode())
