@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import os
@@ -24,9 +25,11 @@ from defang.testbed.procs import stat_fields, titled
 
 
 def traversable_dir(prefix: str) -> Path:
-    """A fresh dir under /tmp that Postfix's unprivileged daemons can enter."""
+    """A fresh dir under /tmp that Postfix's unprivileged daemons can enter; removed when
+    the test run ends (what a test left there is the test's, and goes with it)."""
     d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     d.chmod(0o755)
+    atexit.register(shutil.rmtree, d, True)
     return d
 
 
