@@ -236,3 +236,34 @@ def test_the_sqlite_file_is_private(backend):
     path = services.CURRENT.state.path
     modes = {p.name: p.stat().st_mode & 0o777 for p in path.parent.iterdir() if p.name.startswith(path.name)}
     assert modes and set(modes.values()) == {0o600}, modes
+
+
+def _open_at_once(path: str, barrier, errors) -> None:
+    from defang.workers.stores.state_sqlite import SqliteStore
+
+    barrier.wait()
+    try:
+        SqliteStore(path, 5.0, lambda: 0.0)
+    except StateError as exc:
+        errors.put(str(exc))
+
+
+def test_workers_opening_a_new_sqlite_file_at_once_never_get_database_is_locked(tmp_path):
+    # a fresh install: every worker's first state call opens the new file at the same time
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.Queue()
+    for n in range(25):
+        barrier = ctx.Barrier(6)
+        procs = [ctx.Process(target=_open_at_once, args=(str(tmp_path / f"s{n}.sqlite3"), barrier, errors))
+                 for _ in range(6)]  # fmt: skip
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert all(p.exitcode == 0 for p in procs)
+    seen = []
+    while not errors.empty():
+        seen.append(errors.get())
+    assert seen == []

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -68,11 +69,27 @@ class SqliteStore:
             self.db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
                                       check_same_thread=False)  # fmt: skip
             self._busy(None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+            self._first_use(time.monotonic() + timeout)
         except (sqlite3.Error, OSError) as exc:
             raise StateError(f"state file {self.path}: {exc}") from None
+
+    def _first_use(self, deadline: float) -> None:
+        """WAL mode and the tables, once per connection.  Switching a new file to WAL takes
+        a lock that SQLite's busy timeout does not wait for: when several workers open a
+        new file at once, the others get "database is locked" at once.  They try again
+        until the call's timeout (a few milliseconds apart), as the busy timeout would."""
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+                return
+            except sqlite3.OperationalError as exc:
+                if self.db.in_transaction:
+                    self.db.rollback()
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
 
     def _busy(self, timeout: float | None) -> None:
         ms = int((self.timeout if timeout is None else timeout) * 1000)
