@@ -232,7 +232,9 @@ def test_the_multiplexor_and_the_workers_map_no_memory_per_message(tmp_path):
     reused, the workers take 0-370 faults after the first 2000 messages, whatever the
     count (a burst now and then: the first writes to pages they share with the zygote),
     measured on this tree and on the one before the restructure alike: 2000 messages,
-    not 500, so that a fault a message stands out from that burst."""
+    not 500, so that a fault a message stands out from that burst; and two such runs, the
+    smaller counted, since a burst falls in one of them (one took 1062 on a quiet machine)
+    while a fault a message is in both."""
     import threading
 
     path = tmp_path / "filter.py"
@@ -255,11 +257,15 @@ def test_the_multiplexor_and_the_workers_map_no_memory_per_message(tmp_path):
 
         load("W")  # the first messages make what every later one reuses
         mux, workers = d.pids("defang-multiplexor")[0], d.pids("defang-worker")
-        before = _minor_faults(mux), sum(_minor_faults(w) for w in workers)
-        load("Q")
+        windows = []
+        for tag in ("Q", "R"):  # a fault a message shows in both; a one-off burst in one
+            before = _minor_faults(mux), sum(_minor_faults(w) for w in workers)
+            load(tag)
+            windows.append((_minor_faults(mux) - before[0],
+                            sum(_minor_faults(w) for w in workers) - before[1]))  # fmt: skip
         assert d.pids("defang-worker") == workers
-        mux_faults = _minor_faults(mux) - before[0]
-        worker_faults = sum(_minor_faults(w) for w in workers) - before[1]
+        mux_faults = min(m for m, _ in windows)
+        worker_faults = min(w for _, w in windows)
     count = sessions * per_session
     assert mux_faults < count / 4, f"multiplexor: {mux_faults} page faults for {count} messages"
     assert worker_faults < count / 2, f"workers: {worker_faults} page faults for {count} messages"
